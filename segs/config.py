@@ -1,0 +1,350 @@
+"""Settings: one frozen, typed object built from environment, `.env` file and CLI flags.
+
+Priority, lowest to highest: built-in defaults < `.env` file < process environment < CLI
+flags. Every setting is known by its environment-variable name (the names of the original
+TypeScript service where one existed); :data:`SPECS` is the single list of them, and
+`.env.example` is checked against it by the test suite.
+
+Durations accept a unit suffix (``ms``, ``s``, ``m``, ``h``); a bare number is read in the
+unit the setting documents (milliseconds for the ``FLUSH_INTERVAL_*`` pair, as in the original
+service, seconds for the others). Internally every duration is held in milliseconds or
+seconds with the unit in the field name.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from segs.errors import ConfigError
+
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+LOG_FORMATS = ("auto", "json", "text")
+OFFSET_RESETS = ("earliest", "latest")
+_UNITS_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000}
+
+
+class Secret:
+    """A string that never shows itself in logs, reprs or `config show`."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def get(self) -> str:
+        return self._value
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+    def __repr__(self) -> str:
+        return "Secret('***')" if self._value else "Secret('')"
+
+    __str__ = __repr__
+
+
+def mask_url(url: str) -> str:
+    """The URL with any password replaced by ``***``."""
+    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
+
+
+def _duration_ms(bare_unit: str) -> Callable[[str, str], int]:
+    def parse(name: str, raw: str) -> int:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*", raw)
+        if not m:
+            raise ConfigError(name, f"expected a duration like 500ms, 5s or 2m, got {raw!r}")
+        value = float(m.group(1)) * _UNITS_MS[m.group(2) or bare_unit]
+        return round(value)
+
+    return parse
+
+
+def _int(low: int, high: int | None = None) -> Callable[[str, str], int]:
+    def parse(name: str, raw: str) -> int:
+        try:
+            value = int(raw.strip())
+        except ValueError:
+            raise ConfigError(name, f"expected a whole number, got {raw!r}") from None
+        if value < low or (high is not None and value > high):
+            bound = f"between {low} and {high}" if high is not None else f"at least {low}"
+            raise ConfigError(name, f"must be {bound}, got {value}")
+        return value
+
+    return parse
+
+
+def _float(low: float) -> Callable[[str, str], float]:
+    def parse(name: str, raw: str) -> float:
+        try:
+            value = float(raw.strip())
+        except ValueError:
+            raise ConfigError(name, f"expected a number, got {raw!r}") from None
+        if not (value >= low) or value == float("inf"):
+            raise ConfigError(name, f"must be a finite number of at least {low}, got {raw!r}")
+        return value
+
+    return parse
+
+
+def _choice(options: tuple[str, ...]) -> Callable[[str, str], str]:
+    def parse(name: str, raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in options:
+            raise ConfigError(name, f"must be one of {', '.join(options)}, got {raw!r}")
+        return value
+
+    return parse
+
+
+def _text(name: str, raw: str) -> str:
+    value = raw.strip()
+    if not value:
+        raise ConfigError(name, "must not be empty")
+    return value
+
+
+def _optional_text(name: str, raw: str) -> str:
+    return raw.strip()
+
+
+def _secret(name: str, raw: str) -> Secret:
+    return Secret(raw)
+
+
+def _brokers(name: str, raw: str) -> str:
+    value = raw.strip()
+    for broker in value.split(","):
+        host, sep, port = broker.strip().rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(name, f"expected host:port[,host:port…], got {raw!r}")
+    return value
+
+
+def _postgres_url(name: str, raw: str) -> Secret:
+    value = raw.strip()
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError as exc:
+        raise ConfigError(name, f"unparseable URL {mask_url(value)!r}: {exc}") from None
+    if parts.scheme not in ("postgres", "postgresql") or not (parts.hostname or parts.path):
+        raise ConfigError(
+            name, f"expected postgresql://user:password@host:port/db, got {mask_url(value)!r}"
+        )
+    return Secret(value)
+
+
+def _kafka_extra(name: str, raw: str) -> str:
+    for item in filter(None, (p.strip() for p in raw.split(","))):
+        key, sep, _ = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(name, f"expected key=value[,key=value…], got {item!r}")
+    return raw.strip()
+
+
+@dataclass(frozen=True, slots=True)
+class Spec:
+    """One setting: environment name, field name, default (as text), parser, meaning."""
+
+    env: str
+    field: str
+    default: str
+    parse: Callable[[str, str], Any]
+    help: str
+
+
+SPECS: tuple[Spec, ...] = (
+    Spec("KAFKA_BROKERS", "kafka_brokers", "localhost:9092", _brokers,
+         "Kafka bootstrap servers, host:port[,host:port…]"),
+    Spec("KAFKA_GROUP_ID", "kafka_group_id", "segs-stream", _text,
+         "consumer group shared by every worker and every host"),
+    Spec("KAFKA_TOPIC_INPUT", "topic_input", "raw_readings", _text, "topic of raw readings"),
+    Spec("KAFKA_TOPIC_AGG_1M", "topic_agg_1m", "aggregates_1m", _text,
+         "topic for closed 1-minute windows"),
+    Spec("KAFKA_TOPIC_AGG_15M", "topic_agg_15m", "aggregates_15m", _text,
+         "topic for closed 15-minute windows"),
+    Spec("KAFKA_TOPIC_ALERTS", "topic_alerts", "alerts", _text, "topic for anomaly alerts"),
+    Spec("KAFKA_TOPIC_DLQ", "topic_dlq", "raw_readings.dlq", _text,
+         "dead-letter topic for invalid messages"),
+    Spec("KAFKA_AUTO_OFFSET_RESET", "auto_offset_reset", "earliest", _choice(OFFSET_RESETS),
+         "where a partition with no stored position starts"),
+    Spec("KAFKA_SECURITY_PROTOCOL", "kafka_security_protocol", "", _optional_text,
+         "librdkafka security.protocol (PLAINTEXT, SSL, SASL_PLAINTEXT, SASL_SSL)"),
+    Spec("KAFKA_SASL_MECHANISM", "kafka_sasl_mechanism", "", _optional_text,
+         "librdkafka sasl.mechanism (PLAIN, SCRAM-SHA-256, SCRAM-SHA-512)"),
+    Spec("KAFKA_SASL_USERNAME", "kafka_sasl_username", "", _optional_text, "SASL user name"),
+    Spec("KAFKA_SASL_PASSWORD", "kafka_sasl_password", "", _secret,
+         "SASL password (never logged)"),
+    Spec("KAFKA_SSL_CA_LOCATION", "kafka_ssl_ca_location", "", _optional_text,
+         "CA bundle for SSL"),
+    Spec("KAFKA_EXTRA_CONFIG", "kafka_extra_config", "", _kafka_extra,
+         "more librdkafka settings, key=value[,key=value…], passed through as they are"),
+    Spec("POSTGRES_URL", "postgres_url", "postgresql://segs:segs@localhost:5432/segs",
+         _postgres_url,
+         "PostgreSQL/TimescaleDB URL; TLS via ?sslmode=…&sslrootcert=… (password never logged)"),
+    Spec("FLUSH_INTERVAL_1M", "flush_interval_1m_ms", "60000", _duration_ms("ms"),
+         "checkpoint interval: partials of both window sizes and positions are written "
+         "together at least this often (bare number = ms)"),
+    Spec("FLUSH_INTERVAL_15M", "flush_interval_15m_ms", "900000", _duration_ms("ms"),
+         "kept for compatibility: the checkpoint runs every min(FLUSH_INTERVAL_1M, "
+         "FLUSH_INTERVAL_15M), and 15-minute rows are merged at every checkpoint (bare = ms)"),
+    Spec("ALLOWED_LATENESS", "allowed_lateness_ms", "5", _duration_ms("s"),
+         "watermark = newest event time − this; later readings still update their row"),
+    Spec("IDLE_ADVANCE", "idle_advance_ms", "10", _duration_ms("s"),
+         "a partition silent this long has its watermark moved by wall clock"),
+    Spec("MAX_FUTURE_SKEW", "max_future_skew_ms", "300", _duration_ms("s"),
+         "readings further ahead of wall clock than this are dead-lettered"),
+    Spec("MAX_MESSAGE_BYTES", "max_message_bytes", "65536", _int(64),
+         "larger messages are dead-lettered"),
+    Spec("SPIKE_THRESHOLD", "spike_threshold", "1.0", _float(0.0),
+         "spike when power exceeds the baseline by more than this fraction"),
+    Spec("DROP_THRESHOLD", "drop_threshold", "0.5", _float(0.0),
+         "drop when power falls below the baseline by more than this fraction"),
+    Spec("MIN_SAMPLES", "min_samples", "10", _int(1),
+         "readings a meter needs before it is checked for anomalies"),
+    Spec("ALERT_COOLDOWN", "alert_cooldown_ms", "300", _duration_ms("s"),
+         "at most one alert per meter and kind within this much event time"),
+    Spec("WORKERS", "workers", str(os.cpu_count() or 1), _int(1, 256),
+         "worker processes (default: CPU count)"),
+    Spec("BATCH_SIZE", "batch_size", "10000", _int(1, 1_000_000),
+         "messages taken from Kafka per poll"),
+    Spec("SHUTDOWN_TIMEOUT", "shutdown_timeout_s", "30", _duration_ms("s"),
+         "time allowed for the final checkpoint on SIGTERM"),
+    Spec("HOST", "http_host", "0.0.0.0", _text,
+         "address of the HTTP server (/metrics, /health, /ready); 127.0.0.1 for local only"),
+    Spec("PORT", "http_port", "3002", _int(0, 65535), "port of the HTTP server"),
+    Spec("LOG_LEVEL", "log_level", "info", _choice(LOG_LEVELS), "log level"),
+    Spec("LOG_FORMAT", "log_format", "auto", _choice(LOG_FORMATS),
+         "json, text, or auto (text on a terminal, JSON lines otherwise)"),
+)
+_BY_FIELD = {s.field: s for s in SPECS}
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Every setting of the service, validated, with units in the names."""
+
+    kafka_brokers: str
+    kafka_group_id: str
+    topic_input: str
+    topic_agg_1m: str
+    topic_agg_15m: str
+    topic_alerts: str
+    topic_dlq: str
+    auto_offset_reset: str
+    kafka_security_protocol: str
+    kafka_sasl_mechanism: str
+    kafka_sasl_username: str
+    kafka_sasl_password: Secret
+    kafka_ssl_ca_location: str
+    kafka_extra_config: str
+    postgres_url: Secret
+    flush_interval_1m_ms: int
+    flush_interval_15m_ms: int
+    allowed_lateness_ms: int
+    idle_advance_ms: int
+    max_future_skew_ms: int
+    max_message_bytes: int
+    spike_threshold: float
+    drop_threshold: float
+    min_samples: int
+    alert_cooldown_ms: int
+    workers: int
+    batch_size: int
+    shutdown_timeout_s: int
+    http_host: str
+    http_port: int
+    log_level: str
+    log_format: str
+
+    @property
+    def checkpoint_interval_ms(self) -> int:
+        return min(self.flush_interval_1m_ms, self.flush_interval_15m_ms)
+
+    def kafka_common(self) -> dict[str, str]:
+        """librdkafka settings shared by consumers, producers and admin clients."""
+        conf: dict[str, str] = {"bootstrap.servers": self.kafka_brokers}
+        if self.kafka_security_protocol:
+            conf["security.protocol"] = self.kafka_security_protocol
+        if self.kafka_sasl_mechanism:
+            conf["sasl.mechanism"] = self.kafka_sasl_mechanism
+        if self.kafka_sasl_username:
+            conf["sasl.username"] = self.kafka_sasl_username
+        if self.kafka_sasl_password:
+            conf["sasl.password"] = self.kafka_sasl_password.get()
+        if self.kafka_ssl_ca_location:
+            conf["ssl.ca.location"] = self.kafka_ssl_ca_location
+        for item in filter(None, (p.strip() for p in self.kafka_extra_config.split(","))):
+            key, _, value = item.partition("=")
+            conf[key.strip()] = value.strip()
+        return conf
+
+    def describe(self) -> list[tuple[str, str]]:
+        """(environment name, shown value) pairs with secrets masked."""
+        out = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "postgres_url":
+                shown = mask_url(value.get())
+            elif isinstance(value, Secret):
+                shown = "***" if value else ""
+            else:
+                shown = str(value)
+            out.append((_BY_FIELD[f.name].env, shown))
+        return out
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """Parse a `.env` file: KEY=VALUE lines, `#` comments, optional quotes."""
+    values: dict[str, str] = {}
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return values
+    except OSError as exc:
+        raise ConfigError(str(path), f"cannot read: {exc.strerror}") from None
+    for lineno, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("export "):
+            line = line[len("export "):]
+        key, sep, value = line.partition("=")
+        if not sep:
+            raise ConfigError(f"{path}:{lineno}", f"expected KEY=VALUE, got {line!r}")
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        values[key.strip()] = value
+    return values
+
+
+def load_settings(
+    overrides: Mapping[str, str | int | float | None] | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    env_file: Path | None = Path(".env"),
+) -> Settings:
+    """Build :class:`Settings`; ``overrides`` are CLI flags keyed by environment name."""
+    raw: dict[str, str] = {}
+    if env_file is not None:
+        raw.update(read_env_file(env_file))
+    source = os.environ if env is None else env
+    raw.update({s.env: source[s.env] for s in SPECS if s.env in source})
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            raw[key] = str(value)
+    values = {s.field: s.parse(s.env, raw.get(s.env, s.default)) for s in SPECS}
+    return Settings(**values)
