@@ -1,0 +1,488 @@
+"""Validating decoder: Kafka message values → :class:`~segs.columns.Readings` + rejects.
+
+Fast path, per batch:
+
+1. size/emptiness checks per value;
+2. one ``msgspec`` decode per value into a constrained ``Struct`` (unknown fields skipped
+   in C); a value that fails it, or that is not valid UTF-8, goes to the exact path;
+3. timestamps of the common fixed shape ``YYYY-MM-DDTHH:MM:SS.sssZ`` parsed vectorised
+   from one byte buffer; any other shape goes through :func:`parse_timestamp_ms`;
+4. meter ids and regions interned; names never seen before are checked for characters
+   PostgreSQL ``TEXT`` cannot hold (NUL, lone surrogates).
+
+Anything the fast path does not accept is handed to the exact path (:func:`_exact`), a
+plain ``json.loads`` validator that checks the fields in a fixed order (``meterId``,
+``region``, ``timestamp``, ``powerKw``, ``energyKwh``, ``voltage``) and is the only place
+reject reasons come from, so a message gets the same reason whichever path saw it first.
+
+Timestamp rules: ``YYYY-MM-DDTHH:MM:SS[.f+](Z|±HH:MM)`` (ASCII digits, upper-case ``T``
+and ``Z``, seconds required, no leap second, any number of fraction digits). Fractions
+are *truncated* to milliseconds, which is the floor of the instant because zone offsets
+are whole minutes. Instants before 2000-01-01T00:00:00Z are ``bad_timestamp``; instants
+more than ``max_future_skew_ms`` after ``now_ms`` are ``future_timestamp``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Sequence
+from typing import Annotated, Any, NamedTuple
+
+import msgspec
+import numpy as np
+from numpy.typing import NDArray
+
+from segs.columns import Interner, Readings
+
+OVERSIZE = "oversize"
+EMPTY = "empty"
+NOT_JSON = "not_json"
+NOT_OBJECT = "not_object"
+MISSING_FIELD = "missing_field"
+WRONG_TYPE = "wrong_type"
+BAD_VALUE = "bad_value"
+NOT_FINITE = "not_finite"
+NEGATIVE = "negative"
+BAD_TIMESTAMP = "bad_timestamp"
+FUTURE_TIMESTAMP = "future_timestamp"
+
+REASONS: tuple[str, ...] = (
+    OVERSIZE,
+    EMPTY,
+    NOT_JSON,
+    NOT_OBJECT,
+    MISSING_FIELD,
+    WRONG_TYPE,
+    BAD_VALUE,
+    NOT_FINITE,
+    NEGATIVE,
+    BAD_TIMESTAMP,
+    FUTURE_TIMESTAMP,
+)
+
+MIN_TS_MS = 946_684_800_000  # 2000-01-01T00:00:00Z
+METER_ID_MAX = 64
+REGION_MAX = 100
+
+
+class Reject(NamedTuple):
+    """A message that broke a rule: its position in the batch, reason code, short detail."""
+
+    index: int  # type: ignore[assignment]  # shadows tuple.index, by design
+    reason: str
+    detail: str
+
+
+class _Msg(msgspec.Struct, gc=False):
+    meterId: Annotated[str, msgspec.Meta(min_length=1, max_length=METER_ID_MAX)]
+    region: Annotated[str, msgspec.Meta(min_length=1, max_length=REGION_MAX)]
+    timestamp: str
+    powerKw: Annotated[float, msgspec.Meta(ge=0)]
+    energyKwh: Annotated[float, msgspec.Meta(ge=0)] | None = None
+    voltage: Annotated[float, msgspec.Meta(ge=0)] | None = None
+
+
+# ---------------------------------------------------------------------------------------
+# timestamps
+
+_TS_RE = re.compile(
+    r"([0-9]{4})-([0-9]{2})-([0-9]{2})T([0-9]{2}):([0-9]{2}):([0-9]{2})"
+    r"(?:\.([0-9]+))?(Z|[+-][0-9]{2}:[0-9]{2})"
+)
+_DAYS_IN_MONTH = (31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
+
+
+def _days_from_civil(y: int, m: int, d: int) -> int:
+    """Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's algorithm)."""
+    y -= m <= 2
+    era = y // 400
+    yoe = y - era * 400
+    doy = (153 * (m + (-3 if m > 2 else 9)) + 2) // 5 + d - 1
+    doe = yoe * 365 + yoe // 4 - yoe // 100 + doy
+    return era * 146097 + doe - 719468
+
+
+def parse_timestamp_ms(text: str) -> int | None:
+    """Milliseconds since the epoch of an ISO-8601 timestamp with zone, or None."""
+    m = _TS_RE.fullmatch(text)
+    if m is None:
+        return None
+    year, month, day, hour, minute, second = (int(g) for g in m.groups()[:6])
+    frac, zone = m.group(7), m.group(8)
+    if not 1 <= month <= 12:
+        return None
+    leap = year % 4 == 0 and (year % 100 != 0 or year % 400 == 0)
+    if not 1 <= day <= _DAYS_IN_MONTH[month - 1] + (leap and month == 2):
+        return None
+    if hour > 23 or minute > 59 or second > 59:
+        return None
+    offset_min = 0
+    if zone != "Z":
+        oh, om = int(zone[1:3]), int(zone[4:6])
+        if oh > 23 or om > 59:
+            return None
+        offset_min = (oh * 60 + om) * (-1 if zone[0] == "-" else 1)
+    ms = int((frac or "")[:3].ljust(3, "0"))
+    seconds = _days_from_civil(year, month, day) * 86400 + hour * 3600 + minute * 60 + second
+    return (seconds - offset_min * 60) * 1000 + ms
+
+
+_FAST_LEN = 24  # 2026-11-27T06:00:17.123Z
+_DIGIT_POS = np.array([0, 1, 2, 3, 5, 6, 8, 9, 11, 12, 14, 15, 17, 18, 20, 21, 22])
+_SEP_POS = np.array([4, 7, 10, 13, 16, 19, 23])
+_SEP_CHR = np.frombuffer(b"--T::.Z", np.uint8)
+_CUM_DAYS = np.cumsum([0, *_DAYS_IN_MONTH[:-1]]).astype(np.int64)
+_MONTH_LEN = np.array([0, *_DAYS_IN_MONTH], np.int64)
+
+
+def _field_weights() -> NDArray[np.float64]:
+    # digit columns (see _DIGIT_POS) → year, month, day, hour, minute, second, milli
+    w = np.zeros((len(_DIGIT_POS), 7), np.float64)
+    groups = ((0, 4), (4, 6), (6, 8), (8, 10), (10, 12), (12, 14), (14, 17))
+    for f, (lo, hi) in enumerate(groups):
+        for k in range(lo, hi):
+            w[k, f] = 10 ** (hi - 1 - k)
+    return w
+
+
+_WEIGHTS = _field_weights()
+
+
+def _fast_timestamps(buf: bytes, n: int) -> tuple[NDArray[np.int64], NDArray[np.bool_]]:
+    """Parse ``n`` concatenated 24-byte ``…SS.sssZ`` timestamps; (ms, ok mask)."""
+    a = np.frombuffer(buf, np.uint8).reshape(n, _FAST_LEN)
+    d = a[:, _DIGIT_POS] - np.uint8(48)  # non-digits wrap around to > 9
+    ok = (d <= 9).all(axis=1) & (a[:, _SEP_POS] == _SEP_CHR).all(axis=1)
+    fields = (d.astype(np.float64) @ _WEIGHTS).astype(np.int64)  # exact: < 2**53
+    year, month, day, hour, minute, second, milli = fields.T
+    leap = (year % 4 == 0) & ((year % 100 != 0) | (year % 400 == 0))
+    mi = np.clip(month, 1, 12)
+    ok &= (month >= 1) & (month <= 12) & (day >= 1) & (day <= _MONTH_LEN[mi] + (leap & (mi == 2)))
+    ok &= (hour <= 23) & (minute <= 59) & (second <= 59)
+    # days since epoch: whole years (Gregorian) + day of year
+    y1 = year - 1
+    days = (
+        365 * (year - 1970)
+        + (y1 // 4 - y1 // 100 + y1 // 400)
+        - 477  # leap days before 1970 counted the same way
+        + _CUM_DAYS[mi - 1]
+        + ((mi > 2) & leap)
+        + day
+        - 1
+    )
+    ms: NDArray[np.int64] = ((days * 24 + hour) * 60 + minute) * 60_000 + second * 1000 + milli
+    return ms, ok
+
+
+# ---------------------------------------------------------------------------------------
+# exact path
+
+
+def _parse_int(text: str) -> int | float:
+    # Python refuses int() of > 4300 digits; such numbers are out of float range anyway.
+    return float(text) if len(text) > 300 else int(text)
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+_JSON = json.JSONDecoder(parse_int=_parse_int, parse_constant=_no_constant)
+
+
+def _bad_text(s: str) -> bool:
+    """True if PostgreSQL TEXT cannot store ``s`` (NUL or a lone surrogate)."""
+    if "\x00" in s:
+        return True
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+_Parsed = tuple[str, str, int, float, float, float]
+
+
+def _string_field(obj: dict[str, Any], name: str, limit: int) -> tuple[str, str] | str:
+    if name not in obj:
+        return MISSING_FIELD, f"{name} is missing"
+    v = obj[name]
+    if not isinstance(v, str):
+        return WRONG_TYPE, f"{name} must be a string, got {type(v).__name__}"
+    if not 1 <= len(v) <= limit:
+        return BAD_VALUE, f"{name} must have 1-{limit} characters, has {len(v)}"
+    if _bad_text(v):
+        return BAD_VALUE, f"{name} contains NUL or a lone surrogate"
+    return v
+
+
+def _number_field(obj: dict[str, Any], name: str, default: float | None) -> tuple[str, str] | float:
+    v = obj.get(name)
+    if v is None:
+        if default is None:
+            return MISSING_FIELD, f"{name} is missing"
+        return default
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        return WRONG_TYPE, f"{name} must be a number, got {type(v).__name__}"
+    try:
+        f = float(v)
+    except OverflowError:
+        return NOT_FINITE, f"{name} is out of range"
+    if not math.isfinite(f):
+        return NOT_FINITE, f"{name} is not finite"
+    if f < 0:
+        return NEGATIVE, f"{name} is negative ({f!r})"
+    return f
+
+
+def _exact(value: bytes, now_ms: int, max_future_skew_ms: int) -> tuple[str, str] | _Parsed:
+    """Validate one message the slow, plain way: the parsed fields or (reason, detail)."""
+    try:
+        text = value.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return NOT_JSON, f"not UTF-8 at byte {e.start}"
+    try:
+        obj = _JSON.decode(text)
+    except (ValueError, RecursionError) as e:
+        return NOT_JSON, str(e)[:80]
+    if not isinstance(obj, dict):
+        return NOT_OBJECT, f"JSON {type(obj).__name__}, expected an object"
+    meter = _string_field(obj, "meterId", METER_ID_MAX)
+    if isinstance(meter, tuple):
+        return meter
+    region = _string_field(obj, "region", REGION_MAX)
+    if isinstance(region, tuple):
+        return region
+    if "timestamp" not in obj:
+        return MISSING_FIELD, "timestamp is missing"
+    ts = obj["timestamp"]
+    if not isinstance(ts, str):
+        return WRONG_TYPE, f"timestamp must be a string, got {type(ts).__name__}"
+    ts_ms = parse_timestamp_ms(ts)
+    if ts_ms is None:
+        return BAD_TIMESTAMP, f"timestamp {ts[:40]!r} is not ISO-8601 with zone"
+    if ts_ms < MIN_TS_MS:
+        return BAD_TIMESTAMP, f"timestamp {ts[:40]!r} is before 2000-01-01"
+    if ts_ms > now_ms + max_future_skew_ms:
+        return FUTURE_TIMESTAMP, f"timestamp {ts[:40]!r} is {ts_ms - now_ms} ms ahead"
+    power = _number_field(obj, "powerKw", None)
+    if isinstance(power, tuple):
+        return power
+    energy = _number_field(obj, "energyKwh", 0.0)
+    if isinstance(energy, tuple):
+        return energy
+    voltage = _number_field(obj, "voltage", math.nan)
+    if isinstance(voltage, tuple):
+        return voltage
+    return meter, region, ts_ms, power, energy, voltage
+
+
+# ---------------------------------------------------------------------------------------
+
+
+class Decoder:
+    """Decodes batches of raw message values into columns, interning ids and regions."""
+
+    def __init__(
+        self,
+        meters: Interner,
+        regions: Interner,
+        *,
+        max_message_bytes: int = 65536,
+        max_future_skew_ms: int = 300_000,
+    ) -> None:
+        self.meters = meters
+        self.regions = regions
+        self.max_message_bytes = max_message_bytes
+        self.max_future_skew_ms = max_future_skew_ms
+        self._decode_one = msgspec.json.Decoder(_Msg).decode
+
+    def decode(
+        self,
+        values: Sequence[bytes | None],
+        partitions: NDArray[np.int32],
+        offsets: NDArray[np.int64],
+        now_ms: int,
+    ) -> tuple[Readings, list[Reject]]:
+        """Valid readings in input order, and one :class:`Reject` per invalid value."""
+        rejects: list[Reject] = []
+        slow: list[int] = []  # indices for the exact path
+        msgs = self._decode_all(values)
+        if msgs is not None:
+            index = np.arange(len(msgs), dtype=np.intp)
+        else:
+            idx, msgs = self._decode_each(values, rejects, slow)
+            index = np.array(idx, np.intp)
+
+        ok, meter, region, ts = self._columns(msgs, now_ms)
+        if not ok.all():
+            bad = np.flatnonzero(~ok)
+            slow.extend(index[bad].tolist())
+            keep = np.flatnonzero(ok)
+            msgs = [msgs[j] for j in keep.tolist()]
+            index, meter, region, ts = index[keep], meter[keep], region[keep], ts[keep]
+        power = np.array([m.powerKw for m in msgs], np.float64)
+        energy = np.array([m.energyKwh for m in msgs], np.float64)
+        voltage = np.array([m.voltage for m in msgs], np.float64)
+        energy[np.isnan(energy)] = 0.0
+
+        if slow:
+            extra = self._exact_batch(values, sorted(slow), now_ms, rejects)
+            if extra is not None:
+                e_idx, e_meter, e_region, e_ts, e_power, e_energy, e_voltage = extra
+                index = np.concatenate([index, e_idx])
+                order = np.argsort(index, kind="stable")
+                index = index[order]
+                meter = np.concatenate([meter, e_meter])[order]
+                region = np.concatenate([region, e_region])[order]
+                ts = np.concatenate([ts, e_ts])[order]
+                power = np.concatenate([power, e_power])[order]
+                energy = np.concatenate([energy, e_energy])[order]
+                voltage = np.concatenate([voltage, e_voltage])[order]
+            rejects.sort(key=lambda r: r.index)
+        readings = Readings(
+            meter=meter,
+            region=region,
+            ts_ms=ts,
+            power=power,
+            energy=energy,
+            voltage=voltage,
+            partition=np.asarray(partitions, np.int32)[index],
+            offset=np.asarray(offsets, np.int64)[index],
+        )
+        return readings, rejects
+
+    # -----------------------------------------------------------------------------------
+
+    def _decode_all(self, values: Sequence[bytes | None]) -> list[_Msg] | None:
+        """All values decoded in one go, or None if any needs individual attention."""
+        try:
+            if max(map(len, values), default=0) > self.max_message_bytes:  # type: ignore[arg-type]
+                return None
+            if not all(map(bytes.isascii, values)):  # type: ignore[arg-type]
+                return None
+            return list(map(self._decode_one, values))  # type: ignore[arg-type]
+        except (TypeError, msgspec.MsgspecError):
+            return None
+
+    def _decode_each(
+        self, values: Sequence[bytes | None], rejects: list[Reject], slow: list[int]
+    ) -> tuple[list[int], list[_Msg]]:
+        """Decode value by value: size and emptiness rejects, exact-path candidates."""
+        idx: list[int] = []
+        msgs: list[_Msg] = []
+        dec = self._decode_one
+        limit = self.max_message_bytes
+        for i, v in enumerate(values):
+            if not v:
+                rejects.append(Reject(i, EMPTY, "empty value"))
+                continue
+            if len(v) > limit:
+                rejects.append(Reject(i, OVERSIZE, f"{len(v)} bytes > {limit}"))
+                continue
+            if not v.isascii():
+                try:
+                    v.decode("utf-8")
+                except UnicodeDecodeError:
+                    slow.append(i)
+                    continue
+            try:
+                msgs.append(dec(v))
+            except msgspec.MsgspecError:
+                slow.append(i)
+                continue
+            idx.append(i)
+
+        return idx, msgs
+
+    def _intern(self, names: list[str], interner: Interner) -> tuple[NDArray[np.int32], bool]:
+        """Slots of ``names`` (-1 where the name cannot be stored) and whether any is -1."""
+        get = interner.slots.get
+        slots = [get(n, -1) for n in names]
+        if -1 not in slots:
+            return np.array(slots, np.int32), False
+        bad = False
+        for j, s in enumerate(slots):
+            if s == -1:
+                name = names[j]
+                if _bad_text(name):
+                    bad = True
+                else:
+                    slots[j] = interner.slot(name)
+        return np.array(slots, np.int32), bad
+
+    def _columns(
+        self, msgs: list[_Msg], now_ms: int
+    ) -> tuple[NDArray[np.bool_], NDArray[np.int32], NDArray[np.int32], NDArray[np.int64]]:
+        """Intern ids and parse timestamps; ``ok`` is False where the exact path must judge."""
+        n = len(msgs)
+        meter, bad_m = self._intern([m.meterId for m in msgs], self.meters)
+        region, bad_r = self._intern([m.region for m in msgs], self.regions)
+        ok = np.ones(n, np.bool_)
+        if bad_m:
+            ok &= meter >= 0
+        if bad_r:
+            ok &= region >= 0
+        stamps = [m.timestamp for m in msgs]
+        lengths = np.fromiter(map(len, stamps), np.int64, n)
+        fast = lengths == _FAST_LEN
+        ts = np.zeros(n, np.int64)
+        if fast.all():
+            joined = "".join(stamps)
+            if joined.isascii():
+                ts, ok_ts = _fast_timestamps(joined.encode("ascii"), n)
+                ok &= ok_ts
+            else:
+                fast[:] = False
+        elif fast.any():
+            sel = np.flatnonzero(fast)
+            joined = "".join([stamps[j] for j in sel.tolist()])
+            if joined.isascii():
+                ts_f, ok_f = _fast_timestamps(joined.encode("ascii"), len(sel))
+                ts[sel] = ts_f
+                ok[sel] &= ok_f
+            else:
+                fast[:] = False
+        if not fast.all():
+            for j in np.flatnonzero(~fast).tolist():
+                t = parse_timestamp_ms(stamps[j])
+                if t is None:
+                    ok[j] = False
+                else:
+                    ts[j] = t
+        ok &= (ts >= MIN_TS_MS) & (ts <= now_ms + self.max_future_skew_ms)
+        return ok, meter, region, ts
+
+    def _exact_batch(
+        self,
+        values: Sequence[bytes | None],
+        slow: list[int],
+        now_ms: int,
+        rejects: list[Reject],
+    ) -> tuple[NDArray[Any], ...] | None:
+        """Run the exact path on ``slow`` indices: append rejects, return valid columns."""
+        rows: list[tuple[int, int, int, int, float, float, float]] = []
+        for i in slow:
+            v = values[i]
+            assert v is not None
+            r = _exact(v, now_ms, self.max_future_skew_ms)
+            if len(r) == 2:
+                rejects.append(Reject(i, r[0], r[1]))  # type: ignore[misc]
+                continue
+            m, g, t, p, e, vo = r  # type: ignore[misc]
+            rows.append((i, self.meters.slot(m), self.regions.slot(g), t, p, e, vo))
+        if not rows:
+            return None
+        cols = list(zip(*rows, strict=True))
+        return (
+            np.array(cols[0], np.intp),
+            np.array(cols[1], np.int32),
+            np.array(cols[2], np.int32),
+            np.array(cols[3], np.int64),
+            np.array(cols[4], np.float64),
+            np.array(cols[5], np.float64),
+            np.array(cols[6], np.float64),
+        )
