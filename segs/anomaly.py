@@ -66,8 +66,8 @@ NEVER_MS: Final = -(2**62)
 """``last_*_ms`` of a kind that never alerted; round-trips through a BIGINT column."""
 
 # Below this many meters in a round, the remaining readings go through the scalar path
-# (one vectorized round costs about as much as ~150-300 scalar baseline steps).
-_SCALAR_BELOW: Final = 192
+# (measured: one small vectorized round costs about as much as ~300 scalar steps).
+_SCALAR_BELOW: Final = 256
 
 
 @dataclass(frozen=True, slots=True)
