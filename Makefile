@@ -1,0 +1,40 @@
+# segs-stream — the two commands of the quick start are `make demo` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: install lint test test-unit demo bench clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@$(BIN)/python -m pip install -q --upgrade pip
+	@$(BIN)/python -m pip install -q -e ".[dev]"
+	@touch $@
+
+install: $(STAMP)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+## test: lint, type-check, then every test tier against a real local Kafka and PostgreSQL
+test: lint
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+## test-unit: only the tests that need no servers
+test-unit: $(STAMP)
+	$(BIN)/pytest -m "not integration and not fault" $(PYTEST_ARGS)
+
+## demo: local Kafka + PostgreSQL, simulator, the service, a summary; stops everything on exit
+demo: $(STAMP)
+	$(BIN)/segs-stream demo
+
+## bench: the benchmark suite (pass BENCH_ARGS=--quick for a smoke run)
+bench: $(STAMP)
+	@$(BIN)/python -m pip install -q -e ".[dev,bench]"
+	$(BIN)/segs-stream bench $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -1,0 +1,304 @@
+"""The database side of a checkpoint: partial aggregates, baselines and positions, atomically.
+
+One :meth:`Sink.commit` is one transaction:
+
+1. binary ``COPY`` of the drained partial aggregates (both window sizes) into a temporary
+   table;
+2. one ``INSERT … SELECT … ON CONFLICT (meter_id, window_start) DO UPDATE`` per aggregate
+   table, merging partials into stored rows with the arithmetic of :mod:`segs.merge`
+   (:data:`MERGE_SET` is that arithmetic in SQL, written once);
+3. the detector's changed baselines, upserted;
+4. the next position of every covered partition, written with a compare-and-set on the
+   position this worker last read or wrote — when any compare fails the partition moved to
+   another owner, the transaction rolls back and :class:`~segs.errors.FencedError` is raised.
+
+Publishing closed windows is a second, separate step (:meth:`Sink.claim_closed`): rows are
+marked ``published`` in a transaction that commits only after the caller has delivered them
+to Kafka, so a crash in between publishes them again (at-least-once), never zero times.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg_pool import ConnectionPool
+
+from segs.errors import DatabaseError, FencedError
+
+log = logging.getLogger(__name__)
+
+TABLES = {60: "aggregates_1m", 900: "aggregates_15m"}
+
+# One partial aggregate row as written by COPY; window times as epoch milliseconds.
+PARTIAL_COLUMNS = (
+    "size_s", "meter_id", "region", "window_start_ms", "sample_count", "power_sum",
+    "power_max", "power_min", "energy_sum", "last_ts_ms", "source_partition",
+)
+_PARTIAL_TYPES = ("int4", "text", "text", "int8", "int8", "float8", "float8", "float8",
+                  "float8", "int8", "int4")
+BASELINE_COLUMNS = ("meter_id", "source_partition", "baseline", "samples", "last_outage_ms",
+                    "last_spike_ms", "last_drop_ms")
+_BASELINE_TYPES = ("text", "int4", "float8", "int8", "int8", "int8", "int8")
+
+_TS = "('epoch'::timestamptz + {} * interval '1 millisecond')"
+
+# The merge of two partials, in SQL: `a` is the stored row, EXCLUDED the incoming partial.
+# Region and source partition follow the greatest (last reading time, region, partition).
+_NEWER = ("ROW(EXCLUDED.last_reading_at, EXCLUDED.region COLLATE \"C\", "
+          "EXCLUDED.source_partition) > ROW(a.last_reading_at, a.region COLLATE \"C\", "
+          "a.source_partition)")
+MERGE_SET = f"""
+    sample_count = a.sample_count + EXCLUDED.sample_count,
+    power_sum = a.power_sum + EXCLUDED.power_sum,
+    avg_power = (a.power_sum + EXCLUDED.power_sum) / (a.sample_count + EXCLUDED.sample_count),
+    max_power = GREATEST(a.max_power, EXCLUDED.max_power),
+    min_power = LEAST(a.min_power, EXCLUDED.min_power),
+    total_energy = a.total_energy + EXCLUDED.total_energy,
+    region = CASE WHEN {_NEWER} THEN EXCLUDED.region ELSE a.region END,
+    source_partition = CASE WHEN {_NEWER} THEN EXCLUDED.source_partition
+                            ELSE a.source_partition END,
+    last_reading_at = GREATEST(a.last_reading_at, EXCLUDED.last_reading_at),
+    published = false,
+    updated_at = now()
+"""
+
+_MERGE = """
+INSERT INTO {table} AS a (meter_id, region, window_start, window_end, avg_power, max_power,
+    min_power, total_energy, sample_count, power_sum, last_reading_at, source_partition,
+    published)
+SELECT meter_id, region, {start}, {end}, power_sum / sample_count, power_max, power_min,
+    energy_sum, sample_count, power_sum, {last}, source_partition, false
+FROM segs_partials WHERE size_s = {size}
+ON CONFLICT (meter_id, window_start) DO UPDATE SET {merge_set}
+"""
+
+_CLAIM = """
+UPDATE {table} AS a SET published = true
+FROM unnest(%s::int4[], %s::int8[]) AS w(p, wm)
+WHERE NOT a.published AND a.source_partition = w.p
+  AND a.window_end <= ('epoch'::timestamptz + w.wm * interval '1 millisecond')
+RETURNING a.meter_id, a.region, (extract(epoch FROM a.window_start) * 1000)::int8,
+    a.avg_power, a.max_power, a.min_power, a.total_energy, a.sample_count
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Position:
+    """A partition's stored position: the next offset to read, and its watermark."""
+
+    next_offset: int
+    watermark_ms: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class CommitStats:
+    rows: dict[str, int]  # table → rows merged
+    baselines: int
+    seconds: float
+
+
+ClosedRow = tuple[str, str, int, float, float, float, float, int]
+
+
+class Sink:
+    """PostgreSQL access of one worker, through a small psycopg pool."""
+
+    def __init__(self, url: str, *, consumer_group: str, topic: str,
+                 statement_timeout_ms: int = 60_000) -> None:
+        self.group = consumer_group
+        self.topic = topic
+        self._pool = ConnectionPool(
+            url, min_size=1, max_size=2, open=False, timeout=10.0, reconnect_timeout=0,
+            check=ConnectionPool.check_connection, name="segs-sink",
+            kwargs={"connect_timeout": 5,
+                    "options": f"-c statement_timeout={statement_timeout_ms}"},
+        )
+        self._temp_ready: set[int] = set()
+
+    def open(self, wait_s: float = 10.0) -> None:
+        self._pool.open(wait=True, timeout=wait_s)
+
+    def close(self) -> None:
+        self._pool.close()
+
+    def ping(self) -> bool:
+        try:
+            with self._pool.connection(timeout=2.0) as conn:
+                conn.execute("SELECT 1")
+            return True
+        except (psycopg.Error, psycopg_pool_error()):
+            return False
+
+    # ------------------------------------------------------------------ reads on assign
+
+    def load_positions(self, partitions: Sequence[int]) -> dict[int, Position]:
+        rows = self._query(
+            "SELECT kafka_partition, next_offset, watermark_ms FROM stream_positions "
+            "WHERE consumer_group = %s AND topic = %s AND kafka_partition = ANY(%s)",
+            (self.group, self.topic, list(partitions)),
+        )
+        return {int(p): Position(int(o), None if w is None else int(w)) for p, o, w in rows}
+
+    def load_baselines(self, partitions: Sequence[int]) -> list[tuple[Any, ...]]:
+        """Rows of :data:`BASELINE_COLUMNS` for meters last seen on these partitions."""
+        return self._query(
+            f"SELECT {', '.join(BASELINE_COLUMNS)} FROM meter_baselines "
+            "WHERE consumer_group = %s AND source_partition = ANY(%s)",
+            (self.group, list(partitions)),
+        )
+
+    def _query(self, query: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+        try:
+            with self._pool.connection() as conn:
+                return conn.execute(query.encode(), params).fetchall()
+        except (psycopg.Error, psycopg_pool_error()) as exc:
+            raise DatabaseError(_one_line(exc)) from exc
+
+    # ------------------------------------------------------------------ checkpoint
+
+    def commit(
+        self,
+        partial_rows: Iterable[Sequence[Any]],
+        baseline_rows: Iterable[Sequence[Any]],
+        positions: dict[int, tuple[int | None, int, int | None]],
+    ) -> CommitStats:
+        """Write one checkpoint atomically (see the module docstring for the steps).
+
+        ``partial_rows`` follow :data:`PARTIAL_COLUMNS`, ``baseline_rows``
+        :data:`BASELINE_COLUMNS`; ``positions`` maps partition → (previous stored offset or
+        None when there was none, next offset, watermark ms or None).
+        """
+        t0 = time.perf_counter()
+        try:
+            with self._pool.connection() as conn, conn.transaction():
+                self._ensure_temp(conn)
+                with conn.cursor() as cur:
+                    with cur.copy("COPY segs_partials FROM STDIN (FORMAT BINARY)") as copy:
+                        copy.set_types(_PARTIAL_TYPES)
+                        for row in partial_rows:
+                            copy.write_row(row)
+                    rows = {}
+                    for size, table in TABLES.items():
+                        cur.execute(self._merge_sql(size, table))
+                        rows[table] = max(cur.rowcount, 0)
+                    with cur.copy("COPY segs_baselines FROM STDIN (FORMAT BINARY)") as copy:
+                        copy.set_types(_BASELINE_TYPES)
+                        n_base = 0
+                        for row in baseline_rows:
+                            copy.write_row(row)
+                            n_base += 1
+                    if n_base:
+                        cur.execute(_UPSERT_BASELINES, (self.group,))
+                    self._write_positions(cur, positions)
+        except FencedError:
+            raise
+        except (psycopg.Error, psycopg_pool_error()) as exc:
+            raise DatabaseError(_one_line(exc)) from exc
+        return CommitStats(rows, n_base, time.perf_counter() - t0)
+
+    def _ensure_temp(self, conn: psycopg.Connection[Any]) -> None:
+        key = id(conn.pgconn)
+        if key in self._temp_ready:
+            return
+        conn.execute(
+            "CREATE TEMP TABLE IF NOT EXISTS segs_partials (size_s int4, meter_id text, "
+            "region text, window_start_ms int8, sample_count int8, power_sum float8, "
+            "power_max float8, power_min float8, energy_sum float8, last_ts_ms int8, "
+            "source_partition int4) ON COMMIT DELETE ROWS"
+        )
+        conn.execute(
+            "CREATE TEMP TABLE IF NOT EXISTS segs_baselines (meter_id text, "
+            "source_partition int4, baseline float8, samples int8, last_outage_ms int8, "
+            "last_spike_ms int8, last_drop_ms int8) ON COMMIT DELETE ROWS"
+        )
+        self._temp_ready.add(key)
+
+    @staticmethod
+    def _merge_sql(size: int, table: str) -> bytes:
+        query = _MERGE.format(
+            table=table, size=size, merge_set=MERGE_SET,
+            start=_TS.format("window_start_ms"),
+            end=_TS.format(f"(window_start_ms + {size * 1000})"),
+            last=_TS.format("last_ts_ms"),
+        )
+        return query.encode()
+
+    def _write_positions(self, cur: psycopg.Cursor[Any],
+                         positions: dict[int, tuple[int | None, int, int | None]]) -> None:
+        for partition, (prev, nxt, wm) in sorted(positions.items()):
+            if prev is None:
+                cur.execute(
+                    "INSERT INTO stream_positions (consumer_group, topic, kafka_partition, "
+                    "next_offset, watermark_ms) VALUES (%s, %s, %s, %s, %s) "
+                    "ON CONFLICT DO NOTHING",
+                    (self.group, self.topic, partition, nxt, wm),
+                )
+            else:
+                cur.execute(
+                    "UPDATE stream_positions SET next_offset = %s, watermark_ms = %s, "
+                    "updated_at = now() WHERE consumer_group = %s AND topic = %s "
+                    "AND kafka_partition = %s AND next_offset = %s",
+                    (nxt, wm, self.group, self.topic, partition, prev),
+                )
+            if cur.rowcount != 1:
+                raise FencedError(
+                    f"position of {self.topic}/{partition} moved away from {prev}: "
+                    "another worker owns it now"
+                )
+
+    # ------------------------------------------------------------------ publishing
+
+    def claim_closed(self, watermarks: dict[int, int],
+                     deliver: Callable[[int, list[ClosedRow]], None]) -> dict[int, int]:
+        """Mark closed, unpublished rows published once ``deliver`` returned for them.
+
+        ``deliver(size_s, rows)`` must have handed the rows to Kafka durably (produce +
+        flush) before it returns; if it raises, nothing is marked and the rows stay pending.
+        Returns size → rows delivered.
+        """
+        if not watermarks:
+            return {}
+        parts = sorted(watermarks)
+        wms = [watermarks[p] for p in parts]
+        done: dict[int, int] = {}
+        try:
+            with self._pool.connection() as conn, conn.transaction():
+                for size, table in TABLES.items():
+                    query = sql.SQL(_CLAIM).format(table=sql.Identifier(table))
+                    rows = conn.execute(query, (parts, wms)).fetchall()
+                    if rows:
+                        deliver(size, rows)
+                    done[size] = len(rows)
+        except (psycopg.Error, psycopg_pool_error()) as exc:
+            raise DatabaseError(_one_line(exc)) from exc
+        return done
+
+
+_UPSERT_BASELINES = b"""
+INSERT INTO meter_baselines AS b (consumer_group, meter_id, source_partition, baseline,
+    samples, last_outage_ms, last_spike_ms, last_drop_ms)
+SELECT %s, meter_id, source_partition, baseline, samples, last_outage_ms, last_spike_ms,
+    last_drop_ms FROM segs_baselines
+ON CONFLICT (consumer_group, meter_id) DO UPDATE SET
+    source_partition = EXCLUDED.source_partition, baseline = EXCLUDED.baseline,
+    samples = EXCLUDED.samples, last_outage_ms = EXCLUDED.last_outage_ms,
+    last_spike_ms = EXCLUDED.last_spike_ms, last_drop_ms = EXCLUDED.last_drop_ms,
+    updated_at = now()
+"""
+
+
+def psycopg_pool_error() -> type[Exception]:
+    from psycopg_pool import PoolTimeout
+
+    return PoolTimeout
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
