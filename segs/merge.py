@@ -1,0 +1,171 @@
+"""Mergeable partial aggregates: the one arithmetic shared by memory and the database.
+
+A partial is (count, power_sum, power_max, power_min, energy_sum, last_ts_ms, region,
+partition). Two partials of the same (meter, window) merge by adding counts and sums and
+taking max/min; region and partition come from the partial that is greatest by the tuple
+``(last_ts_ms, region compared by code point, partition)``. Every rule is commutative and
+associative, so any split of a window's readings, merged in any order, gives the same row.
+The SQL upsert does the same with ``(last_reading_at, region COLLATE "C", source_partition)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+from numpy.typing import NDArray
+
+from segs.columns import Interner
+
+
+class PartialRow(NamedTuple):
+    """One partial aggregate with its region as a string (for tests and the sink)."""
+
+    count: int  # type: ignore[assignment]  # shadows tuple.count, by design
+    power_sum: float
+    power_max: float
+    power_min: float
+    energy_sum: float
+    last_ts_ms: int
+    region: str
+    partition: int
+
+    @property
+    def avg(self) -> float:
+        return self.power_sum / self.count
+
+
+def merge(a: PartialRow, b: PartialRow) -> PartialRow:
+    """The merge the SQL upsert performs: sums add, extremes combine, latest tuple wins."""
+    later = (
+        a if (a.last_ts_ms, a.region, a.partition) >= (b.last_ts_ms, b.region, b.partition) else b
+    )
+    return PartialRow(
+        count=a.count + b.count,
+        power_sum=a.power_sum + b.power_sum,
+        power_max=max(a.power_max, b.power_max),
+        power_min=min(a.power_min, b.power_min),
+        energy_sum=a.energy_sum + b.energy_sum,
+        last_ts_ms=later.last_ts_ms,
+        region=later.region,
+        partition=later.partition,
+    )
+
+
+@dataclass(slots=True)
+class Partials:
+    """Partial aggregates of one window size as columns, one row per (meter, window)."""
+
+    size_s: int
+    meter: NDArray[np.int32]
+    window_start_ms: NDArray[np.int64]
+    count: NDArray[np.int64]
+    power_sum: NDArray[np.float64]
+    power_max: NDArray[np.float64]
+    power_min: NDArray[np.float64]
+    energy_sum: NDArray[np.float64]
+    last_ts_ms: NDArray[np.int64]
+    region: NDArray[np.int32]
+    partition: NDArray[np.int32]
+
+    def __len__(self) -> int:
+        return int(self.meter.shape[0])
+
+    @classmethod
+    def empty(cls, size_s: int) -> Partials:
+        return cls.concat(size_s, [])
+
+    @classmethod
+    def concat(cls, size_s: int, parts: list[Partials]) -> Partials:
+        def col(name: str, dtype: type[np.generic]) -> NDArray[np.generic]:
+            if not parts:
+                return np.empty(0, dtype)
+            return np.concatenate([getattr(p, name) for p in parts]).astype(dtype, copy=False)
+
+        return cls(
+            size_s=size_s,
+            meter=col("meter", np.int32),  # type: ignore[arg-type]
+            window_start_ms=col("window_start_ms", np.int64),  # type: ignore[arg-type]
+            count=col("count", np.int64),  # type: ignore[arg-type]
+            power_sum=col("power_sum", np.float64),  # type: ignore[arg-type]
+            power_max=col("power_max", np.float64),  # type: ignore[arg-type]
+            power_min=col("power_min", np.float64),  # type: ignore[arg-type]
+            energy_sum=col("energy_sum", np.float64),  # type: ignore[arg-type]
+            last_ts_ms=col("last_ts_ms", np.int64),  # type: ignore[arg-type]
+            region=col("region", np.int32),  # type: ignore[arg-type]
+            partition=col("partition", np.int32),  # type: ignore[arg-type]
+        )
+
+    def take(self, index: NDArray[np.intp] | NDArray[np.bool_]) -> Partials:
+        return Partials(
+            size_s=self.size_s,
+            meter=self.meter[index],
+            window_start_ms=self.window_start_ms[index],
+            count=self.count[index],
+            power_sum=self.power_sum[index],
+            power_max=self.power_max[index],
+            power_min=self.power_min[index],
+            energy_sum=self.energy_sum[index],
+            last_ts_ms=self.last_ts_ms[index],
+            region=self.region[index],
+            partition=self.partition[index],
+        )
+
+    def row(self, i: int, regions: Interner) -> PartialRow:
+        """Row ``i`` as a :class:`PartialRow` with the region name resolved."""
+        return PartialRow(
+            count=int(self.count[i]),
+            power_sum=float(self.power_sum[i]),
+            power_max=float(self.power_max[i]),
+            power_min=float(self.power_min[i]),
+            energy_sum=float(self.energy_sum[i]),
+            last_ts_ms=int(self.last_ts_ms[i]),
+            region=regions.names[int(self.region[i])],
+            partition=int(self.partition[i]),
+        )
+
+
+def region_ranks(regions: Interner) -> NDArray[np.int64]:
+    """Rank of every region slot when the names are sorted by code point."""
+    names = regions.names
+    order = sorted(range(len(names)), key=names.__getitem__)
+    rank = np.empty(len(names), np.int64)
+    rank[order] = np.arange(len(names), dtype=np.int64)
+    return rank
+
+
+def combine(partials: Partials, region_rank: NDArray[np.int64]) -> Partials:
+    """Merge rows with the same (meter, window_start_ms) into one; output sorted by key.
+
+    ``region_rank`` is :func:`region_ranks` of the Interner the region slots come from.
+    """
+    n = len(partials)
+    if n == 0:
+        return partials
+    p = partials
+    rank = region_rank[p.region] if n else np.empty(0, np.int64)
+    # primary key last: meter, window, then the "latest" tuple so a group's last row wins
+    order = np.lexsort((p.partition, rank, p.last_ts_ms, p.window_start_ms, p.meter))
+    s = p.take(order)
+    new_group = np.empty(n, np.bool_)
+    new_group[0] = True
+    np.not_equal(s.meter[1:], s.meter[:-1], out=new_group[1:])
+    new_group[1:] |= s.window_start_ms[1:] != s.window_start_ms[:-1]
+    starts = np.flatnonzero(new_group)
+    if len(starts) == n:
+        return s
+    ends = np.append(starts[1:], n) - 1
+    return Partials(
+        size_s=p.size_s,
+        meter=s.meter[starts],
+        window_start_ms=s.window_start_ms[starts],
+        count=np.add.reduceat(s.count, starts),
+        power_sum=np.add.reduceat(s.power_sum, starts),
+        power_max=np.maximum.reduceat(s.power_max, starts),
+        power_min=np.minimum.reduceat(s.power_min, starts),
+        energy_sum=np.add.reduceat(s.energy_sum, starts),
+        last_ts_ms=s.last_ts_ms[ends],
+        region=s.region[ends],
+        partition=s.partition[ends],
+    )
