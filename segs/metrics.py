@@ -41,6 +41,11 @@ from prometheus_client import (
 
 ENV_MULTIPROC_DIR: Final = "PROMETHEUS_MULTIPROC_DIR"
 
+# In multiprocess mode the metrics below open their files as soon as they are defined: make
+# sure a folder named by the environment (e.g. a systemd unit's) exists rather than crash.
+if os.environ.get(ENV_MULTIPROC_DIR):
+    Path(os.environ[ENV_MULTIPROC_DIR]).mkdir(parents=True, exist_ok=True)
+
 _SECONDS_FAST: Final = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 _SECONDS_SLOW: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _MILLISECONDS: Final = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
