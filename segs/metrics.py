@@ -6,9 +6,10 @@ new ones. Workers count per batch, never per message.
 Multiprocess mode (the documented way, see prometheus ``client_python``):
 
 1. The supervisor calls :func:`prepare_multiprocess_dir` before it spawns any worker. It
-   empties the folder, sets ``PROMETHEUS_MULTIPROC_DIR`` in ``os.environ`` (spawned workers
-   inherit it, so their metrics write to per-process files from the start) and re-binds the
-   supervisor's own metrics to that folder, whether this module was imported before or after.
+   deletes the folder's Prometheus files, sets ``PROMETHEUS_MULTIPROC_DIR`` in ``os.environ``
+   (spawned workers inherit it, so their metrics write to per-process files from the start)
+   and re-binds the supervisor's own metrics to that folder, whether this module was
+   imported before or after.
 2. ``/metrics`` calls :func:`render_latest`, which builds a fresh ``CollectorRegistry`` with a
    ``MultiProcessCollector`` on every scrape.
 3. When a worker exits, the supervisor calls :func:`mark_dead` with its pid, which drops the
@@ -23,7 +24,6 @@ supervisor's placeholders of the ``livemin`` "connected" gauges are removed (ste
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 from typing import Final
 
@@ -200,21 +200,19 @@ METRIC_NAMES: Final[tuple[str, ...]] = tuple(_exported_name(m) for m in _ALL)
 
 
 def prepare_multiprocess_dir(path: str | os.PathLike[str]) -> None:
-    """Create or empty ``path``, point ``PROMETHEUS_MULTIPROC_DIR`` at it, re-bind metrics.
+    """Empty ``path`` of ``*.db`` files (creating it), point the env var at it, re-bind metrics.
 
     Called by the supervisor once, before it counts anything and before it spawns workers.
-    Files of earlier runs are deleted (a stale file of a reused pid would resurrect old
-    counts). This process's metrics are re-bound to fresh files in ``path``, then its
-    placeholders of the ``livemin`` gauges are dropped (see the module docstring).
+    Prometheus files of earlier runs are deleted (a stale file of a reused pid would
+    resurrect old counts); other files are left alone. This process's metrics are re-bound
+    to fresh files in ``path``, then its placeholders of the ``livemin`` gauges are dropped
+    (see the module docstring).
     """
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     _close_value_files()
-    for entry in folder.iterdir():
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry)
-        else:
-            entry.unlink()
+    for stale in folder.glob("*.db"):  # only Prometheus files: the folder may be shared
+        stale.unlink(missing_ok=True)
     os.environ[ENV_MULTIPROC_DIR] = str(folder)
     _rebind_values()
     (folder / f"gauge_livemin_{os.getpid()}.db").unlink(missing_ok=True)
@@ -233,6 +231,21 @@ def mark_dead(pid: int) -> None:
     path = os.environ.get(ENV_MULTIPROC_DIR)
     if path:
         multiprocess.mark_process_dead(pid, path)  # type: ignore[no-untyped-call]
+
+
+def forget_partition(partition: int | str) -> None:
+    """Retire this process's per-partition gauges of a revoked partition.
+
+    In multiprocess mode a value file cannot forget a series (``Gauge.remove`` only warns),
+    so the gauges are set to 0, which the ``livemax`` mode ignores next to the new owner's
+    value. In a single process the series is removed.
+    """
+    label = str(partition)
+    for gauge in (LAG_SECONDS, CONSUMER_OFFSET_LAG):
+        if os.environ.get(ENV_MULTIPROC_DIR):
+            gauge.labels(label).set(0)
+        else:
+            gauge.remove(label)
 
 
 def render_latest() -> tuple[bytes, str]:

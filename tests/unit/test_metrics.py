@@ -77,10 +77,12 @@ def test_prepare_sets_env_and_empties(tmp_path: Path) -> None:
     folder = tmp_path / "prom"
     folder.mkdir()
     (folder / "counter_1.db").write_bytes(b"stale")
+    (folder / "keep.txt").write_text("not ours")
     try:
         metrics.prepare_multiprocess_dir(folder)
         assert os.environ["PROMETHEUS_MULTIPROC_DIR"] == str(folder)
         assert not (folder / "counter_1.db").exists()
+        assert (folder / "keep.txt").exists()
     finally:
         metrics.disable_multiprocess()
     assert "PROMETHEUS_MULTIPROC_DIR" not in os.environ
@@ -142,3 +144,31 @@ def test_single_process_uses_default_registry() -> None:
     assert s[("stream_late_readings_total", ())] == before + 4
     assert any(name.startswith("python_") for name, _ in s)
     metrics.mark_dead(12345)  # a no-op without a folder
+
+
+def _revoke_body() -> None:
+    from segs import metrics as m
+
+    m.LAG_SECONDS.labels(partition="1").set(30)
+    m.CONSUMER_OFFSET_LAG.labels(partition="1").set(500)
+    m.forget_partition(1)
+
+
+def test_forget_partition_multiprocess(multiproc_dir: Path) -> None:
+    metrics.LAG_SECONDS.labels(partition="1").set(4)  # the new owner, still alive
+    ctx = multiprocessing.get_context("spawn")
+    proc = ctx.Process(target=_revoke_body)
+    proc.start()
+    proc.join(60)
+    assert proc.exitcode == 0
+    s = _samples(metrics.render_latest()[0])
+    assert s[("stream_lag_seconds", (("partition", "1"),))] == 4
+    assert s[("stream_consumer_offset_lag", (("partition", "1"),))] == 0
+
+
+def test_forget_partition_single_process() -> None:
+    metrics.LAG_SECONDS.labels(partition="9").set(3)
+    metrics.forget_partition(9)
+    metrics.forget_partition(9)
+    s = _samples(metrics.render_latest()[0])
+    assert ("stream_lag_seconds", (("partition", "9"),)) not in s
