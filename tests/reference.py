@@ -1,0 +1,172 @@
+"""Slow, plain reference implementations of the contract (DESIGN.md), for tests only.
+
+Dependency-free on purpose: ``json`` + ``datetime`` + ``re``. Fields are checked in the
+order meterId, region, timestamp, powerKw, energyKwh, voltage; the first rule broken gives
+the reason code (the same codes and order as ``segs.decode``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+MIN_TS_MS = 946_684_800_000  # 2000-01-01T00:00:00Z
+
+_TS = re.compile(
+    r"([0-9]{4})-([0-9]{2})-([0-9]{2})T([0-9]{2}):([0-9]{2}):([0-9]{2})"
+    r"(\.[0-9]+)?(Z|[+-][0-9]{2}:[0-9]{2})"
+)
+
+
+def timestamp_ms(text: str) -> int | None:
+    """Epoch ms of ``YYYY-MM-DDTHH:MM:SS[.f+](Z|±HH:MM)``, fraction truncated; or None."""
+    m = _TS.fullmatch(text)
+    if m is None:
+        return None
+    y, mo, d, h, mi, s = (int(g) for g in m.groups()[:6])
+    frac, zone = m.group(7) or ".", m.group(8)
+    try:
+        local = datetime(y, mo, d, h, mi, s, tzinfo=UTC)
+    except ValueError:
+        return None
+    offset = timedelta(0)
+    if zone != "Z":
+        oh, om = int(zone[1:3]), int(zone[4:6])
+        if oh > 23 or om > 59:
+            return None
+        offset = timedelta(hours=oh, minutes=om) * (1 if zone[0] == "+" else -1)
+    millis = int((frac[1:] + "000")[:3])
+    delta = (local - EPOCH) - offset  # timedelta arithmetic cannot overflow at year 9999
+    return (delta.days * 86400 + delta.seconds) * 1000 + millis
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(name)
+
+
+def _int(text: str) -> int | float:
+    return float(text) if len(text) > 300 else int(text)
+
+
+def _string(obj: dict[str, Any], name: str, longest: int) -> str | tuple[str]:
+    if name not in obj:
+        return ("missing_field",)
+    v = obj[name]
+    if not isinstance(v, str):
+        return ("wrong_type",)
+    if not 1 <= len(v) <= longest or "\x00" in v:
+        return ("bad_value",)
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:
+        return ("bad_value",)
+    return v
+
+
+def _number(obj: dict[str, Any], name: str, absent: float | None) -> float | tuple[str]:
+    v = obj.get(name)
+    if v is None:
+        return ("missing_field",) if absent is None else absent
+    if type(v) is bool or not isinstance(v, int | float):
+        return ("wrong_type",)
+    try:
+        f = float(v)
+    except OverflowError:
+        return ("not_finite",)
+    if math.isnan(f) or math.isinf(f):
+        return ("not_finite",)
+    if f < 0:
+        return ("negative",)
+    return f
+
+
+def parse_reading(
+    value: bytes | None,
+    now_ms: int,
+    max_future_skew_ms: int = 300_000,
+    max_message_bytes: int = 65536,
+) -> dict[str, Any] | str:
+    """A dict (meter_id, region, ts_ms, power, energy, voltage) or a reason code."""
+    if not value:
+        return "empty"
+    if len(value) > max_message_bytes:
+        return "oversize"
+    try:
+        obj = json.loads(value.decode("utf-8"), parse_constant=_no_constant, parse_int=_int)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return "not_json"
+    if not isinstance(obj, dict):
+        return "not_object"
+    meter = _string(obj, "meterId", 64)
+    if isinstance(meter, tuple):
+        return meter[0]
+    region = _string(obj, "region", 100)
+    if isinstance(region, tuple):
+        return region[0]
+    if "timestamp" not in obj:
+        return "missing_field"
+    if not isinstance(obj["timestamp"], str):
+        return "wrong_type"
+    ts = timestamp_ms(obj["timestamp"])
+    if ts is None or ts < MIN_TS_MS:
+        return "bad_timestamp"
+    if ts > now_ms + max_future_skew_ms:
+        return "future_timestamp"
+    fields: dict[str, Any] = {"meter_id": meter, "region": region, "ts_ms": ts}
+    for key, name, absent in (
+        ("power", "powerKw", None),
+        ("energy", "energyKwh", 0.0),
+        ("voltage", "voltage", math.nan),
+    ):
+        f = _number(obj, name, absent)
+        if isinstance(f, tuple):
+            return f[0]
+        fields[key] = f
+    return fields
+
+
+@dataclass(frozen=True)
+class RefAgg:
+    count: int
+    power_sum: float
+    avg: float
+    max: float
+    min: float
+    energy_sum: float
+    region: str
+    partition: int | None
+
+
+def aggregate(readings: Iterable[dict[str, Any]], size_s: int) -> dict[tuple[str, int], RefAgg]:
+    """(meter_id, window_start_ms) → aggregate, computed in one pass over all readings.
+
+    Region (and partition, when the dicts have a ``partition`` key) come from the reading
+    greatest by (ts_ms, region, partition).
+    """
+    size_ms = size_s * 1000
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for r in readings:
+        start = (r["ts_ms"] // size_ms) * size_ms
+        groups.setdefault((r["meter_id"], start), []).append(r)
+    out: dict[tuple[str, int], RefAgg] = {}
+    for key, rs in groups.items():
+        powers = [r["power"] for r in rs]
+        latest = max(rs, key=lambda r: (r["ts_ms"], r["region"], r.get("partition", 0)))
+        total = sum(powers)
+        out[key] = RefAgg(
+            count=len(rs),
+            power_sum=total,
+            avg=total / len(rs),
+            max=max(powers),
+            min=min(powers),
+            energy_sum=sum(r["energy"] for r in rs),
+            region=latest["region"],
+            partition=latest.get("partition"),
+        )
+    return out

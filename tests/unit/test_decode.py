@@ -1,0 +1,335 @@
+"""Decoder vs the plain reference parser: valid readings, each rule broken, arbitrary bytes."""
+
+from __future__ import annotations
+
+import json
+import math
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import numpy as np
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from segs.columns import Interner
+from segs.decode import REASONS, Decoder, parse_timestamp_ms
+from tests.reference import parse_reading, timestamp_ms
+
+NOW = 1_795_759_217_123  # 2026-11-27T06:00:17.123Z
+SKEW = 300_000
+SETTINGS = settings(deadline=None, max_examples=150, suppress_health_check=[HealthCheck.too_slow])
+
+text_chars = st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00")
+numbers = st.one_of(
+    st.floats(min_value=0, allow_nan=False, allow_infinity=False),
+    st.integers(min_value=0, max_value=10**20),
+    st.sampled_from([0, 0.0, -0.0, 5e-324, 1.7976931348623157e308]),
+)
+
+
+def format_ts(ms: int, offset_min: int, digits: int, extra: str) -> str:
+    """ISO text of instant ``ms`` written in zone ``offset_min`` with ``digits`` fraction."""
+    local = datetime(1970, 1, 1, tzinfo=UTC) + timedelta(milliseconds=ms + offset_min * 60_000)
+    frac = f"{ms % 1000:03d}{extra}"[:digits]
+    zone = "Z" if offset_min == 0 and not extra else None
+    if zone is None:
+        sign = "+" if offset_min >= 0 else "-"
+        zone = f"{sign}{abs(offset_min) // 60:02d}:{abs(offset_min) % 60:02d}"
+    return local.strftime("%Y-%m-%dT%H:%M:%S") + ("." + frac if digits else "") + zone
+
+
+@st.composite
+def timestamps(draw: st.DrawFn) -> tuple[str, int]:
+    ms = draw(
+        st.one_of(
+            st.integers(946_684_800_000, NOW + SKEW),
+            st.sampled_from([946_684_800_000, NOW + SKEW, NOW, NOW - NOW % 60_000]),
+        )
+    )
+    offset = draw(st.one_of(st.just(0), st.integers(-(23 * 60 + 59), 23 * 60 + 59)))
+    digits = draw(st.integers(0, 9))
+    extra = draw(st.text("0123456789", min_size=6, max_size=6))
+    text = format_ts(ms, offset, digits, extra)
+    keep = min(digits, 3)
+    expected = ms - ms % (10 ** (3 - keep))
+    return text, expected
+
+
+@st.composite
+def valid_readings(draw: st.DrawFn) -> tuple[bytes, dict[str, Any]]:
+    ts_text, ts_ms = draw(timestamps())
+    obj: dict[str, Any] = {
+        "meterId": draw(st.text(text_chars, min_size=1, max_size=64)),
+        "region": draw(st.text(text_chars, min_size=1, max_size=100)),
+        "timestamp": ts_text,
+        "powerKw": draw(numbers),
+    }
+    for name in ("energyKwh", "voltage"):
+        choice = draw(st.integers(0, 2))
+        if choice == 1:
+            obj[name] = None
+        elif choice == 2:
+            obj[name] = draw(numbers)
+    extras = draw(
+        st.dictionaries(
+            st.text(max_size=8).filter(
+                lambda k: (
+                    k not in ("meterId", "region", "timestamp", "powerKw")
+                    and k not in ("energyKwh", "voltage")
+                )
+            ),
+            st.one_of(st.none(), st.booleans(), st.text(max_size=5), st.lists(st.integers())),
+            max_size=4,
+        )
+    )
+    items = list(obj.items()) + list(extras.items())
+    items = draw(st.permutations(items))
+    sep = draw(st.sampled_from([(",", ":"), (", ", ": "), (" ,\n", " :\t")]))
+    text = json.dumps(dict(items), separators=sep, ensure_ascii=draw(st.booleans()))
+    if draw(st.booleans()):
+        text = " \n" + text + "\r\n "
+    energy = obj.get("energyKwh")
+    voltage = obj.get("voltage")
+    expected = {
+        "meter_id": obj["meterId"],
+        "region": obj["region"],
+        "ts_ms": ts_ms,
+        "power": float(obj["powerKw"]),
+        "energy": 0.0 if energy is None else float(energy),
+        "voltage": math.nan if voltage is None else float(voltage),
+    }
+    return text.encode("utf-8"), expected
+
+
+def decode(values: list[bytes | None]) -> tuple[Decoder, Any, Any]:
+    dec = Decoder(Interner(), Interner(), max_future_skew_ms=SKEW)
+    n = len(values)
+    parts = np.arange(n, dtype=np.int32) % 3
+    offs = np.arange(n, dtype=np.int64) + 100
+    readings, rejects = dec.decode(values, parts, offs, NOW)
+    return dec, readings, rejects
+
+
+def rows(dec: Decoder, r: Any) -> list[dict[str, Any]]:
+    return [
+        {
+            "meter_id": dec.meters.names[int(r.meter[i])],
+            "region": dec.regions.names[int(r.region[i])],
+            "ts_ms": int(r.ts_ms[i]),
+            "power": float(r.power[i]),
+            "energy": float(r.energy[i]),
+            "voltage": float(r.voltage[i]),
+        }
+        for i in range(len(r))
+    ]
+
+
+def same(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return all(
+        a[k] == b[k] or (isinstance(a[k], float) and math.isnan(a[k]) and math.isnan(b[k]))
+        for k in a
+    )
+
+
+def check_against_reference(values: list[bytes | None]) -> None:
+    """Decoder output == reference, index by index; rejects sorted and reasons equal."""
+    dec, r, rejects = decode(values)
+    assert [x.index for x in rejects] == sorted(x.index for x in rejects)
+    expected = [parse_reading(v, NOW, SKEW) for v in values]
+    want_rejects = [(i, e) for i, e in enumerate(expected) if isinstance(e, str)]
+    assert [(x.index, x.reason) for x in rejects] == want_rejects
+    assert all(x.reason in REASONS and len(x.detail) <= 200 for x in rejects)
+    good = [i for i, e in enumerate(expected) if not isinstance(e, str)]
+    assert r.offset.tolist() == [i + 100 for i in good]
+    assert r.partition.tolist() == [i % 3 for i in good]
+    got = rows(dec, r)
+    for g, i in zip(got, good, strict=True):
+        e = expected[i]
+        assert isinstance(e, dict)
+        assert same(g, e), (values[i], g, e)
+
+
+@SETTINGS
+@given(st.lists(valid_readings(), min_size=1, max_size=30))
+def test_valid_readings_decode_like_reference(batch: list[tuple[bytes, dict[str, Any]]]) -> None:
+    values: list[bytes | None] = [v for v, _ in batch]
+    dec, r, rejects = decode(values)
+    assert rejects == []
+    for g, (_, e) in zip(rows(dec, r), batch, strict=True):
+        assert same(g, e), (g, e)
+    check_against_reference(values)
+
+
+BASE = {
+    "meterId": "MTR-1",
+    "region": "north",
+    "timestamp": "2026-11-27T06:00:17.123Z",
+    "powerKw": 1.5,
+    "energyKwh": 0.1,
+    "voltage": 230,
+}
+MUTATIONS: list[tuple[str, Any]] = [
+    ("missing_field", {"meterId": ...}),
+    ("missing_field", {"region": ...}),
+    ("missing_field", {"timestamp": ...}),
+    ("missing_field", {"powerKw": ...}),
+    ("missing_field", {"powerKw": None}),
+    ("wrong_type", {"meterId": 42}),
+    ("wrong_type", {"meterId": None}),
+    ("wrong_type", {"region": ["north"]}),
+    ("wrong_type", {"timestamp": 1795759217123}),
+    ("wrong_type", {"powerKw": "1.5"}),
+    ("wrong_type", {"powerKw": True}),
+    ("wrong_type", {"energyKwh": False}),
+    ("wrong_type", {"voltage": {}}),
+    ("bad_value", {"meterId": ""}),
+    ("bad_value", {"meterId": "x" * 65}),
+    ("bad_value", {"meterId": "a\x00b"}),
+    ("bad_value", {"region": ""}),
+    ("bad_value", {"region": "é" * 101}),
+    ("negative", {"powerKw": -0.001}),
+    ("negative", {"energyKwh": -1}),
+    ("negative", {"voltage": -230.0}),
+    ("bad_timestamp", {"timestamp": "2026-11-27T06:00:17.123"}),
+    ("bad_timestamp", {"timestamp": "2026-11-27 06:00:17Z"}),
+    ("bad_timestamp", {"timestamp": "2026-02-29T06:00:17.123Z"}),
+    ("bad_timestamp", {"timestamp": "2026-11-27T24:00:17.123Z"}),
+    ("bad_timestamp", {"timestamp": "2026-11-27T06:00:60.123Z"}),
+    ("bad_timestamp", {"timestamp": "2026-13-27T06:00:17.123Z"}),
+    ("bad_timestamp", {"timestamp": "2026-11-27T06:00:17.12xZ"}),
+    ("bad_timestamp", {"timestamp": "2026-11-27T06:00:17.123+24:00"}),
+    ("bad_timestamp", {"timestamp": "1999-12-31T23:59:59.999Z"}),
+    ("bad_timestamp", {"timestamp": "２026-11-27T06:00:17.123Z"}),
+    ("future_timestamp", {"timestamp": "2026-11-27T06:05:17.124Z"}),
+    ("future_timestamp", {"timestamp": "9999-12-31T23:59:59.999-23:59"}),
+]
+RAW_MUTATIONS: list[tuple[str, bytes | None]] = [
+    ("empty", None),
+    ("empty", b""),
+    ("oversize", b"{" + b" " * 70_000 + b"}"),
+    ("not_json", b"{"),
+    ("not_json", b'{"meterId":"a"}}'),
+    ("not_json", b"\xff\xfe{}"),
+    ("not_json", b"\xef\xbb\xbf{}"),
+    ("not_json", json.dumps(BASE).replace("1.5", "NaN").encode()),
+    ("not_json", json.dumps(BASE).replace("1.5", "-Infinity").encode()),
+    ("not_json", json.dumps(BASE).encode()[:-1] + b',"x":"\xc3"}'),
+    ("not_object", b"[]"),
+    ("not_object", b'"text"'),
+    ("not_object", b"12"),
+    ("not_object", b"null"),
+    ("not_finite", json.dumps(BASE).replace("1.5", "1e400").encode()),
+    ("not_finite", json.dumps(BASE).replace("230", "-1e999").encode()),
+    ("not_finite", json.dumps(BASE).replace("1.5", "9" * 400).encode()),
+]
+
+
+def mutate(change: dict[str, Any]) -> bytes:
+    obj = dict(BASE)
+    for k, v in change.items():
+        if v is ...:
+            del obj[k]
+        else:
+            obj[k] = v
+    return json.dumps(obj, ensure_ascii=False).encode()
+
+
+def test_each_rule_rejected_with_its_reason() -> None:
+    cases = [(reason, mutate(change)) for reason, change in MUTATIONS] + RAW_MUTATIONS
+    values = [v for _, v in cases] + [mutate({})]
+    _dec, r, rejects = decode(values)
+    got = {x.index: x.reason for x in rejects}
+    for i, (reason, v) in enumerate(cases):
+        assert got.get(i) == reason, (v, got.get(i), reason)
+        assert parse_reading(v, NOW, SKEW) == reason
+    assert r.offset.tolist() == [len(cases) + 100]
+    assert {x.reason for x in rejects} == set(REASONS)
+    check_against_reference(values)
+
+
+def test_optional_fields_absent_or_null() -> None:
+    values: list[bytes | None] = [
+        mutate({"energyKwh": ..., "voltage": ...}),
+        mutate({"energyKwh": None, "voltage": None}),
+        mutate({"powerKw": 3, "energyKwh": 0, "voltage": 0}),
+    ]
+    _, r, rejects = decode(values)
+    assert rejects == []
+    assert r.energy.tolist() == [0.0, 0.0, 0.0]
+    assert np.isnan(r.voltage[:2]).all() and r.voltage[2] == 0.0
+    assert r.power.tolist() == [1.5, 1.5, 3.0]
+
+
+def test_fraction_truncated_and_offsets() -> None:
+    cases = {
+        "2026-11-27T06:00:17Z": 1_795_759_217_000,
+        "2026-11-27T06:00:17.9Z": 1_795_759_217_900,
+        "2026-11-27T06:00:17.123999999Z": 1_795_759_217_123,
+        "2026-11-27T11:30:17.1239+05:30": 1_795_759_217_123,
+        "2026-11-27T01:00:17.123-05:00": 1_795_759_217_123,
+        "2000-01-01T00:00:00.000Z": 946_684_800_000,
+        "2000-01-01T00:00:00.000+00:01": None,
+        "2024-02-29T00:00:00.000Z": 1_709_164_800_000,
+    }
+    for text, want in cases.items():
+        assert timestamp_ms(text) == (
+            want if text != "2000-01-01T00:00:00.000+00:01" else 946_684_740_000
+        )
+        assert parse_timestamp_ms(text) == timestamp_ms(text)
+        got = parse_reading(mutate({"timestamp": text}), NOW, SKEW)
+        if want is None:
+            assert got == "bad_timestamp"
+        else:
+            assert isinstance(got, dict) and got["ts_ms"] == want
+
+
+@SETTINGS
+@given(st.lists(st.binary(max_size=300), min_size=1, max_size=20))
+def test_arbitrary_bytes_never_raise(values: list[bytes]) -> None:
+    check_against_reference(list(values))
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | numbers | st.floats() | st.text(max_size=6),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+
+
+@st.composite
+def near_valid(draw: st.DrawFn) -> bytes | None:
+    """A valid reading with some fields replaced by arbitrary JSON, or its bytes mangled."""
+    raw, _ = draw(valid_readings())
+    obj = json.loads(raw)
+    for key in draw(st.lists(st.sampled_from([*BASE, "x"]), max_size=3)):
+        if draw(st.booleans()):
+            obj.pop(key, None)
+        else:
+            obj[key] = draw(json_values)
+    text = json.dumps(obj).encode()
+    if draw(st.integers(0, 5)) == 0:
+        i = draw(st.integers(0, len(text)))
+        text = text[:i] + draw(st.binary(max_size=3)) + text[i + 1 :]
+    return text
+
+
+@SETTINGS
+@given(st.lists(st.one_of(near_valid(), st.none()), min_size=1, max_size=20))
+def test_near_valid_messages_agree_with_reference(values: list[bytes | None]) -> None:
+    check_against_reference(values)
+
+
+def test_mixed_batch_keeps_input_order_and_interns() -> None:
+    values: list[bytes | None] = []
+    for i in range(200):
+        ts = "2026-11-27T06:00:17.123Z" if i % 3 else "2026-11-27T06:00:17+00:00"
+        values.append(mutate({"meterId": f"M{i % 7}", "timestamp": ts, "powerKw": i}))
+        if i % 50 == 0:
+            values.append(b"garbage")
+    dec, r, rejects = decode(values)
+    assert len(rejects) == 4
+    assert r.power.tolist() == [float(i) for i in range(200)]
+    assert len(dec.meters) == 7 and len(dec.regions) == 1
+    assert dec.meters.names[int(r.meter[8])] == "M1"
