@@ -273,9 +273,9 @@ class Settings:
     def checkpoint_interval_ms(self) -> int:
         return min(self.flush_interval_1m_ms, self.flush_interval_15m_ms)
 
-    def kafka_common(self) -> dict[str, str]:
+    def kafka_common(self) -> dict[str, str | int | float | bool]:
         """librdkafka settings shared by consumers, producers and admin clients."""
-        conf: dict[str, str] = {"bootstrap.servers": self.kafka_brokers}
+        conf: dict[str, str | int | float | bool] = {"bootstrap.servers": self.kafka_brokers}
         if self.kafka_security_protocol:
             conf["security.protocol"] = self.kafka_security_protocol
         if self.kafka_sasl_mechanism:

@@ -1,0 +1,593 @@
+"""One worker process: a Kafka consumer in the group, its windows, detector and checkpoints.
+
+The hot loop (:meth:`Worker.run`) is a flat sequence of named steps::
+
+    batch = consume()  →  columns = decode(batch)  →  dead letters  →  windows.add(columns)
+    →  detector.check(columns) → alerts  →  maybe_checkpoint()
+
+A checkpoint (:meth:`Worker.checkpoint`) runs in this order:
+
+0. flush the producer, so every alert and dead letter of the covered messages is delivered;
+1. one database transaction: partials of both window sizes merged, changed baselines, and
+   the next position of every covered partition (compare-and-set, see :mod:`segs.sink`);
+2. claim closed windows not yet published, produce them, flush, mark them published;
+3. commit the same offsets to Kafka, for lag monitoring only (the database is the truth).
+
+When step 1 fails for a database reason, the same payload is retried with jittered back-off
+while every assigned partition is paused, so memory stays bounded. When a compare-and-set
+fails (another worker owns a partition now) all in-memory state is discarded and every
+partition still assigned is rewound to its stored position ("rewind").
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import signal
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    OFFSET_END,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
+
+from segs import metrics
+from segs.alerts import encode_alerts
+from segs.anomaly import KINDS, AnomalyDetector, BaselineState, DetectorSettings
+from segs.columns import Interner
+from segs.config import Settings
+from segs.decode import Decoder
+from segs.errors import DatabaseError, FencedError, SegsError
+from segs.outputs import GRANULARITY, dead_letter_headers, encode_aggregates
+from segs.sink import TABLES, ClosedRow, Position, Sink
+from segs.windows import Partials, WindowEngine
+
+log = logging.getLogger(__name__)
+
+# Worker states shared with the supervisor (one int per worker in a shared array).
+STARTING, RUNNING, DEGRADED, STOPPING, STOPPED = range(5)
+STATE_NAMES = ("starting", "running", "degraded", "stopping", "stopped")
+_SIZES = (60, 900)
+
+
+@dataclass(slots=True)
+class Payload:
+    """What one checkpoint writes; kept verbatim for retries after a database failure."""
+
+    partials: list[tuple[Any, ...]]
+    baselines: list[tuple[Any, ...]]
+    baseline_state: BaselineState
+    positions: dict[int, tuple[int | None, int, int | None]]
+    rows: dict[int, int]  # size → partial rows
+    readings: int
+
+
+class Worker:
+    def __init__(self, settings: Settings, worker_id: int,
+                 report: Callable[[int], None] = lambda state: None) -> None:
+        self.s = settings
+        self.worker_id = worker_id
+        self.report = report
+        self.topic = settings.topic_input
+        self.stop_requested = False
+        self.meters = Interner()
+        self.regions = Interner()
+        self.decoder = Decoder(self.meters, self.regions,
+                               max_message_bytes=settings.max_message_bytes,
+                               max_future_skew_ms=settings.max_future_skew_ms)
+        self.detector_settings = DetectorSettings(
+            spike_threshold=settings.spike_threshold, drop_threshold=settings.drop_threshold,
+            min_samples=settings.min_samples, cooldown_ms=settings.alert_cooldown_ms)
+        self._fresh_state()
+        self.sink = Sink(settings.postgres_url.get(), consumer_group=settings.kafka_group_id,
+                         topic=self.topic)
+        self.assigned: set[int] = set()
+        self.positioned: set[int] = set()  # assigned partitions sought to their position
+        self.stored: dict[int, int | None] = {}  # position in the database (CAS value)
+        self.consumed: dict[int, int] = {}  # next offset after the last processed message
+        self.stored_wm: dict[int, int] = {}
+        self.inflight: Payload | None = None
+        self.paused = False
+        self.retry_at = 0.0
+        self.backoff_s = 0.5
+        self.next_checkpoint = time.monotonic() + settings.checkpoint_interval_ms / 1000
+        self.delivery_errors = 0
+        common = settings.kafka_common()
+        self.consumer = Consumer({
+            **common,
+            "group.id": settings.kafka_group_id,
+            "client.id": f"segs-stream-{os.getpid()}",
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "partition.assignment.strategy": "cooperative-sticky",
+            "auto.offset.reset": settings.auto_offset_reset,
+            "enable.partition.eof": False,
+            "fetch.min.bytes": 1,
+            "fetch.wait.max.ms": 50,
+            "queued.max.messages.kbytes": 65536,
+            "max.poll.interval.ms": 300_000,
+            "session.timeout.ms": 15_000,
+            "heartbeat.interval.ms": 3_000,
+            "error_cb": self._on_kafka_error,
+        })
+        self.producer = Producer({
+            **common,
+            "client.id": f"segs-stream-{os.getpid()}",
+            "linger.ms": 5,
+            "compression.type": "lz4",
+            "enable.idempotence": True,
+            "message.timeout.ms": 0,  # never give up on a message: outages are waited out
+            "queue.buffering.max.messages": 200_000,
+            "delivery.report.only.error": True,
+            "on_delivery": self._on_delivery,
+            "error_cb": self._on_kafka_error,
+        })
+
+    def _fresh_state(self) -> None:
+        lateness, idle = self.s.allowed_lateness_ms, self.s.idle_advance_ms
+        self.windows = [WindowEngine(size, regions=self.regions, allowed_lateness_ms=lateness,
+                                     idle_advance_ms=idle) for size in _SIZES]
+        self.detector = AnomalyDetector(self.detector_settings)
+
+    # ------------------------------------------------------------------ callbacks
+
+    def _on_kafka_error(self, err: KafkaError) -> None:
+        if err.code() in (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT):
+            metrics.KAFKA_CONSUMER_CONNECTED.set(0)
+            metrics.KAFKA_PRODUCER_CONNECTED.set(0)
+        log.warning("kafka: %s", err.str())
+
+    def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
+        if err is not None:
+            self.delivery_errors += 1
+            log.error("delivery to %s failed: %s", msg.topic(), err.str())
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        parts = [tp.partition for tp in partitions]
+        log.info("assigned partitions %s", parts)
+        self.assigned.update(parts)
+        tps = self._positions_for(parts)
+        if tps is None:
+            consumer.incremental_assign(partitions)
+            consumer.pause(partitions)
+        else:
+            consumer.incremental_assign(tps)
+            self.positioned.update(parts)
+        metrics.ASSIGNED_PARTITIONS.set(len(self.assigned))
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        parts = [tp.partition for tp in partitions]
+        log.info("revoking partitions %s", parts)
+        if set(parts) & self.positioned and not self._checkpoint_until(
+                time.monotonic() + self.s.shutdown_timeout_s / 2):
+            log.warning("could not checkpoint before revoke: rewinding to stored positions")
+            self._rewind()
+        self._forget(parts)
+        consumer.incremental_unassign(partitions)
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        parts = [tp.partition for tp in partitions]
+        log.warning("lost partitions %s: discarding unsaved state, rewinding", parts)
+        self._rewind()
+        self._forget(parts)
+        consumer.incremental_unassign(partitions)
+
+    def _forget(self, parts: Sequence[int]) -> None:
+        for engine in self.windows:
+            engine.drop_partitions(parts)
+        self.detector.forget_partitions(parts)
+        for p in parts:
+            self.assigned.discard(p)
+            self.positioned.discard(p)
+            self.stored.pop(p, None)
+            self.consumed.pop(p, None)
+            self.stored_wm.pop(p, None)
+            metrics.forget_partition(p)
+        metrics.ASSIGNED_PARTITIONS.set(len(self.assigned))
+
+    def _positions_for(self, parts: Sequence[int]) -> list[TopicPartition] | None:
+        """Load positions and baselines of ``parts``; None when the database is away."""
+        try:
+            stored = self.sink.load_positions(parts)
+            baselines = self.sink.load_baselines(parts)
+        except DatabaseError as exc:
+            log.warning("cannot load positions (%s): partitions %s wait", exc, list(parts))
+            metrics.TIMESCALEDB_CONNECTED.set(0)
+            return None
+        self._load_baselines(baselines)
+        default = OFFSET_BEGINNING if self.s.auto_offset_reset == "earliest" else OFFSET_END
+        tps = []
+        for p in parts:
+            pos: Position | None = stored.get(p)
+            self.stored[p] = pos.next_offset if pos else None
+            if pos:
+                self.consumed[p] = pos.next_offset
+                if pos.watermark_ms is not None:
+                    self.stored_wm[p] = pos.watermark_ms
+            tps.append(TopicPartition(self.topic, p, pos.next_offset if pos else default))
+        return tps
+
+    def _load_baselines(self, rows: list[tuple[Any, ...]]) -> None:
+        if not rows:
+            return
+        slot = self.meters.slot
+        self.detector.load(BaselineState(
+            meter=np.fromiter((slot(r[0]) for r in rows), np.int32, len(rows)),
+            partition=np.array([r[1] for r in rows], np.int32),
+            baseline=np.array([r[2] for r in rows], np.float64),
+            samples=np.array([r[3] for r in rows], np.int64),
+            last_outage_ms=np.array([r[4] for r in rows], np.int64),
+            last_spike_ms=np.array([r[5] for r in rows], np.int64),
+            last_drop_ms=np.array([r[6] for r in rows], np.int64),
+        ))
+
+    def _rewind(self) -> None:
+        """Discard everything not yet stored; re-seek assigned partitions to stored positions."""
+        self.inflight = None
+        self._fresh_state()
+        self.positioned.clear()
+        self.stored.clear()
+        self.consumed.clear()
+
+    def _position_waiting(self) -> None:
+        """Seek assigned partitions that still wait for their stored position."""
+        waiting = sorted(self.assigned - self.positioned)
+        if not waiting:
+            return
+        tps = self._positions_for(waiting)
+        if tps is None:
+            return
+        for tp in tps:
+            try:
+                self.consumer.seek(tp)
+            except KafkaException:
+                self.consumer.incremental_unassign([TopicPartition(self.topic, tp.partition)])
+                self.consumer.incremental_assign([tp])
+        if not self.paused:
+            self.consumer.resume([TopicPartition(self.topic, p) for p in waiting])
+        self.positioned.update(waiting)
+        log.info("partitions %s resume from their stored positions", waiting)
+
+    # ------------------------------------------------------------------ main loop
+
+    def run(self) -> int:
+        """Consume until asked to stop; returns the process exit code."""
+        signal.signal(signal.SIGTERM, self._request_stop)
+        signal.signal(signal.SIGINT, self._request_stop)
+        self.report(STARTING)
+        self._open_sink()
+        self.consumer.subscribe([self.topic], on_assign=self._on_assign,
+                                on_revoke=self._on_revoke, on_lost=self._on_lost)
+        metrics.KAFKA_CONSUMER_CONNECTED.set(1)
+        metrics.KAFKA_PRODUCER_CONNECTED.set(1)
+        self.report(RUNNING)
+        consume, batch_size = self.consumer.consume, self.s.batch_size
+        poll_producer, monotonic = self.producer.poll, time.monotonic
+        try:
+            while not self.stop_requested:
+                poll_producer(0)
+                msgs = consume(batch_size, 0.1)
+                if msgs:
+                    self.process(msgs)
+                if monotonic() >= self.next_checkpoint or self.paused:
+                    self.maybe_checkpoint()
+                if self.delivery_errors:
+                    raise SegsError(f"{self.delivery_errors} messages could not be delivered")
+            return self._shutdown()
+        finally:
+            self.sink.close()
+
+    def _request_stop(self, signum: int, frame: object) -> None:
+        if self.stop_requested:  # second signal: stop now
+            os._exit(1)
+        self.stop_requested = True
+
+    def _open_sink(self) -> None:
+        delay = 0.5
+        while not self.stop_requested:
+            try:
+                self.sink.open(wait_s=10)
+                metrics.TIMESCALEDB_CONNECTED.set(1)
+                return
+            except Exception as exc:
+                metrics.TIMESCALEDB_CONNECTED.set(0)
+                self.report(DEGRADED)
+                log.warning("database unreachable (%s); retrying in %.1f s", exc, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 10)
+
+    def process(self, msgs: list[Message]) -> None:
+        """Decode, validate, window and check one consumed batch."""
+        t0 = time.perf_counter()
+        values: list[bytes | None] = []
+        parts: list[int] = []
+        offsets: list[Any] = []  # int for every consumed message
+        keep: list[Message] = []
+        positioned = self.positioned
+        for m in msgs:
+            err = m.error()
+            if err is not None:
+                self._consume_error(err)
+                continue
+            p = m.partition()
+            if p not in positioned:
+                continue  # awaiting its stored position; re-read after the seek
+            values.append(m.value())
+            parts.append(p)
+            offsets.append(m.offset())
+            keep.append(m)
+        n = len(values)
+        metrics.MESSAGES.inc(len(msgs))
+        metrics.BATCH_SIZE.observe(len(msgs))
+        if not n:
+            return
+        part_arr = np.array(parts, np.int32)
+        off_arr = np.array(offsets, np.int64)
+        now_ms = int(time.time() * 1000)
+        readings, rejects = self.decoder.decode(values, part_arr, off_arr, now_ms)
+        if rejects:
+            self._dead_letter(keep, rejects)
+        if len(readings):
+            late = self.windows[0].add(readings, now_ms)
+            self.windows[1].add(readings, now_ms)
+            if late:
+                metrics.LATE_READINGS.inc(late)
+            det = self.detector.check(readings)
+            if len(det):
+                self._alert(det, readings)
+            self._lag(readings, now_ms)
+        for p in np.unique(part_arr).tolist():
+            self.consumed[p] = int(off_arr[part_arr == p].max()) + 1
+        metrics.PROCESSING_SECONDS.observe(time.perf_counter() - t0)
+
+    def _consume_error(self, err: KafkaError) -> None:
+        if err.code() == KafkaError._PARTITION_EOF:
+            return
+        if err.fatal():
+            raise KafkaException(err)
+        log.warning("consume: %s", err.str())
+
+    def _dead_letter(self, msgs: list[Message], rejects: Sequence[Any]) -> None:
+        dlq, topic = self.s.topic_dlq, self.topic
+        by_reason: dict[str, int] = {}
+        for index, reason, detail in rejects:
+            m = msgs[index]
+            headers = dead_letter_headers(reason, detail, topic, m.partition(), m.offset())
+            self._produce(dlq, m.key(), m.value(), headers)
+            by_reason[reason] = by_reason.get(reason, 0) + 1
+        for reason, count in by_reason.items():
+            metrics.INVALID_MESSAGES.labels(reason).inc(count)
+        metrics.DLQ_PUBLISHED.inc(len(rejects))
+
+    def _alert(self, det: Any, readings: Any) -> None:
+        for key, value, headers in encode_alerts(det, readings, self.meters, self.regions,
+                                                 self.topic):
+            self._produce(self.s.topic_alerts, key, value, headers)
+        kinds = np.bincount(det.kind, minlength=len(KINDS))
+        for kind, count in zip(KINDS, kinds.tolist(), strict=True):
+            if count:
+                metrics.ANOMALIES_DETECTED.labels(kind).inc(count)
+        metrics.ALERTS_PUBLISHED.inc(len(det))
+
+    def _lag(self, readings: Any, now_ms: int) -> None:
+        newest = {}
+        for p in np.unique(readings.partition).tolist():
+            newest[p] = int(readings.ts_ms[readings.partition == p].max())
+        for p, ts in newest.items():
+            metrics.LAG_SECONDS.labels(str(p)).set(max(0.0, (now_ms - ts) / 1000))
+
+    def _produce(self, topic: str, key: bytes | None, value: bytes | None,
+                 headers: Any) -> None:
+        while True:
+            try:
+                self.producer.produce(topic, value, key, headers=headers)
+                return
+            except BufferError:  # queue full: serve it, never drop
+                self.producer.poll(0.05)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def maybe_checkpoint(self) -> None:
+        now = time.monotonic()
+        if self.paused and now < self.retry_at:
+            return
+        self._position_waiting()
+        self.checkpoint()
+
+    def checkpoint(self) -> bool:
+        """Run one checkpoint (steps in the module docstring); False when it must retry."""
+        t0 = time.perf_counter()
+        now_ms = int(time.time() * 1000)
+        for engine in self.windows:
+            engine.advance_idle(now_ms)
+        # 0. every alert and dead letter of the covered messages is delivered first
+        if self.producer.flush(10) > 0:
+            self._fail("Kafka producer could not deliver within 10 s")
+            return False
+        # 1. the database transaction
+        if self.inflight is None:
+            self.inflight = self._build_payload()
+        payload = self.inflight
+        if payload.partials or payload.baselines or payload.positions:
+            try:
+                t_db = time.perf_counter()
+                stats = self.sink.commit(payload.partials, payload.baselines, payload.positions)
+                metrics.DB_WRITE_LATENCY_MS.observe((time.perf_counter() - t_db) * 1000)
+            except FencedError as exc:
+                log.warning("%s: rewinding to stored positions", exc)
+                self.inflight = None
+                self._rewind()
+                self._resume()
+                return False
+            except DatabaseError as exc:
+                self._fail(f"checkpoint failed: {exc}")
+                return False
+            for p, (_, nxt, _) in payload.positions.items():
+                self.stored[p] = nxt
+            for size, table in TABLES.items():
+                metrics.AGGREGATES_WRITTEN.labels(GRANULARITY[size]).inc(payload.rows[size])
+                metrics.DB_WRITE_ROWS.labels(table).inc(stats.rows[table])
+            metrics.DB_WRITE_ROWS.labels("meter_baselines").inc(stats.baselines)
+            log.debug("checkpoint: %s rows, %d baselines, %d positions in %.3f s",
+                      stats.rows, stats.baselines, len(payload.positions), stats.seconds)
+        self.inflight = None
+        metrics.TIMESCALEDB_CONNECTED.set(1)
+        # 2. closed windows to the aggregates topics
+        t_pub = time.perf_counter()
+        try:
+            published = self.sink.claim_closed(self._watermarks(), self._deliver_closed)
+            for size, count in published.items():
+                if count:
+                    metrics.AGGREGATES_PUBLISHED.labels(GRANULARITY[size]).inc(count)
+        except (DatabaseError, SegsError) as exc:
+            log.warning("publishing closed windows postponed: %s", exc)
+        metrics.FLUSH_DURATION.observe(time.perf_counter() - t_pub)
+        # 3. offsets to Kafka, for lag monitoring only
+        self._commit_kafka_offsets()
+        self._resume()
+        for engine in self.windows[:1]:
+            metrics.WINDOWED_READINGS.set(engine.pending_readings())
+        metrics.WINDOW_BUCKETS.set(sum(e.pending_windows() for e in self.windows))
+        metrics.CHECKPOINT_DURATION.observe(time.perf_counter() - t0)
+        self.next_checkpoint = time.monotonic() + self.s.checkpoint_interval_ms / 1000
+        return True
+
+    def _build_payload(self) -> Payload:
+        meters, regions = self.meters.names, self.regions.names
+        partials: list[tuple[Any, ...]] = []
+        rows: dict[int, int] = {}
+        readings = 0
+        for engine in self.windows:
+            part: Partials = engine.drain()
+            rows[part.size_s] = len(part.meter)
+            if engine is self.windows[0]:
+                readings = int(part.count.sum())
+            partials.extend(_partial_rows(part, meters, regions))
+        state = self.detector.take_dirty()
+        baselines = list(zip(
+            [meters[i] for i in state.meter.tolist()], state.partition.tolist(),
+            state.baseline.tolist(), state.samples.tolist(), state.last_outage_ms.tolist(),
+            state.last_spike_ms.tolist(), state.last_drop_ms.tolist(), strict=True))
+        wms = self._watermarks()
+        positions = {p: (self.stored.get(p), nxt, wms.get(p))
+                     for p, nxt in self.consumed.items()
+                     if p in self.positioned and nxt != self.stored.get(p)}
+        return Payload(partials, baselines, state, positions, rows, readings)
+
+    def _watermarks(self) -> dict[int, int]:
+        wms = dict(self.stored_wm)
+        for p, wm in self.windows[0].watermarks().items():
+            if p in self.positioned and wm > wms.get(p, -(2**62)):
+                wms[p] = wm
+        return {p: wm for p, wm in wms.items() if p in self.positioned}
+
+    def _deliver_closed(self, size_s: int, rows: list[ClosedRow]) -> None:
+        topic = self.s.topic_agg_1m if size_s == 60 else self.s.topic_agg_15m
+        for key, value, headers in encode_aggregates(size_s, rows):
+            self._produce(topic, key, value, headers)
+        if self.producer.flush(10) > 0:
+            raise SegsError("Kafka producer could not deliver closed windows within 10 s")
+
+    def _commit_kafka_offsets(self) -> None:
+        tps = [TopicPartition(self.topic, p, off) for p, off in self.stored.items()
+               if off is not None and p in self.positioned]
+        if tps:
+            try:
+                self.consumer.commit(offsets=tps, asynchronous=True)
+            except KafkaException as exc:
+                log.debug("offset commit to Kafka skipped: %s", exc)
+
+    def _fail(self, why: str) -> None:
+        """Pause intake and schedule a retry with jittered exponential back-off."""
+        if not self.paused:
+            log.warning("%s; pausing intake, retrying", why)
+            self.report(DEGRADED)
+            metrics.TIMESCALEDB_CONNECTED.set(0)
+            self.consumer.pause(self._tps(self.assigned))
+            self.paused = True
+        self.retry_at = time.monotonic() + self.backoff_s * random.uniform(0.5, 1.5)
+        self.backoff_s = min(self.backoff_s * 2, 10.0)
+
+    def _resume(self) -> None:
+        self.backoff_s = 0.5
+        if self.paused:
+            log.info("checkpoint succeeded; resuming intake")
+            self.report(RUNNING)
+            self.consumer.resume(self._tps(self.positioned))
+            self.paused = False
+
+    def _checkpoint_until(self, deadline: float) -> bool:
+        while True:
+            if self.checkpoint():
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(max(0.0, min(self.retry_at - time.monotonic(), deadline - time.monotonic())))
+
+    def _tps(self, parts: set[int]) -> list[TopicPartition]:
+        return [TopicPartition(self.topic, p) for p in sorted(parts)]
+
+    def _shutdown(self) -> int:
+        """Final checkpoint, then close the clients; 0 when everything was stored."""
+        self.report(STOPPING)
+        deadline = time.monotonic() + self.s.shutdown_timeout_s * 0.8
+        ok = not self.positioned or self._checkpoint_until(deadline)
+        try:
+            self.consumer.close()
+        except (KafkaException, RuntimeError) as exc:
+            log.warning("consumer close: %s", exc)
+        remaining = self.producer.flush(max(0.1, deadline - time.monotonic()))
+        self.report(STOPPED)
+        if not ok or remaining:
+            log.error("shutdown without final checkpoint: the restart re-reads from the "
+                      "last stored positions")
+            return 1
+        log.info("worker %d stopped after its final checkpoint", self.worker_id)
+        return 0
+
+
+def _partial_rows(part: Partials, meters: list[str], regions: list[str]
+                  ) -> Iterator[tuple[Any, ...]]:
+    size = part.size_s
+    meter_ids = [meters[i] for i in part.meter.tolist()]
+    region_names = [regions[i] for i in part.region.tolist()]
+    return zip([size] * len(meter_ids), meter_ids, region_names, part.window_start_ms.tolist(),
+               part.count.tolist(), part.power_sum.tolist(), part.power_max.tolist(),
+               part.power_min.tolist(), part.energy_sum.tolist(), part.last_ts_ms.tolist(),
+               part.partition.tolist(), strict=True)
+
+
+def worker_main(settings: Settings, worker_id: int, status: Any) -> None:
+    """Entry point of a spawned worker process."""
+    from segs.logs import setup_logging
+
+    setup_logging(settings.log_level, json_lines=_json_logs(settings))
+
+    def report(state: int) -> None:
+        status[worker_id] = state
+
+    try:
+        worker = Worker(settings, worker_id, report)
+        code = worker.run()
+    except SegsError as exc:
+        log.error("worker %d failed: %s", worker_id, exc)
+        code = 1
+    except KafkaException as exc:
+        log.error("worker %d failed: kafka: %s", worker_id, exc)
+        code = 1
+    raise SystemExit(code)
+
+
+def _json_logs(settings: Settings) -> bool | None:
+    return {"json": True, "text": False}.get(settings.log_format)
