@@ -211,7 +211,7 @@ class WindowEngine:
             touched: NDArray[np.intp] | int = p0
         else:
             np.maximum.at(self._max_ts, part, ts)
-            touched = np.unique(part)
+            touched = np.flatnonzero(np.bincount(part))
         self._seen[touched] = True
         self._last_wall[touched] = now_ms
         self._wm[touched] = np.maximum(
@@ -256,7 +256,8 @@ class WindowEngine:
     def _accumulate(self, r: Readings, w: NDArray[np.int64], cell: NDArray[np.intp]) -> None:
         if len(r) == 0:
             return
-        np.add.at(self._count, cell, 1)
+        # an array, not the scalar 1: ufunc.at has no fast path for broadcast scalars
+        np.add.at(self._count, cell, np.ones(len(cell), np.int32))
         np.add.at(self._psum, cell, r.power)
         np.maximum.at(self._pmax, cell, r.power)
         np.minimum.at(self._pmin, cell, r.power)
@@ -270,8 +271,7 @@ class WindowEngine:
         size_ms = self.size_ms
         bits_off = max(1, (size_ms - 1).bit_length())
         bits_rank = max(1, (len(rank) - 1).bit_length())
-        max_part = max(int(r.partition.max()), int(self._part[cell].max()), 0)
-        bits_part = max(1, max_part.bit_length())
+        bits_part = max(1, (self._wm.shape[0] - 1).bit_length())  # every partition seen
         if self.use_packed_keys and bits_off + bits_rank + bits_part <= 62:
             sh_p, sh_t = bits_part, bits_part + bits_rank
             key = (
