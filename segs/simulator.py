@@ -58,6 +58,7 @@ loop and ``poll(0)`` once per batch.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import json
 import logging
@@ -67,7 +68,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from itertools import repeat
@@ -77,6 +78,7 @@ from typing import IO, Any, Final, NamedTuple
 
 import msgspec
 import numpy as np
+from confluent_kafka import KafkaError as KafkaErrorCode
 from confluent_kafka import KafkaException, Producer
 from numpy.typing import NDArray
 
@@ -301,18 +303,65 @@ class SimulatorSummary:
 # Generation
 
 
-@dataclass(slots=True)
+_new_message: Callable[[tuple[bytes | None, bytes, str, str | None]], SimMessage] = (
+    functools.partial(tuple.__new__, SimMessage)
+)  # SimMessage(*row) without the Python-level __new__ of a NamedTuple
+
+
 class _Batch:
-    keys: list[bytes | None]
-    values: list[bytes]
-    kinds: list[str]
-    anomalies: list[str | None]
-    counts: Counter[str]
-    anomaly_counts: Counter[str]
-    last_event_ms: int
+    """Messages of one batch as columns. ``kinds`` and ``anomalies`` are gathered lazily
+    (through ``order``, when disorder shuffled the batch): producing needs only keys and
+    values, plus the per-kind ``counts``."""
+
+    __slots__ = (
+        "_anomalies",
+        "_kinds",
+        "_order",
+        "anomaly_counts",
+        "counts",
+        "keys",
+        "last_event_ms",
+        "values",
+    )
+
+    def __init__(
+        self,
+        keys: list[bytes | None],
+        values: list[bytes],
+        kinds: list[str],
+        anomalies: list[str | None],
+        counts: Counter[str],
+        anomaly_counts: Counter[str],
+        last_event_ms: int,
+        order: NDArray[np.intp] | None = None,
+    ) -> None:
+        self.keys = keys
+        self.values = values
+        self._kinds = kinds
+        self._anomalies = anomalies
+        self._order = order
+        self.counts = counts
+        self.anomaly_counts = anomaly_counts
+        self.last_event_ms = last_event_ms
 
     def __len__(self) -> int:
         return len(self.values)
+
+    @property
+    def kinds(self) -> list[str]:
+        self._settle()
+        return self._kinds
+
+    @property
+    def anomalies(self) -> list[str | None]:
+        self._settle()
+        return self._anomalies
+
+    def _settle(self) -> None:
+        if self._order is not None:
+            self._kinds = _gather(self._kinds, self._order)
+            self._anomalies = _gather(self._anomalies, self._order)
+            self._order = None
 
     def head(self, n: int) -> _Batch:
         kinds = self.kinds[:n]
@@ -328,9 +377,11 @@ class _Batch:
         )
 
     def messages(self) -> list[SimMessage]:
-        return list(map(SimMessage, self.keys, self.values, self.kinds, self.anomalies))
+        rows = zip(self.keys, self.values, self.kinds, self.anomalies, strict=True)
+        return list(map(_new_message, rows))
 
 
+@functools.lru_cache(maxsize=8192)
 def _sec_text(sec: int) -> bytes:
     return datetime.fromtimestamp(sec, UTC).strftime("%Y-%m-%dT%H:%M:%S").encode()
 
@@ -349,9 +400,15 @@ def _uuid(*parts: object) -> bytes:
     return f"{x[:8]}-{x[8:12]}-{x[12:16]}-{x[16:20]}-{x[20:]}".encode()
 
 
-def _obj_array(items: list[bytes]) -> NDArray[np.object_]:
+def _obj_array(items: list[Any]) -> NDArray[np.object_]:
     out = np.empty(len(items), dtype=object)
     out[:] = items
+    return out
+
+
+def _gather(items: list[Any], order: NDArray[np.intp]) -> list[Any]:
+    """``[items[j] for j in order]``, at C speed."""
+    out: list[Any] = _obj_array(items)[order].tolist()
     return out
 
 
@@ -614,18 +671,26 @@ class _Simulation:
             x_values.append(make_invalid(INVALID_VARIANTS[v], values[i], int(ts[i]), pick=pick))
             x_kinds.append(INVALID)
         x_pos = np.minimum(src + rng.integers(0, _EXTRA_DELAY + 1, src.size), n - 1) + 0.75
-        order = np.argsort(np.concatenate([pos, x_pos]), kind="stable").tolist()
-        keys = keys + x_keys
-        values = values + x_values
-        kinds = kinds + x_kinds
-        anomalies = anomalies + [None] * len(x_values)
-        keys = [keys[j] for j in order]
-        values = [values[j] for j in order]
-        kinds = [kinds[j] for j in order]
-        anomalies = [anomalies[j] for j in order]
-        counts = Counter(kinds)
+        order = np.argsort(np.concatenate([pos, x_pos]), kind="stable")
+        n_moved = int(ok.sum())
+        counts = Counter(
+            {
+                VALID: n - n_moved,
+                OUT_OF_ORDER: n_moved,
+                DUPLICATE: dup.size,
+                LATE: late.size,
+                INVALID: bad.size,
+            }
+        )
         return _Batch(
-            keys, values, kinds, anomalies, counts, batch.anomaly_counts, batch.last_event_ms
+            _gather(keys + x_keys, order),
+            _gather(values + x_values, order),
+            kinds + x_kinds,
+            anomalies + [None] * len(x_values),
+            counts,
+            batch.anomaly_counts,
+            batch.last_event_ms,
+            order,
         )
 
     def _late_copy(self, value: bytes, ts_ms: int, lag_ms: int, r: int, slot: int) -> bytes:
@@ -944,14 +1009,9 @@ def produce(
     config["on_delivery"] = on_delivery
     config["error_cb"] = on_error
     producer = Producer(config, logger=_kafka_log)
-    try:
-        producer.list_topics(timeout=connect_timeout_s)
-    except KafkaException as exc:
-        where = config.get("bootstrap.servers", "?")
-        detail = last_error[0] or str(exc.args[0].str() if exc.args else exc)
-        raise KafkaError(
-            f"cannot reach Kafka at {where} within {connect_timeout_s:g} s ({detail})"
-        ) from exc
+    _check_cluster(
+        producer, topic, str(config.get("bootstrap.servers", "?")), connect_timeout_s, last_error
+    )
 
     sim = _Simulation(opts)
     writer = _FileWriter(file) if file is not None else None
@@ -1023,6 +1083,27 @@ def produce(
         topic=topic,
         file=file,
     )
+
+
+def _check_cluster(
+    producer: Producer, topic: str, where: str, timeout_s: float, last_error: list[str | None]
+) -> None:
+    """Fail in ``timeout_s`` with one line when the cluster or the topic is not there
+    (asking for the topic's metadata also creates it where the broker auto-creates topics)."""
+    try:
+        meta = producer.list_topics(topic, timeout=timeout_s)
+    except KafkaException as exc:
+        detail = last_error[0] or str(exc.args[0].str() if exc.args else exc)
+        raise KafkaError(
+            f"cannot reach Kafka at {where} within {timeout_s:g} s ({detail})"
+        ) from exc
+    info = meta.topics.get(topic)
+    err = None if info is None else info.error
+    if info is None or (err is not None and err.code() == KafkaErrorCode.UNKNOWN_TOPIC_OR_PART):
+        raise KafkaError(
+            f"topic {topic!r} does not exist on {where} and the broker does not create it "
+            "automatically: create it first"
+        )
 
 
 def _send_all(
