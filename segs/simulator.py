@@ -479,26 +479,31 @@ class _Simulation:
         rest = 1.0 - (f.duplicate_fraction + f.late_fraction + f.invalid_fraction)
         q = [f.duplicate_fraction, f.late_fraction, f.invalid_fraction, f.out_of_order_fraction]
         self.q_edges = np.cumsum([x / rest for x in q])
-        gap = max(_WARMUP, math.ceil(_SPACING_MS / self.interval_ms))
-        a = f.anomaly_fraction
-        self.anomaly_p = 0.0 if a <= 0 else (1.0 if 1.0 / a <= gap + 1 else 1.0 / (1.0 / a - gap))
+        self.anomaly_fraction = f.anomaly_fraction
 
     # -- the stream ---------------------------------------------------------------------
 
-    def batches(self) -> Iterator[_Batch]:
-        """Endless stream of batches (one per round, or per 8192 meters of a round)."""
+    def batches(self, stopped: Callable[[], bool] = lambda: False) -> Iterator[_Batch]:
+        """The stream (one batch per round, or per 8192 meters of a round), until
+        ``stopped()`` says so; it is asked before each batch and while holding back."""
         m = self.opts.meters
         r = 0
         while True:
             for a in range(0, m, _CHUNK):
                 b = min(m, a + _CHUNK)
-                self._hold_back(int(self.start_ms + r * self.interval_ms + self.phase[b - 1]))
+                last_ts = int(self.start_ms + r * self.interval_ms + self.phase[b - 1])
+                if stopped() or not self._hold_back(last_ts, stopped):
+                    return
                 yield self._chunk(r, a, b)
             r += 1
 
-    def _hold_back(self, last_ts_ms: int) -> None:
+    def _hold_back(self, last_ts_ms: int, stopped: Callable[[], bool]) -> bool:
+        """Wait while ``last_ts_ms`` is too far ahead of the clock; False if stopped."""
         while (wait := last_ts_ms - self.ahead_ms - _now_ms()) > 0:
-            time.sleep(min(wait / 1000.0, 0.5))
+            if stopped():
+                return False
+            time.sleep(min(wait / 1000.0, 0.1))
+        return True
 
     def _sec(self, sec: int) -> bytes:
         text = self.sec_cache.get(sec)
@@ -525,7 +530,7 @@ class _Simulation:
         status = np.zeros(n, np.int64)
         anomalies: list[str | None] = [None] * n
         anomaly_counts: Counter[str] = Counter()
-        if self.anomaly_p > 0 and r >= _WARMUP:
+        if self.anomaly_fraction > 0 and r >= _WARMUP:
             hit = self._anomalies(r, a, b, ts, milli)
             for i, kind in hit:
                 status[i] = 1
@@ -599,7 +604,9 @@ class _Simulation:
             & (r - self.last_anomaly_round[a:b] >= _WARMUP)
             & (np.abs(ema - base) <= 0.1 * base)
         )
-        hit = np.flatnonzero(eligible & (rng.random(b - a) < self.anomaly_p))
+        # aim at anomaly_fraction of this chunk's readings, drawn among the eligible ones
+        p = self.anomaly_fraction * (b - a) / max(1, int(eligible.sum()))
+        hit = np.flatnonzero(eligible & (rng.random(b - a) < p))
         if hit.size == 0:
             return []
         kind = rng.integers(0, 3, hit.size)
@@ -728,13 +735,19 @@ def _default_start(opts: SimulatorOptions, now_ms: int) -> int:
     return now_ms - span_ms + min(0, run_ms)
 
 
-def _limited(sim: _Simulation, opts: SimulatorOptions) -> Iterator[_Batch]:
-    """The simulation's batches, stopped by ``count`` and ``duration_s``."""
+def _limited(
+    sim: _Simulation, opts: SimulatorOptions, stop: Callable[[], bool] | None = None
+) -> Iterator[_Batch]:
+    """The simulation's batches, stopped by ``count``, ``duration_s`` or ``stop()``."""
     left = opts.count
     deadline = None if opts.duration_s is None else time.monotonic() + opts.duration_s
-    for batch in sim.batches():
+
+    def stopped() -> bool:
         if deadline is not None and time.monotonic() >= deadline:
-            return
+            return True
+        return stop is not None and stop()
+
+    for batch in sim.batches(stopped):
         if left is not None:
             if len(batch) >= left:
                 yield batch.head(left)
@@ -1027,7 +1040,7 @@ def produce(
     t0 = time.perf_counter()
     with _StopFlag() as stop:
         try:
-            for batch in _limited(sim, opts):
+            for batch in _limited(sim, opts, lambda: stop.set):
                 keys, values = batch.keys, batch.values
                 n = len(values)
                 lo = 0

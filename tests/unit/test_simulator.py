@@ -18,6 +18,7 @@ from click.testing import CliRunner
 from confluent_kafka import Consumer, Producer
 
 from cli.simulate import simulate
+from segs import simulator
 from segs.anomaly import KINDS as DETECTOR_KINDS
 from segs.anomaly import AnomalyDetector
 from segs.columns import Interner
@@ -217,6 +218,16 @@ def test_endless_run_follows_the_clock() -> None:
     assert max(ts_ms(json.loads(m.value)["timestamp"]) for m in msgs) <= now + 3_500
 
 
+def test_holding_back_ends_promptly_when_stopped() -> None:
+    opts = SimulatorOptions(meters=10, interval_s=60.0, seed=1)  # round 1 is ~1 min ahead
+    t = time.monotonic()
+    batches = list(
+        simulator._limited(simulator._Simulation(opts), opts, lambda: time.monotonic() - t > 0.5)
+    )
+    assert 0.4 < time.monotonic() - t < 1.5
+    assert [len(b) for b in batches] == [10]
+
+
 @pytest.mark.parametrize(
     ("field", "value"),
     [
@@ -301,6 +312,16 @@ def test_fractions_are_roughly_honoured() -> None:
     assert kinds["late"] / n == pytest.approx(0.03, rel=0.1)
     assert kinds["invalid"] / n == pytest.approx(0.02, rel=0.15)
     assert kinds["out_of_order"] / n == pytest.approx(0.05, rel=0.1)
+
+
+@pytest.mark.parametrize(("rounds", "fraction"), [(150, 0.001), (3000, 0.001), (200, 0.01)])
+def test_anomaly_fraction_is_roughly_honoured(rounds: int, fraction: float) -> None:
+    meters = 2000 if rounds < 1000 else 100
+    msgs = run(meters=meters, count=meters * rounds, seed=13, anomaly_fraction=fraction)
+    expected = fraction * meters * (rounds - 12)  # nothing in the first 12 rounds
+    expected = min(expected, meters * math.ceil(rounds / 600))  # one per meter per 600 s
+    got = sum(m.anomaly is not None for m in msgs)
+    assert got == pytest.approx(expected, rel=0.2)
 
 
 def test_duplicates_late_and_out_of_order_messages_are_what_they_say() -> None:
