@@ -192,11 +192,11 @@ class LocalKafka:
             if fmt.returncode != 0:
                 raise InfraError("Kafka storage format failed: " + fmt.stderr.strip()[-300:])
             self._formatted = True
-        out = (self.workdir / "stdout.log").open("ab")
-        self.proc = subprocess.Popen(
-            self._java("kafka.Kafka", str(props)), stdout=out, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        with (self.workdir / "stdout.log").open("ab") as out:  # the child keeps its own fd
+            self.proc = subprocess.Popen(
+                self._java("kafka.Kafka", str(props)), stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         _wait_port(self.port, timeout_s, self.proc, "Kafka")
         self._wait_ready(timeout_s)
         log.info("Kafka %s up at %s", KAFKA_VERSION, self.bootstrap)

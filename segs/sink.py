@@ -121,8 +121,11 @@ class Sink:
         )
         self._temp_ready: set[int] = set()
 
-    def open(self, wait_s: float = 10.0) -> None:
-        self._pool.open(wait=True, timeout=wait_s)
+    def open(self) -> None:
+        """Start the pool without waiting: a database that is still away is tried again on
+        each use (``reconnect_timeout=0`` gives up a failed attempt at once, and the next
+        request starts a new one), so recovery is as fast as the caller's retry."""
+        self._pool.open(wait=False)
 
     def close(self) -> None:
         self._pool.close()

@@ -294,18 +294,12 @@ class Worker:
         self.stop_requested = True
 
     def _open_sink(self) -> None:
-        delay = 0.5
-        while not self.stop_requested:
-            try:
-                self.sink.open(wait_s=10)
-                metrics.TIMESCALEDB_CONNECTED.set(1)
-                return
-            except Exception as exc:
-                metrics.TIMESCALEDB_CONNECTED.set(0)
-                self.report(DEGRADED)
-                log.warning("database unreachable (%s); retrying in %.1f s", exc, delay)
-                time.sleep(delay)
-                delay = min(delay * 2, 10)
+        self.sink.open()
+        if self.sink.ping():
+            metrics.TIMESCALEDB_CONNECTED.set(1)
+        else:
+            metrics.TIMESCALEDB_CONNECTED.set(0)
+            log.warning("database unreachable at start; partitions wait for their positions")
 
     def process(self, msgs: list[Message]) -> None:
         """Decode, validate, window and check one consumed batch."""

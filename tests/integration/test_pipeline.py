@@ -1,0 +1,229 @@
+"""`segs-stream run` end to end on the real Kafka and PostgreSQL: exact under disruption.
+
+Each test streams simulated readings (duplicates, out-of-order, late and invalid ones
+included) through the service while something happens to it, then checks that the
+database equals the reference aggregates of the simulator's file exactly, that the
+dead-letter topic holds exactly the invalid messages, and that closed windows were
+published.
+"""
+
+from __future__ import annotations
+
+import collections
+import random
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from tests.conftest import KafkaServer, PostgresServer, Topics
+from tests.pipeline import (
+    TABLES,
+    Service,
+    assert_exact,
+    end_offsets,
+    expected,
+    read_topic,
+    service_env,
+    simulate,
+    stored,
+    stored_positions,
+    wait_consumed,
+)
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+SIM = dict(meters=200, regions=4, seed=7, anomaly_fraction=0.002, duplicate_fraction=0.01,
+           out_of_order_fraction=0.01, late_fraction=0.01, invalid_fraction=0.01)
+
+
+@dataclass
+class Run:
+    kafka: KafkaServer
+    db_url: str
+    topics: Topics
+    tmp: Path
+
+    def service(self, workers: int = 2, name: str = "service", **env: str) -> Service:
+        return Service(service_env(self.kafka.bootstrap, self.db_url, self.topics.env(), **env),
+                       self.tmp / f"{name}.log", workers=workers)
+
+    def stream(self, count: int, rate: float, **overrides: object) -> Callable[[], list]:
+        """Simulate in the background; the returned call joins and gives the messages."""
+        result: list = []
+        opts = {**SIM, **overrides, "count": count, "rate": rate}
+        t = threading.Thread(target=lambda: result.extend(
+            simulate(self.kafka.bootstrap, self.topics.input, self.tmp / "sim.jsonl", **opts)))
+        t.start()
+
+        def join() -> list:
+            t.join(300)
+            return result
+
+        return join
+
+    def verify(self, messages: list, service: Service | None = None) -> None:
+        ends = end_offsets(self.kafka.bootstrap, self.topics.input)
+        assert sum(ends.values()) == len(messages)
+        wait_consumed(self.db_url, self.topics.group, self.topics.input, ends, service=service)
+        want, invalid = expected(messages, int(time.time() * 1000))
+        assert_exact(self.db_url, want)
+        dlq = read_topic(self.kafka.bootstrap, self.topics.dlq)
+        got = collections.Counter((m.value(), dict(m.headers())["segs.error"].decode())
+                                  for m in dlq)
+        assert got == collections.Counter((m.value, reason) for m, reason in invalid)
+
+
+@pytest.fixture
+def run(kafka_server: KafkaServer, db_url: str, topics: Topics, tmp_path: Path) -> Run:
+    return Run(kafka_server, db_url, topics, tmp_path)
+
+
+@pytest.fixture
+def cleanup() -> Iterator[list[Service]]:
+    services: list[Service] = []
+    yield services
+    for s in services:
+        s.kill()
+
+
+def test_exact_with_two_workers_and_closed_windows_published(run: Run,
+                                                             cleanup: list[Service]) -> None:
+    messages = run.stream(20_000, 0)()
+    svc = run.service()
+    cleanup.append(svc)
+    svc.start()
+    run.verify(messages, svc)
+    time.sleep(4)  # idle advance closes the newest windows; the next checkpoint publishes
+    assert svc.stop() == 0
+    topic_of = {60: run.topics.agg_1m, 900: run.topics.agg_15m}
+    cutoff_ms = int(time.time() * 1000) - 10_000  # closed by idle advance + lateness
+    for size, topic in topic_of.items():
+        published = {}
+        for m in read_topic(run.kafka.bootstrap, topic):
+            v = msgspec.json.decode(m.value())
+            assert dict(m.headers())["type"] == f"{v['granularity']}_aggregate".encode()
+            assert m.key() == v["meterId"].encode()
+            published[(v["meterId"], iso_to_ms(v["windowStart"]))] = v  # latest wins
+        rows = stored(run.db_url, size)
+        closed = {k for k in rows if k[1] + size * 1000 <= cutoff_ms}
+        assert closed, "the stream should have closed windows"
+        assert closed <= published.keys() <= rows.keys()
+        for key, v in published.items():
+            count, avg, mx, mn, energy, region, _ = rows[key]
+            assert (v["readingCount"], v["maxPowerKw"], v["minPowerKw"], v["region"]) == (
+                count, mx, mn, region)
+            assert v["avgPowerKw"] == pytest.approx(avg, rel=1e-12)
+            assert v["energyKwhSum"] == pytest.approx(energy, rel=1e-12)
+
+
+def iso_to_ms(text: str) -> int:
+    from tests.reference import timestamp_ms
+
+    ms = timestamp_ms(text)
+    assert ms is not None
+    return ms
+
+
+def test_exact_when_a_worker_is_killed(run: Run, cleanup: list[Service]) -> None:
+    join = run.stream(40_000, 8_000)
+    svc = run.service()
+    cleanup.append(svc)
+    svc.start()
+    time.sleep(3)
+    pids = svc.worker_pids()
+    assert len(pids) == 2
+    victim = random.choice(pids)
+    signal_kill(victim)
+    messages = join()
+    run.verify(messages, svc)
+    assert "exited with code" in svc.log_text()
+    assert svc.stop() == 0
+
+
+def test_exact_when_a_second_service_joins_and_the_first_leaves(run: Run,
+                                                              cleanup: list[Service]) -> None:
+    join = run.stream(40_000, 8_000)
+    first = run.service(workers=1, name="first")
+    second = run.service(workers=1, name="second")
+    cleanup += [first, second]
+    first.start()
+    time.sleep(2)
+    second.start()
+    time.sleep(2.5)
+    assert first.stop() == 0
+    messages = join()
+    run.verify(messages, second)
+    assert second.stop() == 0
+    assert "assigned partitions" in second.log_text()
+
+
+def test_sigterm_exits_zero_and_a_restart_finishes_exactly(run: Run,
+                                                          cleanup: list[Service]) -> None:
+    join = run.stream(30_000, 8_000)
+    svc = run.service()
+    cleanup.append(svc)
+    svc.start()
+    time.sleep(2)
+    t0 = time.monotonic()
+    assert svc.stop(timeout_s=25) == 0
+    assert time.monotonic() - t0 < 20  # SHUTDOWN_TIMEOUT
+    messages = join()
+    again = run.service(name="again")
+    cleanup.append(again)
+    again.start()
+    run.verify(messages, again)
+    assert again.stop() == 0
+
+
+def test_exact_through_a_database_outage(run: Run, cleanup: list[Service],
+                                         postgres_server: PostgresServer) -> None:
+    if postgres_server.local is None:
+        pytest.skip("needs the local PostgreSQL server to stop and start it")
+    join = run.stream(40_000, 8_000)
+    svc = run.service()
+    cleanup.append(svc)
+    svc.start()
+    wait_started(run)
+    postgres_server.local.stop()
+    rss: list[int] = []
+    try:
+        for _ in range(15):
+            time.sleep(1)
+            rss.append(sum(_rss_kb(p) for p in svc.worker_pids()))
+    finally:
+        postgres_server.local.start()
+    messages = join()
+    run.verify(messages, svc)
+    assert "pausing intake" in svc.log_text()
+    assert max(rss) < 2 * 400_000  # kB for both workers: intake pauses, memory stays bounded
+    assert svc.stop() == 0
+
+
+def wait_started(run: Run, timeout_s: float = 60) -> None:
+    """Until the service has stored a first position (it is consuming)."""
+    deadline = time.monotonic() + timeout_s
+    while not stored_positions(run.db_url, run.topics.group, run.topics.input):
+        assert time.monotonic() < deadline, "service stored no position"
+        time.sleep(0.2)
+
+
+def signal_kill(pid: int) -> None:
+    import os
+
+    os.kill(pid, signal.SIGKILL)
+
+
+def _rss_kb(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0

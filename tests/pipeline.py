@@ -1,0 +1,231 @@
+"""Harness for end-to-end tests: the real service as a subprocess, and exact comparisons.
+
+Used by the integration and fault tiers: simulate into a fresh topic (keeping the file of
+what was produced), start `segs-stream run` against the real servers, wait until every
+message is covered by a stored position, then compare the database with the reference
+aggregates computed from the file by :mod:`tests.reference`.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+from segs.simulator import SimMessage, SimulatorOptions, produce, read_file
+from tests.reference import RefAgg, aggregate, parse_reading
+
+SEGS = str(Path(sys.executable).with_name("segs-stream"))
+TABLES = {60: "aggregates_1m", 900: "aggregates_15m"}
+
+
+def service_env(bootstrap: str, db_url: str, topics_env: dict[str, str],
+                **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("KAFKA_", "POSTGRES_"))}
+    env.update(topics_env)
+    env.update({
+        "KAFKA_BROKERS": bootstrap, "POSTGRES_URL": db_url, "FLUSH_INTERVAL_1M": "1000",
+        "PORT": "0", "LOG_LEVEL": "info", "LOG_FORMAT": "json", "IDLE_ADVANCE": "2",
+        "SHUTDOWN_TIMEOUT": "20", "PROMETHEUS_MULTIPROC_DIR": "",
+    })
+    env.update(extra)
+    return env
+
+
+@dataclass
+class Service:
+    """One `segs-stream run` process (a supervisor and its workers)."""
+
+    env: dict[str, str]
+    log_path: Path
+    workers: int = 2
+    proc: subprocess.Popen[bytes] | None = None
+    args: list[str] = field(default_factory=list)
+
+    def start(self) -> Service:
+        with self.log_path.open("ab") as log:  # the child keeps its own fd
+            self.proc = subprocess.Popen(
+                [SEGS, "--env-file", "/dev/null", "run", "--workers", str(self.workers),
+                 *self.args],
+                env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=self.log_path.parent)
+        return self
+
+    def worker_pids(self) -> list[int]:
+        assert self.proc is not None
+        path = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
+        try:
+            pids = [int(p) for p in path.read_text().split()]
+        except OSError:
+            return []
+        # the spawn start method adds a resource tracker child: keep real workers only
+        return [p for p in pids if b"spawn_main" in _cmdline(p) and
+                b"resource_tracker" not in _cmdline(p)]
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def stop(self, timeout_s: float = 60) -> int:
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise
+
+    def kill(self) -> None:
+        """SIGKILL the supervisor and all its workers (as a power cut would)."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        pids = self.worker_pids()
+        self.proc.kill()
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.proc.wait(10)
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def simulate(bootstrap: str, topic: str, path: Path, **options: Any) -> list[SimMessage]:
+    """Produce with the simulator into ``topic``; return exactly what was produced."""
+    opts = SimulatorOptions(**options)
+    summary = produce(opts, {"bootstrap.servers": bootstrap}, topic, file=path,
+                      progress=False)
+    assert summary.delivery_errors == 0, summary.last_error
+    return list(read_file(path))
+
+
+def end_offsets(bootstrap: str, topic: str, partitions: int = 6) -> dict[int, int]:
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": "segs-test-offsets"})
+    try:
+        return {p: c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
+                for p in range(partitions)}
+    finally:
+        c.close()
+
+
+def stored_positions(db_url: str, group: str, topic: str) -> dict[int, int]:
+    try:
+        with psycopg.connect(db_url, connect_timeout=3) as conn:
+            rows = conn.execute(
+                "SELECT kafka_partition, next_offset FROM stream_positions "
+                "WHERE consumer_group = %s AND topic = %s", (group, topic)).fetchall()
+    except psycopg.Error:
+        return {}
+    return {int(p): int(o) for p, o in rows}
+
+
+def wait_consumed(db_url: str, group: str, topic: str, ends: dict[int, int],
+                  timeout_s: float = 120, service: Service | None = None) -> None:
+    """Wait until the stored positions cover every message of ``ends``."""
+    deadline = time.monotonic() + timeout_s
+    want = {p: o for p, o in ends.items() if o > 0}
+    got: dict[int, int] = {}
+    while time.monotonic() < deadline:
+        got = stored_positions(db_url, group, topic)
+        if all(got.get(p, 0) >= o for p, o in want.items()):
+            return
+        if service is not None and service.proc is not None and service.proc.poll() is not None:
+            raise AssertionError(f"service exited with {service.proc.returncode}:\n"
+                                 + service.log_text()[-3000:])
+        time.sleep(0.5)
+    raise AssertionError(f"positions {got} never reached {want}")
+
+
+def expected(messages: Iterable[SimMessage], now_ms: int) -> tuple[
+        dict[int, dict[tuple[str, int], RefAgg]], list[tuple[SimMessage, str]]]:
+    """Reference aggregates per window size, and the invalid messages with their reasons."""
+    valid: list[dict[str, Any]] = []
+    invalid: list[tuple[SimMessage, str]] = []
+    for m in messages:
+        parsed = parse_reading(m.value, now_ms)
+        if isinstance(parsed, str):
+            invalid.append((m, parsed))
+        else:
+            valid.append(parsed)
+    return {size: aggregate(valid, size) for size in TABLES}, invalid
+
+
+def stored(db_url: str, size: int) -> dict[tuple[str, int], tuple[Any, ...]]:
+    with psycopg.connect(db_url) as conn:
+        rows = conn.execute(
+            f"SELECT meter_id, (extract(epoch FROM window_start) * 1000)::int8, sample_count, "
+            f"avg_power, max_power, min_power, total_energy, region, "
+            f"(extract(epoch FROM window_end - window_start))::int "
+            f"FROM {TABLES[size]}").fetchall()
+    return {(r[0], int(r[1])): r[2:] for r in rows}
+
+
+def assert_exact(db_url: str, want: dict[int, dict[tuple[str, int], RefAgg]]) -> int:
+    """The database equals the reference: counts/max/min exactly, sums to 1e-9 relative."""
+    checked = 0
+    for size, ref in want.items():
+        got = stored(db_url, size)
+        missing = ref.keys() - got.keys()
+        extra = got.keys() - ref.keys()
+        assert not missing and not extra, (
+            f"{TABLES[size]}: {len(missing)} windows missing (e.g. {sorted(missing)[:3]}), "
+            f"{len(extra)} unexpected (e.g. {sorted(extra)[:3]})")
+        bad = []
+        for key, r in ref.items():
+            count, avg, mx, mn, energy, region, span = got[key]
+            ok = (count == r.count and mx == r.max and mn == r.min and span == size
+                  and region == r.region and _close(avg, r.avg) and _close(energy, r.energy_sum))
+            if not ok:
+                bad.append((key, got[key], r))
+        assert not bad, f"{TABLES[size]}: {len(bad)} windows differ, e.g. {bad[:3]}"
+        checked += sum(r.count for r in ref.values())
+    return checked
+
+
+def _close(a: float, b: float) -> bool:
+    return abs(a - b) <= 1e-9 * max(abs(a), abs(b)) or abs(a - b) < 1e-12
+
+
+def read_topic(bootstrap: str, topic: str, timeout_s: float = 30) -> list[Any]:
+    """Every message currently in ``topic`` (all partitions), read from the beginning."""
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"segs-test-read-{time.time()}",
+                  "enable.auto.commit": False, "enable.partition.eof": True})
+    try:
+        md = c.list_topics(topic, timeout=10).topics[topic]
+        parts = sorted(md.partitions)
+        ends = {p: c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
+                for p in parts}
+        todo = {p for p, end in ends.items() if end > 0}
+        c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
+        out: list[Any] = []
+        deadline = time.monotonic() + timeout_s
+        while todo and time.monotonic() < deadline:
+            for m in c.consume(10_000, 0.5):
+                if m.error():
+                    continue
+                out.append(m)
+                if m.offset() + 1 >= ends[m.partition()]:
+                    todo.discard(m.partition())
+        assert not todo, f"could not read {topic} partitions {todo} to the end"
+        return out
+    finally:
+        c.close()
