@@ -114,7 +114,7 @@ class Sink:
         self.group = consumer_group
         self.topic = topic
         self._pool = ConnectionPool(
-            url, min_size=1, max_size=2, open=False, timeout=10.0, reconnect_timeout=0,
+            url, min_size=1, max_size=2, open=False, timeout=5.0, reconnect_timeout=0,
             check=ConnectionPool.check_connection, name="segs-sink",
             kwargs={"connect_timeout": 5,
                     "options": f"-c statement_timeout={statement_timeout_ms}"},

@@ -8,6 +8,7 @@ aggregates computed from the file by :mod:`tests.reference`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -92,10 +93,8 @@ class Service:
         pids = self.worker_pids()
         self.proc.kill()
         for pid in pids:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         self.proc.wait(10)
 
     def log_text(self) -> str:

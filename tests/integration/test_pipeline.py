@@ -23,7 +23,6 @@ import pytest
 
 from tests.conftest import KafkaServer, PostgresServer, Topics
 from tests.pipeline import (
-    TABLES,
     Service,
     assert_exact,
     end_offsets,
