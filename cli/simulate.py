@@ -42,6 +42,7 @@ _FLAGS = {
     "out_of_order_fraction": "--out-of-order",
     "late_fraction": "--late",
     "invalid_fraction": "--invalid",
+    "fractions": "--duplicates/--late/--invalid/--out-of-order",
 }
 _RELATIVE = re.compile(r"^now(?:\s*-\s*(\d+(?:\.\d+)?)\s*([smhd]))?$")
 _UNIT_MS = {"s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
@@ -278,8 +279,6 @@ def simulate(
             )
         except SegsError as exc:
             raise click.ClickException(str(exc)) from exc
-        except Exception as exc:  # librdkafka refuses a setting: KafkaException, ValueError
-            raise click.ClickException(f"Kafka producer: {exc}") from exc
     _print_summary(summary)
     if summary.delivery_errors:
         raise click.ClickException(

@@ -230,7 +230,7 @@ class SimulatorOptions:
         extra = self.duplicate_fraction + self.late_fraction + self.invalid_fraction
         if 2 * extra + self.out_of_order_fraction > 1.0:
             raise ConfigError(
-                "duplicate_fraction",
+                "fractions",
                 "too much disorder: 2 × (duplicate + late + invalid) + out-of-order must be "
                 f"≤ 1, got {2 * extra + self.out_of_order_fraction:.3g}",
             )
@@ -1021,7 +1021,12 @@ def produce(
     config.setdefault("delivery.report.only.error", True)
     config["on_delivery"] = on_delivery
     config["error_cb"] = on_error
-    producer = Producer(config, logger=_kafka_log)
+    try:
+        producer = Producer(config, logger=_kafka_log)
+    except KafkaException as exc:
+        raise KafkaError(f"producer settings: {_kafka_text(exc)}") from exc
+    except (TypeError, ValueError) as exc:
+        raise KafkaError(f"producer settings: {exc}") from exc
     _check_cluster(
         producer, topic, str(config.get("bootstrap.servers", "?")), connect_timeout_s, last_error
     )
@@ -1098,6 +1103,11 @@ def produce(
     )
 
 
+def _kafka_text(exc: KafkaException) -> str:
+    err: Any = exc.args[0] if exc.args else None
+    return str(err.str()) if hasattr(err, "str") else str(exc)
+
+
 def _check_cluster(
     producer: Producer, topic: str, where: str, timeout_s: float, last_error: list[str | None]
 ) -> None:
@@ -1106,7 +1116,7 @@ def _check_cluster(
     try:
         meta = producer.list_topics(topic, timeout=timeout_s)
     except KafkaException as exc:
-        detail = last_error[0] or str(exc.args[0].str() if exc.args else exc)
+        detail = last_error[0] or _kafka_text(exc)
         raise KafkaError(
             f"cannot reach Kafka at {where} within {timeout_s:g} s ({detail})"
         ) from exc

@@ -626,3 +626,22 @@ def test_cli_produces_to_the_mock_cluster(tmp_path: Path, mock_cluster: str) -> 
     assert result.exit_code == 0, result.output
     assert len(list(read_file(path))) == 300
     assert "300" in result.output
+
+
+def test_produce_is_throttled_to_the_rate(mock_cluster: str) -> None:
+    opts = SimulatorOptions(meters=50, count=1000, rate=2000.0, seed=14, start_ms=START)
+    t = time.monotonic()
+    summary = produce(opts, {"bootstrap.servers": mock_cluster}, "throttled", progress=False)
+    assert time.monotonic() - t >= 0.45
+    assert summary.messages == 1000
+    assert summary.rate <= 2200
+
+
+def test_bad_producer_setting_is_one_line(mock_cluster: str) -> None:
+    with pytest.raises(KafkaError, match=r"producer settings: .*foo\.bar"):
+        produce(
+            SimulatorOptions(count=10),
+            {"bootstrap.servers": mock_cluster, "foo.bar": "1"},
+            "t",
+            progress=False,
+        )
