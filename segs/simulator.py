@@ -823,7 +823,8 @@ def make_invalid(variant: str, value: bytes, ts_ms: int, *, pick: int = 0) -> by
 
 
 class _FileWriter:
-    """JSON lines: ``{"key": str|null, "value": str}`` (or ``"value_b64"``), kind, anomaly."""
+    """JSON lines: ``{"key": str|null, "value": str, "kind": str, "anomaly": str|null}``;
+    a value (or key) that is not UTF-8 goes as ``"value_b64"`` (``"key_b64"``) instead."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -840,7 +841,13 @@ class _FileWriter:
         encode = self._encode
         lines = []
         for key, value, kind, anomaly in zip(keys, values, kinds, anomalies, strict=True):
-            row: dict[str, str | None] = {"key": None if key is None else _text_or_b64(key)}
+            row: dict[str, str | None] = {"key": None}
+            if key is not None:
+                try:
+                    row["key"] = key.decode()
+                except UnicodeDecodeError:
+                    del row["key"]
+                    row["key_b64"] = base64.b64encode(key).decode()
             try:
                 row["value"] = value.decode()
             except UnicodeDecodeError:
@@ -853,10 +860,6 @@ class _FileWriter:
 
     def close(self) -> None:
         self._out.close()
-
-
-def _text_or_b64(key: bytes) -> str:
-    return key.decode()  # simulated keys are always UTF-8 meter ids
 
 
 def write_file(path: Path, messages: Iterable[SimMessage]) -> int:
@@ -897,13 +900,16 @@ def read_file(path: Path) -> Iterator[SimMessage]:
             if not line.strip():
                 continue
             row = decode(line)
-            key = row.get("key")
+            if "key_b64" in row:
+                key: bytes | None = base64.b64decode(row["key_b64"])
+            else:
+                key = None if row.get("key") is None else str(row["key"]).encode()
             if "value_b64" in row:
                 value = base64.b64decode(row["value_b64"])
             else:
                 value = str(row["value"]).encode()
             yield SimMessage(
-                None if key is None else str(key).encode(),
+                key,
                 value,
                 str(row.get("kind", VALID)),
                 row.get("anomaly"),

@@ -421,6 +421,9 @@ def test_file_round_trip(tmp_path: Path) -> None:
     assert write_file(path, msgs) == len(msgs)
     assert list(read_file(path)) == msgs
     rows = [json.loads(line) for line in path.read_text().splitlines()]
+    odd = [SimMessage(None, b"x", "invalid", None), SimMessage(b"\xff", b"\xfe", "invalid", None)]
+    assert write_file(tmp_path / "odd.jsonl", odd) == 2
+    assert list(read_file(tmp_path / "odd.jsonl")) == odd
     assert {tuple(sorted(r)) for r in rows} <= {
         ("anomaly", "key", "kind", "value"),
         ("anomaly", "key", "kind", "value_b64"),
