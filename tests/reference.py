@@ -11,7 +11,7 @@ import json
 import math
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -169,4 +169,46 @@ def aggregate(readings: Iterable[dict[str, Any]], size_s: int) -> dict[tuple[str
             region=latest["region"],
             partition=latest.get("partition"),
         )
+    return out
+
+
+@dataclass
+class RefBaseline:
+    baseline: float = 0.0
+    samples: int = 0
+    last: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
+        ("outage", "spike", "drop"), -(2**62)))
+
+
+def detect(readings: Iterable[dict[str, Any]], *, spike: float = 1.0, drop: float = 0.5,
+           min_samples: int = 10, cooldown_ms: int = 300_000,
+           state: dict[str, RefBaseline] | None = None) -> list[tuple[str, int, str, str]]:
+    """Alerts of the contract's rules, one reading at a time, in the given order.
+
+    Returns (meter_id, ts_ms, kind, severity) per alert; ``state`` (meter → baseline) is
+    updated in place so a caller can continue a run.
+    """
+    meters = {} if state is None else state
+    out: list[tuple[str, int, str, str]] = []
+    for r in readings:
+        m = meters.setdefault(r["meter_id"], RefBaseline())
+        power, ts = r["power"], r["ts_ms"]
+        if m.samples == 0:
+            m.baseline, m.samples = power, 1
+            continue
+        if m.samples >= min_samples:
+            b = m.baseline
+            change = (power - b) / max(b, 0.1)
+            found: tuple[str, str] | None = None
+            if power < 0.1 and b > 1.0:
+                found = ("outage", "high")
+            elif change > spike:
+                found = ("spike", "high" if change > 2.0 else "medium")
+            elif change < -drop:
+                found = ("drop", "medium" if change < -0.8 else "low")
+            if found and ts - m.last[found[0]] >= cooldown_ms:
+                m.last[found[0]] = ts
+                out.append((r["meter_id"], ts, *found))
+        m.baseline = 0.8 * m.baseline + 0.2 * power
+        m.samples += 1
     return out
