@@ -732,7 +732,7 @@ def _default_start(opts: SimulatorOptions, now_ms: int) -> int:
     rounds = math.ceil(planned * rest / opts.meters)
     span_ms = rounds * opts.interval_ms
     run_ms = round(planned / opts.rate * 1000) if opts.rate > 0 else 0
-    return now_ms - span_ms + min(0, run_ms)
+    return now_ms - span_ms + min(span_ms, run_ms)  # never ahead of the clock during the run
 
 
 def _limited(

@@ -360,11 +360,16 @@ def test_duplicates_late_and_out_of_order_messages_are_what_they_say() -> None:
 # -- anomalies --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("interval_s", [1.0, 15.0, 60.0])
-def test_each_injected_anomaly_fires_exactly_once(interval_s: float) -> None:
+@pytest.mark.parametrize(
+    ("interval_s", "meters", "count"),
+    [(1.0, 200, 60_000), (15.0, 200, 60_000), (60.0, 200, 60_000), (1.0, 9000, 160_000)],
+)
+def test_each_injected_anomaly_fires_exactly_once(
+    interval_s: float, meters: int, count: int
+) -> None:
     msgs = run(
-        meters=200,
-        count=60_000,
+        meters=meters,
+        count=count,
         seed=9,
         interval_s=interval_s,
         anomaly_fraction=0.05,
@@ -648,3 +653,16 @@ def test_bad_producer_setting_is_one_line(mock_cluster: str) -> None:
             "t",
             progress=False,
         )
+
+
+@pytest.mark.parametrize(("rate", "meters"), [(10_000.0, 100), (100.0, 1000)])
+def test_default_start_of_a_throttled_run(rate: float, meters: int) -> None:
+    opts = SimulatorOptions(meters=meters, count=100_000, rate=rate, seed=1)
+    now = time.time() * 1000
+    sim = simulator._Simulation(opts, now_ms=int(now))
+    span = 100_000 / meters * 1000  # ms of event time
+    run_ms = 100_000 / rate * 1000
+    if run_ms < span:  # event time outruns the clock: ends at about the end of the run
+        assert sim.start_ms + span == pytest.approx(now + run_ms, abs=2000)
+    else:  # the clock outruns event time: starts now, never ahead
+        assert sim.start_ms == pytest.approx(now, abs=10)
