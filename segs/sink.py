@@ -69,6 +69,7 @@ MERGE_SET = f"""
 """
 
 _MERGE = """
+WITH merged AS (
 INSERT INTO {table} AS a (meter_id, region, window_start, window_end, avg_power, max_power,
     min_power, total_energy, sample_count, power_sum, last_reading_at, source_partition,
     published)
@@ -76,6 +77,8 @@ SELECT meter_id, region, {start}, {end}, power_sum / sample_count, power_max, po
     energy_sum, sample_count, power_sum, {last}, source_partition, false
 FROM segs_partials WHERE size_s = {size}
 ON CONFLICT (meter_id, window_start) DO UPDATE SET {merge_set}
+RETURNING (xmax = 0) AS inserted)
+SELECT count(*) FILTER (WHERE inserted), count(*) FROM merged
 """
 
 _CLAIM = """
@@ -98,7 +101,8 @@ class Position:
 
 @dataclass(frozen=True, slots=True)
 class CommitStats:
-    rows: dict[str, int]  # table → rows merged
+    rows: dict[str, int]  # table → rows written (inserted or merged into)
+    new_rows: dict[str, int]  # table → rows inserted (windows seen for the first time)
     baselines: int
     seconds: float
 
@@ -186,10 +190,11 @@ class Sink:
                         copy.set_types(_PARTIAL_TYPES)
                         for row in partial_rows:
                             copy.write_row(row)
-                    rows = {}
+                    rows, new_rows = {}, {}
                     for size, table in TABLES.items():
                         cur.execute(self._merge_sql(size, table))
-                        rows[table] = max(cur.rowcount, 0)
+                        inserted, written = cur.fetchone() or (0, 0)
+                        rows[table], new_rows[table] = int(written), int(inserted)
                     with cur.copy("COPY segs_baselines FROM STDIN (FORMAT BINARY)") as copy:
                         copy.set_types(_BASELINE_TYPES)
                         n_base = 0
@@ -203,7 +208,7 @@ class Sink:
             raise
         except (psycopg.Error, psycopg_pool_error()) as exc:
             raise DatabaseError(_one_line(exc)) from exc
-        return CommitStats(rows, n_base, time.perf_counter() - t0)
+        return CommitStats(rows, new_rows, n_base, time.perf_counter() - t0)
 
     def _ensure_temp(self, conn: psycopg.Connection[Any]) -> None:
         key = id(conn.pgconn)

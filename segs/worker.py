@@ -65,12 +65,9 @@ _SIZES = (60, 900)
 class Payload:
     """What one checkpoint writes; kept verbatim for retries after a database failure."""
 
-    partials: list[tuple[Any, ...]]
-    baselines: list[tuple[Any, ...]]
-    baseline_state: BaselineState
-    positions: dict[int, tuple[int | None, int, int | None]]
-    rows: dict[int, int]  # size → partial rows
-    readings: int
+    partials: list[tuple[Any, ...]]  # rows of sink.PARTIAL_COLUMNS, both window sizes
+    baselines: list[tuple[Any, ...]]  # rows of sink.BASELINE_COLUMNS
+    positions: dict[int, tuple[int | None, int, int | None]]  # partition → (prev, next, wm)
 
 
 class Worker:
@@ -116,9 +113,9 @@ class Worker:
             "fetch.min.bytes": 1,
             "fetch.wait.max.ms": 50,
             "queued.max.messages.kbytes": 65536,
-            "max.poll.interval.ms": 300_000,
-            "session.timeout.ms": 15_000,
-            "heartbeat.interval.ms": 3_000,
+            "max.poll.interval.ms": settings.kafka_max_poll_interval_ms,
+            "session.timeout.ms": settings.kafka_session_timeout_ms,
+            "heartbeat.interval.ms": min(3_000, settings.kafka_session_timeout_ms // 3),
             "error_cb": self._on_kafka_error,
         })
         self.producer = Producer({
@@ -430,7 +427,7 @@ class Worker:
             for p, (_, nxt, _) in payload.positions.items():
                 self.stored[p] = nxt
             for size, table in TABLES.items():
-                metrics.AGGREGATES_WRITTEN.labels(GRANULARITY[size]).inc(payload.rows[size])
+                metrics.AGGREGATES_WRITTEN.labels(GRANULARITY[size]).inc(stats.new_rows[table])
                 metrics.DB_WRITE_ROWS.labels(table).inc(stats.rows[table])
             metrics.DB_WRITE_ROWS.labels("meter_baselines").inc(stats.baselines)
             log.debug("checkpoint: %s rows, %d baselines, %d positions in %.3f s",
@@ -460,14 +457,8 @@ class Worker:
     def _build_payload(self) -> Payload:
         meters, regions = self.meters.names, self.regions.names
         partials: list[tuple[Any, ...]] = []
-        rows: dict[int, int] = {}
-        readings = 0
         for engine in self.windows:
-            part: Partials = engine.drain()
-            rows[part.size_s] = len(part.meter)
-            if engine is self.windows[0]:
-                readings = int(part.count.sum())
-            partials.extend(_partial_rows(part, meters, regions))
+            partials.extend(_partial_rows(engine.drain(), meters, regions))
         state = self.detector.take_dirty()
         baselines = list(zip(
             [meters[i] for i in state.meter.tolist()], state.partition.tolist(),
@@ -477,7 +468,7 @@ class Worker:
         positions = {p: (self.stored.get(p), nxt, wms.get(p))
                      for p, nxt in self.consumed.items()
                      if p in self.positioned and nxt != self.stored.get(p)}
-        return Payload(partials, baselines, state, positions, rows, readings)
+        return Payload(partials, baselines, positions)
 
     def _watermarks(self) -> dict[int, int]:
         wms = dict(self.stored_wm)

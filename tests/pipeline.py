@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -96,6 +97,16 @@ class Service:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         self.proc.wait(10)
+
+    def http_port(self, timeout_s: float = 30) -> int:
+        """The port the service's HTTP endpoint bound (PORT=0 picks a free one)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            m = re.search(r"serving /metrics, /health, /ready on [^:]+:(\d+)", self.log_text())
+            if m:
+                return int(m.group(1))
+            time.sleep(0.1)
+        raise AssertionError("the service never logged its HTTP port")
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")
