@@ -71,6 +71,11 @@ def _duration_ms(bare_unit: str) -> Callable[[str, str], int]:
     return parse
 
 
+def _duration_s(name: str, raw: str) -> float:
+    """A duration in seconds (bare number = seconds), for settings named ``…_s``."""
+    return _duration_ms("s")(name, raw) / 1000
+
+
 def _int(low: int, high: int | None = None) -> Callable[[str, str], int]:
     def parse(name: str, raw: str) -> int:
         try:
@@ -106,6 +111,15 @@ def _choice(options: tuple[str, ...]) -> Callable[[str, str], str]:
         return value
 
     return parse
+
+
+def _switch(name: str, raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("on", "true", "yes", "1"):
+        return True
+    if value in ("off", "false", "no", "0"):
+        return False
+    raise ConfigError(name, f"expected on or off, got {raw!r}")
 
 
 def _text(name: str, raw: str) -> str:
@@ -180,6 +194,11 @@ SPECS: tuple[Spec, ...] = (
          "dead-letter topic for invalid messages"),
     Spec("KAFKA_AUTO_OFFSET_RESET", "auto_offset_reset", "earliest", _choice(OFFSET_RESETS),
          "where a partition with no stored position starts"),
+    Spec("KAFKA_SESSION_TIMEOUT", "kafka_session_timeout_ms", "15", _duration_ms("s"),
+         "a worker silent this long (crashed, stopped, cut off) leaves the group and its "
+         "partitions move to the others; the broker allows 6 s to 30 min"),
+    Spec("KAFKA_MAX_POLL_INTERVAL", "kafka_max_poll_interval_ms", "300", _duration_ms("s"),
+         "a worker whose loop stalls this long leaves the group (≥ KAFKA_SESSION_TIMEOUT)"),
     Spec("KAFKA_SECURITY_PROTOCOL", "kafka_security_protocol", "", _optional_text,
          "librdkafka security.protocol (PLAINTEXT, SSL, SASL_PLAINTEXT, SASL_SSL)"),
     Spec("KAFKA_SASL_MECHANISM", "kafka_sasl_mechanism", "", _optional_text,
@@ -212,6 +231,8 @@ SPECS: tuple[Spec, ...] = (
          "spike when power exceeds the baseline by more than this fraction"),
     Spec("DROP_THRESHOLD", "drop_threshold", "0.5", _float(0.0),
          "drop when power falls below the baseline by more than this fraction"),
+    Spec("ANOMALY_DETECTION", "anomaly_detection", "on", _switch,
+         "on: detect spikes, drops and outages and publish alerts; off: aggregates only"),
     Spec("MIN_SAMPLES", "min_samples", "10", _int(1),
          "readings a meter needs before it is checked for anomalies"),
     Spec("ALERT_COOLDOWN", "alert_cooldown_ms", "300", _duration_ms("s"),
@@ -220,7 +241,7 @@ SPECS: tuple[Spec, ...] = (
          "worker processes (default: CPU count)"),
     Spec("BATCH_SIZE", "batch_size", "10000", _int(1, 1_000_000),
          "messages taken from Kafka per poll"),
-    Spec("SHUTDOWN_TIMEOUT", "shutdown_timeout_s", "30", _duration_ms("s"),
+    Spec("SHUTDOWN_TIMEOUT", "shutdown_timeout_s", "30", _duration_s,
          "time allowed for the final checkpoint on SIGTERM"),
     Spec("HOST", "http_host", "0.0.0.0", _text,
          "address of the HTTP server (/metrics, /health, /ready); 127.0.0.1 for local only"),
@@ -244,6 +265,8 @@ class Settings:
     topic_alerts: str
     topic_dlq: str
     auto_offset_reset: str
+    kafka_session_timeout_ms: int
+    kafka_max_poll_interval_ms: int
     kafka_security_protocol: str
     kafka_sasl_mechanism: str
     kafka_sasl_username: str
@@ -259,11 +282,12 @@ class Settings:
     max_message_bytes: int
     spike_threshold: float
     drop_threshold: float
+    anomaly_detection: bool
     min_samples: int
     alert_cooldown_ms: int
     workers: int
     batch_size: int
-    shutdown_timeout_s: int
+    shutdown_timeout_s: float
     http_host: str
     http_port: int
     log_level: str
@@ -347,4 +371,7 @@ def load_settings(
         if value is not None:
             raw[key] = str(value)
     values = {s.field: s.parse(s.env, raw.get(s.env, s.default)) for s in SPECS}
+    if values["kafka_max_poll_interval_ms"] < values["kafka_session_timeout_ms"]:
+        raise ConfigError("KAFKA_MAX_POLL_INTERVAL",
+                          "must be at least KAFKA_SESSION_TIMEOUT (librdkafka refuses less)")
     return Settings(**values)

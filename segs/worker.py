@@ -112,7 +112,10 @@ class Worker:
             "enable.partition.eof": False,
             "fetch.min.bytes": 1,
             "fetch.wait.max.ms": 50,
-            "queued.max.messages.kbytes": 65536,
+            "max.partition.fetch.bytes": 8_388_608,
+            "fetch.max.bytes": 67_108_864,
+            "queued.min.messages": 200_000,
+            "queued.max.messages.kbytes": 131_072,
             "max.poll.interval.ms": settings.kafka_max_poll_interval_ms,
             "session.timeout.ms": settings.kafka_session_timeout_ms,
             "heartbeat.interval.ms": min(3_000, settings.kafka_session_timeout_ms // 3),
@@ -299,48 +302,52 @@ class Worker:
             log.warning("database unreachable at start; partitions wait for their positions")
 
     def process(self, msgs: list[Message]) -> None:
-        """Decode, validate, window and check one consumed batch."""
+        """Decode, validate, window and check one consumed batch.
+
+        Per-message Python work is limited to reading each message's partition, offset and
+        value once (list comprehensions); everything after that is per batch.
+        """
         t0 = time.perf_counter()
-        values: list[bytes | None] = []
-        parts: list[int] = []
-        offsets: list[Any] = []  # int for every consumed message
-        keep: list[Message] = []
-        positioned = self.positioned
-        for m in msgs:
-            err = m.error()
-            if err is not None:
-                self._consume_error(err)
-                continue
-            p = m.partition()
-            if p not in positioned:
-                continue  # awaiting its stored position; re-read after the seek
-            values.append(m.value())
-            parts.append(p)
-            offsets.append(m.offset())
-            keep.append(m)
-        n = len(values)
+        if not all(m.error() is None for m in msgs):
+            msgs = self._without_errors(msgs)
+        part_arr = np.array([m.partition() for m in msgs], np.int32)
+        present = np.unique(part_arr).tolist()
+        if not self.positioned.issuperset(present):
+            # partitions awaiting their stored position are re-read after the seek
+            keep = np.isin(part_arr, list(self.positioned))
+            msgs = [m for m, k in zip(msgs, keep.tolist(), strict=True) if k]
+            part_arr = part_arr[keep]
+            present = [p for p in present if p in self.positioned]
+        if not msgs:
+            return
+        off_arr = np.array([m.offset() for m in msgs], np.int64)
+        values = [m.value() for m in msgs]
         metrics.MESSAGES.inc(len(msgs))
         metrics.BATCH_SIZE.observe(len(msgs))
-        if not n:
-            return
-        part_arr = np.array(parts, np.int32)
-        off_arr = np.array(offsets, np.int64)
         now_ms = int(time.time() * 1000)
         readings, rejects = self.decoder.decode(values, part_arr, off_arr, now_ms)
         if rejects:
-            self._dead_letter(keep, rejects)
+            self._dead_letter(msgs, rejects)
         if len(readings):
             late = self.windows[0].add(readings, now_ms)
             self.windows[1].add(readings, now_ms)
             if late:
                 metrics.LATE_READINGS.inc(late)
-            det = self.detector.check(readings)
-            if len(det):
-                self._alert(det, readings)
+            if self.s.anomaly_detection:
+                det = self.detector.check(readings)
+                if len(det):
+                    self._alert(det, readings)
             self._lag(readings, now_ms)
-        for p in np.unique(part_arr).tolist():
+        for p in present:
             self.consumed[p] = int(off_arr[part_arr == p].max()) + 1
         metrics.PROCESSING_SECONDS.observe(time.perf_counter() - t0)
+
+    def _without_errors(self, msgs: list[Message]) -> list[Message]:
+        for m in msgs:
+            err = m.error()
+            if err is not None:
+                self._consume_error(err)
+        return [m for m in msgs if m.error() is None]
 
     def _consume_error(self, err: KafkaError) -> None:
         if err.code() == KafkaError._PARTITION_EOF:
