@@ -150,6 +150,7 @@ PRODUCER_DEFAULTS: Final[dict[str, str]] = {
     "queue.buffering.max.messages": "1000000",
     "queue.buffering.max.kbytes": "1048576",
     "message.timeout.ms": "30000",
+    "enable.idempotence": "true",  # keeps each meter's readings in order through retries
 }
 """Producer settings :func:`produce` starts from; the caller's settings override them."""
 
