@@ -59,6 +59,7 @@ log = logging.getLogger(__name__)
 STARTING, RUNNING, DEGRADED, STOPPING, STOPPED = range(5)
 STATE_NAMES = ("starting", "running", "degraded", "stopping", "stopped")
 _SIZES = (60, 900)
+_NEVER = -(2**62)  # "no watermark yet"
 
 
 @dataclass(slots=True)
@@ -94,6 +95,7 @@ class Worker:
         self.stored: dict[int, int | None] = {}  # position in the database (CAS value)
         self.consumed: dict[int, int] = {}  # next offset after the last processed message
         self.stored_wm: dict[int, int] = {}
+        self.last_seen: dict[int, int] = {}  # wall ms of a partition's last message/position
         self.inflight: Payload | None = None
         self.paused = False
         self.retry_at = 0.0
@@ -164,6 +166,7 @@ class Worker:
         else:
             consumer.incremental_assign(tps)
             self.positioned.update(parts)
+            self.last_seen.update(dict.fromkeys(parts, int(time.time() * 1000)))
         metrics.ASSIGNED_PARTITIONS.set(len(self.assigned))
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
@@ -193,6 +196,7 @@ class Worker:
             self.stored.pop(p, None)
             self.consumed.pop(p, None)
             self.stored_wm.pop(p, None)
+            self.last_seen.pop(p, None)
             metrics.forget_partition(p)
         metrics.ASSIGNED_PARTITIONS.set(len(self.assigned))
 
@@ -240,14 +244,15 @@ class Worker:
         self.stored.clear()
         self.consumed.clear()
 
-    def _position_waiting(self) -> None:
-        """Seek assigned partitions that still wait for their stored position."""
+    def _position_waiting(self) -> bool:
+        """Seek assigned partitions that still wait for their stored position; False when
+        the database could not say where."""
         waiting = sorted(self.assigned - self.positioned)
         if not waiting:
-            return
+            return True
         tps = self._positions_for(waiting)
         if tps is None:
-            return
+            return False
         for tp in tps:
             try:
                 self.consumer.seek(tp)
@@ -257,7 +262,10 @@ class Worker:
         if not self.paused:
             self.consumer.resume([TopicPartition(self.topic, p) for p in waiting])
         self.positioned.update(waiting)
+        now_ms = int(time.time() * 1000)
+        self.last_seen.update(dict.fromkeys(waiting, now_ms))
         log.info("partitions %s resume from their stored positions", waiting)
+        return True
 
     # ------------------------------------------------------------------ main loop
 
@@ -280,7 +288,8 @@ class Worker:
                 msgs = consume(batch_size, 0.1)
                 if msgs:
                     self.process(msgs)
-                if monotonic() >= self.next_checkpoint or self.paused:
+                if (monotonic() >= self.next_checkpoint or self.paused
+                        or len(self.positioned) != len(self.assigned)):
                     self.maybe_checkpoint()
                 if self.delivery_errors:
                     raise SegsError(f"{self.delivery_errors} messages could not be delivered")
@@ -340,6 +349,7 @@ class Worker:
             self._lag(readings, now_ms)
         for p in present:
             self.consumed[p] = int(off_arr[part_arr == p].max()) + 1
+            self.last_seen[p] = now_ms
         metrics.PROCESSING_SECONDS.observe(time.perf_counter() - t0)
 
     def _without_errors(self, msgs: list[Message]) -> list[Message]:
@@ -397,11 +407,15 @@ class Worker:
     # ------------------------------------------------------------------ checkpoints
 
     def maybe_checkpoint(self) -> None:
+        """Position waiting partitions and checkpoint when due (not before a retry time)."""
         now = time.monotonic()
-        if self.paused and now < self.retry_at:
+        if now < self.retry_at:
             return
-        self._position_waiting()
-        self.checkpoint()
+        if len(self.positioned) != len(self.assigned) and not self._position_waiting():
+            self.retry_at = now + 1.0 + random.random()  # jittered retry
+            return
+        if now >= self.next_checkpoint or self.paused:
+            self.checkpoint()
 
     def checkpoint(self) -> bool:
         """Run one checkpoint (steps in the module docstring); False when it must retry."""
@@ -453,6 +467,7 @@ class Worker:
         metrics.FLUSH_DURATION.observe(time.perf_counter() - t_pub)
         # 3. offsets to Kafka, for lag monitoring only
         self._commit_kafka_offsets()
+        self._offset_lag()
         self._resume()
         for engine in self.windows[:1]:
             metrics.WINDOWED_READINGS.set(engine.pending_readings())
@@ -478,11 +493,19 @@ class Worker:
         return Payload(partials, baselines, positions)
 
     def _watermarks(self) -> dict[int, int]:
-        wms = dict(self.stored_wm)
-        for p, wm in self.windows[0].watermarks().items():
-            if p in self.positioned and wm > wms.get(p, -(2**62)):
+        """Watermark per positioned partition: the newest of the stored one, the engine's,
+        and — for a partition silent for IDLE_ADVANCE — wall clock minus lateness."""
+        engine = self.windows[0].watermarks()
+        now_ms = int(time.time() * 1000)
+        idle_wm = now_ms - self.s.allowed_lateness_ms
+        wms = {}
+        for p in self.positioned:
+            wm = max(self.stored_wm.get(p, _NEVER), engine.get(p, _NEVER))
+            if now_ms - self.last_seen.get(p, now_ms) >= self.s.idle_advance_ms:
+                wm = max(wm, idle_wm)
+            if wm > _NEVER:
                 wms[p] = wm
-        return {p: wm for p, wm in wms.items() if p in self.positioned}
+        return wms
 
     def _deliver_closed(self, size_s: int, rows: list[ClosedRow]) -> None:
         topic = self.s.topic_agg_1m if size_s == 60 else self.s.topic_agg_15m
@@ -499,6 +522,17 @@ class Worker:
                 self.consumer.commit(offsets=tps, asynchronous=True)
             except KafkaException as exc:
                 log.debug("offset commit to Kafka skipped: %s", exc)
+
+    def _offset_lag(self) -> None:
+        """Consumer offset lag per partition from the high watermarks of recent fetches."""
+        for p, nxt in self.consumed.items():
+            try:
+                _, high = self.consumer.get_watermark_offsets(
+                    TopicPartition(self.topic, p), cached=True)
+            except KafkaException:
+                continue
+            if high >= 0:
+                metrics.CONSUMER_OFFSET_LAG.labels(str(p)).set(max(0, high - nxt))
 
     def _fail(self, why: str) -> None:
         """Pause intake and schedule a retry with jittered exponential back-off."""
