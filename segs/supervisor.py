@@ -171,12 +171,14 @@ class Supervisor:
         code = 0
         for proc in procs:
             if proc.exitcode is None:
-                log.error("worker pid %s did not stop within %d s; killing it", proc.pid,
+                log.error("worker pid %s did not stop within %g s; killing it", proc.pid,
                           self.s.shutdown_timeout_s)
                 proc.kill()
                 proc.join(5)
                 code = 1
-            elif proc.exitcode != 0:
+            elif proc.exitcode not in (0, -signal.SIGTERM):
+                # -SIGTERM: the signal came before the worker installed its handler (it was
+                # still importing), so it had consumed nothing and there is nothing to save
                 code = 1
             if proc.pid:
                 metrics.mark_dead(proc.pid)
