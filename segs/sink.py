@@ -2,11 +2,13 @@
 
 One :meth:`Sink.commit` is one transaction:
 
-1. binary ``COPY`` of the drained partial aggregates (both window sizes) into a temporary
-   table;
+1. binary ``COPY`` of the drained 1-minute partial aggregates into a temporary table;
 2. one ``INSERT … SELECT … ON CONFLICT (meter_id, window_start) DO UPDATE`` per aggregate
    table, merging partials into stored rows with the arithmetic of :mod:`segs.merge`
-   (:data:`MERGE_SET` is that arithmetic in SQL, written once);
+   (:data:`MERGE_SET` is that arithmetic in SQL, written once). The 15-minute partials are
+   not kept in memory at all: 1-minute windows nest exactly in 15-minute ones, so the
+   15-minute statement first merges the 1-minute partials of each 15-minute window
+   (``GROUP BY``, the same arithmetic) and then merges the result into the stored rows;
 3. the detector's changed baselines, upserted;
 4. the next position of every covered partition, written with a compare-and-set on the
    position this worker last read or wrote — when any compare fails the partition moved to
@@ -37,11 +39,11 @@ TABLES = {60: "aggregates_1m", 900: "aggregates_15m"}
 
 # One partial aggregate row as written by COPY; window times as epoch milliseconds.
 PARTIAL_COLUMNS = (
-    "size_s", "meter_id", "region", "window_start_ms", "sample_count", "power_sum",
-    "power_max", "power_min", "energy_sum", "last_ts_ms", "source_partition",
+    "meter_id", "region", "window_start_ms", "sample_count", "power_sum", "power_max",
+    "power_min", "energy_sum", "last_ts_ms", "source_partition",
 )
-_PARTIAL_TYPES = ("int4", "text", "text", "int8", "int8", "float8", "float8", "float8",
-                  "float8", "int8", "int4")
+_PARTIAL_TYPES = ("text", "text", "int8", "int8", "float8", "float8", "float8", "float8",
+                  "int8", "int4")
 BASELINE_COLUMNS = ("meter_id", "source_partition", "baseline", "samples", "last_outage_ms",
                     "last_spike_ms", "last_drop_ms")
 _BASELINE_TYPES = ("text", "int4", "float8", "int8", "int8", "int8", "int8")
@@ -75,10 +77,21 @@ INSERT INTO {table} AS a (meter_id, region, window_start, window_end, avg_power,
     published)
 SELECT meter_id, region, {start}, {end}, power_sum / sample_count, power_max, power_min,
     energy_sum, sample_count, power_sum, {last}, source_partition, false
-FROM segs_partials WHERE size_s = {size}
+FROM ({source}) AS p
 ON CONFLICT (meter_id, window_start) DO UPDATE SET {merge_set}
 RETURNING (xmax = 0) AS inserted)
 SELECT count(*) FILTER (WHERE inserted), count(*) FROM merged
+"""
+
+# 1-minute partials merged per coarser window: the merge arithmetic as an aggregate.
+_LATEST = 'ORDER BY last_ts_ms DESC, region COLLATE "C" DESC, source_partition DESC'
+_ROLL_UP = f"""
+SELECT meter_id, (array_agg(region {_LATEST}))[1] AS region,
+    (window_start_ms / {{size_ms}}) * {{size_ms}} AS window_start_ms,
+    sum(sample_count)::int8 AS sample_count, sum(power_sum) AS power_sum,
+    max(power_max) AS power_max, min(power_min) AS power_min, sum(energy_sum) AS energy_sum,
+    max(last_ts_ms) AS last_ts_ms, (array_agg(source_partition {_LATEST}))[1] AS source_partition
+FROM segs_partials GROUP BY meter_id, window_start_ms / {{size_ms}}
 """
 
 _CLAIM = """
@@ -177,7 +190,8 @@ class Sink:
     ) -> CommitStats:
         """Write one checkpoint atomically (see the module docstring for the steps).
 
-        ``partial_rows`` follow :data:`PARTIAL_COLUMNS`, ``baseline_rows``
+        ``partial_rows`` are 1-minute partials following :data:`PARTIAL_COLUMNS` (distinct
+        (meter, window) keys), ``baseline_rows``
         :data:`BASELINE_COLUMNS`; ``positions`` maps partition → (previous stored offset or
         None when there was none, next offset, watermark ms or None).
         """
@@ -215,7 +229,7 @@ class Sink:
         if key in self._temp_ready:
             return
         conn.execute(
-            "CREATE TEMP TABLE IF NOT EXISTS segs_partials (size_s int4, meter_id text, "
+            "CREATE TEMP TABLE IF NOT EXISTS segs_partials (meter_id text, "
             "region text, window_start_ms int8, sample_count int8, power_sum float8, "
             "power_max float8, power_min float8, energy_sum float8, last_ts_ms int8, "
             "source_partition int4) ON COMMIT DELETE ROWS"
@@ -229,8 +243,10 @@ class Sink:
 
     @staticmethod
     def _merge_sql(size: int, table: str) -> bytes:
+        source = ("SELECT * FROM segs_partials" if size == 60
+                  else _ROLL_UP.format(size_ms=size * 1000))
         query = _MERGE.format(
-            table=table, size=size, merge_set=MERGE_SET,
+            table=table, source=source, merge_set=MERGE_SET,
             start=_TS.format("window_start_ms"),
             end=_TS.format(f"(window_start_ms + {size * 1000})"),
             last=_TS.format("last_ts_ms"),

@@ -5,6 +5,9 @@ The hot loop (:meth:`Worker.run`) is a flat sequence of named steps::
     batch = consume()  →  columns = decode(batch)  →  dead letters  →  windows.add(columns)
     →  detector.check(columns) → alerts  →  maybe_checkpoint()
 
+Only 1-minute windows are kept in memory; the 15-minute rows are rolled up from the same
+1-minute partials inside the checkpoint transaction (see :mod:`segs.sink`).
+
 A checkpoint (:meth:`Worker.checkpoint`) runs in this order:
 
 0. flush the producer, so every alert and dead letter of the covered messages is delivered;
@@ -58,7 +61,7 @@ log = logging.getLogger(__name__)
 # Worker states shared with the supervisor (one int per worker in a shared array).
 STARTING, RUNNING, DEGRADED, STOPPING, STOPPED = range(5)
 STATE_NAMES = ("starting", "running", "degraded", "stopping", "stopped")
-_SIZES = (60, 900)
+WINDOW_S = 60  # the one window kept in memory; 15-minute rows are rolled up from it in SQL
 _NEVER = -(2**62)  # "no watermark yet"
 
 
@@ -66,7 +69,7 @@ _NEVER = -(2**62)  # "no watermark yet"
 class Payload:
     """What one checkpoint writes; kept verbatim for retries after a database failure."""
 
-    partials: list[tuple[Any, ...]]  # rows of sink.PARTIAL_COLUMNS, both window sizes
+    partials: list[tuple[Any, ...]]  # 1-minute partials, rows of sink.PARTIAL_COLUMNS
     baselines: list[tuple[Any, ...]]  # rows of sink.BASELINE_COLUMNS
     positions: dict[int, tuple[int | None, int, int | None]]  # partition → (prev, next, wm)
 
@@ -138,8 +141,8 @@ class Worker:
 
     def _fresh_state(self) -> None:
         lateness, idle = self.s.allowed_lateness_ms, self.s.idle_advance_ms
-        self.windows = [WindowEngine(size, regions=self.regions, allowed_lateness_ms=lateness,
-                                     idle_advance_ms=idle) for size in _SIZES]
+        self.windows = WindowEngine(WINDOW_S, regions=self.regions,
+                                    allowed_lateness_ms=lateness, idle_advance_ms=idle)
         self.detector = AnomalyDetector(self.detector_settings)
 
     # ------------------------------------------------------------------ callbacks
@@ -187,8 +190,7 @@ class Worker:
         consumer.incremental_unassign(partitions)
 
     def _forget(self, parts: Sequence[int]) -> None:
-        for engine in self.windows:
-            engine.drop_partitions(parts)
+        self.windows.drop_partitions(parts)
         self.detector.forget_partitions(parts)
         for p in parts:
             self.assigned.discard(p)
@@ -338,8 +340,7 @@ class Worker:
         if rejects:
             self._dead_letter(msgs, rejects)
         if len(readings):
-            late = self.windows[0].add(readings, now_ms)
-            self.windows[1].add(readings, now_ms)
+            late = self.windows.add(readings, now_ms)
             if late:
                 metrics.LATE_READINGS.inc(late)
             if self.s.anomaly_detection:
@@ -421,8 +422,7 @@ class Worker:
         """Run one checkpoint (steps in the module docstring); False when it must retry."""
         t0 = time.perf_counter()
         now_ms = int(time.time() * 1000)
-        for engine in self.windows:
-            engine.advance_idle(now_ms)
+        self.windows.advance_idle(now_ms)
         # 0. every alert and dead letter of the covered messages is delivered first
         if self.producer.flush(10) > 0:
             self._fail("Kafka producer could not deliver within 10 s")
@@ -469,18 +469,15 @@ class Worker:
         self._commit_kafka_offsets()
         self._offset_lag()
         self._resume()
-        for engine in self.windows[:1]:
-            metrics.WINDOWED_READINGS.set(engine.pending_readings())
-        metrics.WINDOW_BUCKETS.set(sum(e.pending_windows() for e in self.windows))
+        metrics.WINDOWED_READINGS.set(self.windows.pending_readings())
+        metrics.WINDOW_BUCKETS.set(self.windows.pending_windows())
         metrics.CHECKPOINT_DURATION.observe(time.perf_counter() - t0)
         self.next_checkpoint = time.monotonic() + self.s.checkpoint_interval_ms / 1000
         return True
 
     def _build_payload(self) -> Payload:
         meters, regions = self.meters.names, self.regions.names
-        partials: list[tuple[Any, ...]] = []
-        for engine in self.windows:
-            partials.extend(_partial_rows(engine.drain(), meters, regions))
+        partials = list(_partial_rows(self.windows.drain(), meters, regions))
         state = self.detector.take_dirty()
         baselines = list(zip(
             [meters[i] for i in state.meter.tolist()], state.partition.tolist(),
@@ -495,7 +492,7 @@ class Worker:
     def _watermarks(self) -> dict[int, int]:
         """Watermark per positioned partition: the newest of the stored one, the engine's,
         and — for a partition silent for IDLE_ADVANCE — wall clock minus lateness."""
-        engine = self.windows[0].watermarks()
+        engine = self.windows.watermarks()
         now_ms = int(time.time() * 1000)
         idle_wm = now_ms - self.s.allowed_lateness_ms
         wms = {}
@@ -585,10 +582,9 @@ class Worker:
 
 def _partial_rows(part: Partials, meters: list[str], regions: list[str]
                   ) -> Iterator[tuple[Any, ...]]:
-    size = part.size_s
     meter_ids = [meters[i] for i in part.meter.tolist()]
     region_names = [regions[i] for i in part.region.tolist()]
-    return zip([size] * len(meter_ids), meter_ids, region_names, part.window_start_ms.tolist(),
+    return zip(meter_ids, region_names, part.window_start_ms.tolist(),
                part.count.tolist(), part.power_sum.tolist(), part.power_max.tolist(),
                part.power_min.tolist(), part.energy_sum.tolist(), part.last_ts_ms.tolist(),
                part.partition.tolist(), strict=True)

@@ -48,17 +48,18 @@ def partial(draw: st.DrawFn) -> PartialRow:
                       draw(regions), draw(st.integers(0, 5)))
 
 
-def _row(size: int, meter: str, start: int, p: PartialRow) -> tuple[object, ...]:
-    return (size, meter, p.region, start, p.count, p.power_sum, p.power_max, p.power_min,
+def _row(meter: str, start: int, p: PartialRow) -> tuple[object, ...]:
+    return (meter, p.region, start, p.count, p.power_sum, p.power_max, p.power_min,
             p.energy_sum, p.last_ts_ms, p.partition)
 
 
-def _read(url: str, table: str, meter: str) -> PartialRow:
+def _read(url: str, table: str, meter: str, start_ms: int) -> PartialRow:
     with psycopg.connect(url) as conn:
         r = conn.execute(
             f"SELECT sample_count, power_sum, max_power, min_power, total_energy, "
             f"(extract(epoch FROM last_reading_at) * 1000)::int8, region, source_partition, "
-            f"avg_power FROM {table} WHERE meter_id = %s", (meter,)).fetchone()
+            f"avg_power FROM {table} WHERE meter_id = %s AND window_start = "
+            f"'epoch'::timestamptz + %s * interval '1 ms'", (meter, start_ms)).fetchone()
     assert r is not None
     assert r[8] == pytest.approx(r[1] / r[0], rel=1e-12)
     return PartialRow(*r[:8])
@@ -66,14 +67,24 @@ def _read(url: str, table: str, meter: str) -> PartialRow:
 
 @settings(max_examples=40, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(a=partial(), b=partial(), size=st.sampled_from([60, 900]))
+@given(a=partial(), b=partial(), c=partial(), minutes=st.integers(1, 14))
 def test_sql_merge_equals_python_merge(sink: Sink, db_url: str, a: PartialRow, b: PartialRow,
-                                       size: int) -> None:
+                                       c: PartialRow, minutes: int) -> None:
+    """Stored row ⊕ incoming partial, and the 15-minute roll-up of 1-minute partials."""
     meter = f"m{next(_ids)}"
-    sink.commit([_row(size, meter, 0, a)], [], {})
-    sink.commit([_row(size, meter, 0, b)], [], {})
-    table = "aggregates_1m" if size == 60 else "aggregates_15m"
-    assert _read(db_url, table, meter) == merge(a, b)
+    sink.commit([_row(meter, 0, a)], [], {})
+    sink.commit([_row(meter, 0, b), _row(meter, minutes * 60_000, c)], [], {})
+    assert _read(db_url, "aggregates_1m", meter, 0) == merge(a, b)
+    assert _read(db_url, "aggregates_1m", meter, minutes * 60_000) == c
+    assert_same(_read(db_url, "aggregates_15m", meter, 0), merge(merge(a, b), c))
+
+
+def assert_same(got: PartialRow, want: PartialRow) -> None:
+    """Equal, but sums only to 1e-12 relative: the roll-up may add in another order."""
+    assert got._replace(power_sum=0.0, energy_sum=0.0) == want._replace(power_sum=0.0,
+                                                                         energy_sum=0.0)
+    assert got.power_sum == pytest.approx(want.power_sum, rel=1e-12)
+    assert got.energy_sum == pytest.approx(want.energy_sum, rel=1e-12)
 
 
 def test_positions_are_compare_and_set(db_url: str, sink: Sink) -> None:
@@ -82,7 +93,7 @@ def test_positions_are_compare_and_set(db_url: str, sink: Sink) -> None:
     other.open()
     try:
         other.commit([], [], {0: (10, 20, None)})  # the new owner moves on
-        row = (60, "fenced", "r", 0, 1, 1.0, 1.0, 1.0, 0.0, 946_684_800_000, 0)
+        row = ("fenced", "r", 0, 1, 1.0, 1.0, 1.0, 0.0, 946_684_800_000, 0)
         with pytest.raises(FencedError):
             sink.commit([row], [], {0: (10, 15, None)})  # the old owner is fenced off
         other.commit([], [], {1: (None, 3, None)})  # first write of a new partition
@@ -97,7 +108,7 @@ def test_positions_are_compare_and_set(db_url: str, sink: Sink) -> None:
 
 
 def test_claim_closed_publishes_once_and_only_after_delivery(sink: Sink) -> None:
-    rows = [(60, f"m{i}", "r", i * 60_000, 1, 2.0, 2.0, 2.0, 0.5, i * 60_000, 0)
+    rows = [(f"m{i}", "r", i * 60_000, 1, 2.0, 2.0, 2.0, 0.5, i * 60_000, 0)
             for i in range(3)]
     sink.commit(rows, [], {})
 
@@ -108,7 +119,7 @@ def test_claim_closed_publishes_once_and_only_after_delivery(sink: Sink) -> None
         sink.claim_closed({0: 120_000}, fail)
     seen: list[tuple[int, list[object]]] = []
     done = sink.claim_closed({0: 120_000}, lambda size, got: seen.append((size, got)))
-    assert done == {60: 2, 900: 0}
+    assert done == {60: 2, 900: 0}  # the 15-minute window is still open
     assert sorted(r[0] for r in seen[0][1]) == ["m0", "m1"]
     assert sink.claim_closed({0: 120_000}, lambda s, g: seen.append((s, g))) == {60: 0, 900: 0}
     sink.commit([rows[0]], [], {})  # a late reading re-opens a closed window
