@@ -16,7 +16,7 @@ _T0_MS = 1_795_759_200_000  # 2026-11-27T06:00:00Z
 
 
 def _partials(n: int, salt: int) -> list[tuple[Any, ...]]:
-    return [(60, f"MTR-{i:08d}", "north", _T0_MS, 10, 25.0 + salt, 3.5 + salt, 1.5,
+    return [(f"MTR-{i:08d}", "north", _T0_MS, 10, 25.0 + salt, 3.5 + salt, 1.5,
              0.02, _T0_MS + 59_000, i % 6) for i in range(n)]
 
 
