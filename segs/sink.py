@@ -132,11 +132,11 @@ class Sink:
         self.topic = topic
         self._pool = ConnectionPool(
             url, min_size=1, max_size=2, open=False, timeout=5.0, reconnect_timeout=0,
-            check=ConnectionPool.check_connection, name="segs-sink",
+            check=ConnectionPool.check_connection, configure=_create_temp_tables,
+            name="segs-sink",
             kwargs={"connect_timeout": 5,
                     "options": f"-c statement_timeout={statement_timeout_ms}"},
         )
-        self._temp_ready: set[int] = set()
 
     def open(self) -> None:
         """Start the pool without waiting: a database that is still away is tried again on
@@ -197,49 +197,35 @@ class Sink:
         """
         t0 = time.perf_counter()
         try:
-            with self._pool.connection() as conn, conn.transaction():
-                self._ensure_temp(conn)
-                with conn.cursor() as cur:
-                    with cur.copy("COPY segs_partials FROM STDIN (FORMAT BINARY)") as copy:
-                        copy.set_types(_PARTIAL_TYPES)
-                        for row in partial_rows:
-                            copy.write_row(row)
-                    rows, new_rows = {}, {}
-                    for size, table in TABLES.items():
-                        cur.execute(self._merge_sql(size, table))
-                        inserted, written = cur.fetchone() or (0, 0)
-                        rows[table], new_rows[table] = int(written), int(inserted)
-                    with cur.copy("COPY segs_baselines FROM STDIN (FORMAT BINARY)") as copy:
-                        copy.set_types(_BASELINE_TYPES)
-                        n_base = 0
-                        for row in baseline_rows:
-                            copy.write_row(row)
-                            n_base += 1
-                    if n_base:
-                        cur.execute(_UPSERT_BASELINES, (self.group,))
-                    self._write_positions(cur, positions)
+            with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+                # Asynchronous commit is safe here: a server crash loses this transaction
+                # whole — aggregates and the positions that cover them together — so the
+                # worker re-reads exactly what was lost. work_mem keeps the roll-up in memory.
+                cur.execute(b"SET LOCAL synchronous_commit = off")
+                cur.execute(b"SET LOCAL work_mem = '64MB'")
+                with cur.copy("COPY segs_partials FROM STDIN (FORMAT BINARY)") as copy:
+                    copy.set_types(_PARTIAL_TYPES)
+                    for row in partial_rows:
+                        copy.write_row(row)
+                rows, new_rows = {}, {}
+                for size, table in TABLES.items():
+                    cur.execute(self._merge_sql(size, table))
+                    inserted, written = cur.fetchone() or (0, 0)
+                    rows[table], new_rows[table] = int(written), int(inserted)
+                with cur.copy("COPY segs_baselines FROM STDIN (FORMAT BINARY)") as copy:
+                    copy.set_types(_BASELINE_TYPES)
+                    n_base = 0
+                    for row in baseline_rows:
+                        copy.write_row(row)
+                        n_base += 1
+                if n_base:
+                    cur.execute(_UPSERT_BASELINES, (self.group,))
+                self._write_positions(cur, positions)
         except FencedError:
             raise
         except (psycopg.Error, psycopg_pool_error()) as exc:
             raise DatabaseError(_one_line(exc)) from exc
         return CommitStats(rows, new_rows, n_base, time.perf_counter() - t0)
-
-    def _ensure_temp(self, conn: psycopg.Connection[Any]) -> None:
-        key = id(conn.pgconn)
-        if key in self._temp_ready:
-            return
-        conn.execute(
-            "CREATE TEMP TABLE IF NOT EXISTS segs_partials (meter_id text, "
-            "region text, window_start_ms int8, sample_count int8, power_sum float8, "
-            "power_max float8, power_min float8, energy_sum float8, last_ts_ms int8, "
-            "source_partition int4) ON COMMIT DELETE ROWS"
-        )
-        conn.execute(
-            "CREATE TEMP TABLE IF NOT EXISTS segs_baselines (meter_id text, "
-            "source_partition int4, baseline float8, samples int8, last_outage_ms int8, "
-            "last_spike_ms int8, last_drop_ms int8) ON COMMIT DELETE ROWS"
-        )
-        self._temp_ready.add(key)
 
     @staticmethod
     def _merge_sql(size: int, table: str) -> bytes:
@@ -315,6 +301,27 @@ ON CONFLICT (consumer_group, meter_id) DO UPDATE SET
     last_spike_ms = EXCLUDED.last_spike_ms, last_drop_ms = EXCLUDED.last_drop_ms,
     updated_at = now()
 """
+
+
+def _create_temp_tables(conn: psycopg.Connection[Any]) -> None:
+    """Create the checkpoint's temporary tables; the pool runs this on every new connection.
+
+    Per connection, not per pool: after the database restarted or a backend was terminated,
+    the replacement connection needs them again. (Remembering connections by ``id()`` of
+    their object failed here, as a new object can reuse a freed one's id.)
+    """
+    with conn.transaction():
+        conn.execute(
+            "CREATE TEMP TABLE IF NOT EXISTS segs_partials (meter_id text, "
+            "region text, window_start_ms int8, sample_count int8, power_sum float8, "
+            "power_max float8, power_min float8, energy_sum float8, last_ts_ms int8, "
+            "source_partition int4) ON COMMIT DELETE ROWS"
+        )
+        conn.execute(
+            "CREATE TEMP TABLE IF NOT EXISTS segs_baselines (meter_id text, "
+            "source_partition int4, baseline float8, samples int8, last_outage_ms int8, "
+            "last_spike_ms int8, last_drop_ms int8) ON COMMIT DELETE ROWS"
+        )
 
 
 def psycopg_pool_error() -> type[Exception]:
