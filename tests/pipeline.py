@@ -165,6 +165,20 @@ def wait_consumed(db_url: str, group: str, topic: str, ends: dict[int, int],
     raise AssertionError(f"positions {got} never reached {want}")
 
 
+def process_all(bootstrap: str, db_url: str, topics: Any, log_path: Path,
+                **env: str) -> Service:
+    """Run the service until every message in the input topic is stored, then SIGTERM it
+    (it must exit 0). ``topics`` is the :class:`tests.conftest.Topics` of the test."""
+    svc = Service(service_env(bootstrap, db_url, topics.env(), **env), log_path).start()
+    try:
+        wait_consumed(db_url, topics.group, topics.input, end_offsets(bootstrap, topics.input),
+                      service=svc)
+        assert svc.stop() == 0, svc.log_text()[-2000:]
+    finally:
+        svc.kill()
+    return svc
+
+
 def expected(messages: Iterable[SimMessage], now_ms: int) -> tuple[
         dict[int, dict[tuple[str, int], RefAgg]], list[tuple[SimMessage, str]]]:
     """Reference aggregates per window size, and the invalid messages with their reasons."""

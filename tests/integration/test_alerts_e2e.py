@@ -14,12 +14,11 @@ import pytest
 from tests.conftest import KafkaServer, Topics
 from tests.pipeline import (
     Service,
-    end_offsets,
+    process_all,
     read_topic,
     service_env,
     simulate,
     stored_positions,
-    wait_consumed,
 )
 from tests.reference import detect, parse_reading
 
@@ -56,14 +55,7 @@ def test_each_injected_anomaly_alerts_once_and_normal_meters_stay_quiet(
                         meters=300, count=30_000, seed=3, anomaly_fraction=0.003)
     injected = collections.Counter(m.anomaly for m in messages if m.anomaly)
     assert sum(injected.values()) > 10
-    svc = Service(service_env(kafka_server.bootstrap, db_url, topics.env()),
-                  tmp_path / "service.log").start()
-    try:
-        wait_consumed(db_url, topics.group, topics.input,
-                      end_offsets(kafka_server.bootstrap, topics.input), service=svc)
-        assert svc.stop() == 0
-    finally:
-        svc.kill()
+    process_all(kafka_server.bootstrap, db_url, topics, tmp_path / "service.log")
     alerts = _alerts(kafka_server, topics.alerts)
     got = collections.Counter(_key(a) for a in alerts)
     assert max(got.values()) == 1
@@ -82,9 +74,10 @@ def test_replayed_alerts_keep_their_ids_and_baselines_survive_a_restart(
         kafka_server: KafkaServer, db_url: str, topics: Topics, tmp_path: Path) -> None:
     first = simulate(kafka_server.bootstrap, topics.input, tmp_path / "a.jsonl",
                      meters=100, count=8_000, seed=5, anomaly_fraction=0.004)
-    # 1. no checkpoint before a power cut: everything is replayed after it
+    # 1. no checkpoint before a power cut: everything is replayed after it (one worker, so
+    #    no rebalance — whose revoke would checkpoint — happens before the cut)
     env = service_env(kafka_server.bootstrap, db_url, topics.env(), FLUSH_INTERVAL_1M="600000")
-    svc = Service(env, tmp_path / "s1.log").start()
+    svc = Service(env, tmp_path / "s1.log", workers=1).start()
     try:
         deadline = time.monotonic() + 60
         while len(read_topic(kafka_server.bootstrap, topics.alerts)) < 5:
@@ -95,14 +88,7 @@ def test_replayed_alerts_keep_their_ids_and_baselines_survive_a_restart(
         svc.kill()
     assert not stored_positions(db_url, topics.group, topics.input)
     before = {a["id"]: a for a in _alerts(kafka_server, topics.alerts)}
-    svc = Service(service_env(kafka_server.bootstrap, db_url, topics.env()),
-                  tmp_path / "s2.log").start()
-    try:
-        wait_consumed(db_url, topics.group, topics.input,
-                      end_offsets(kafka_server.bootstrap, topics.input), service=svc)
-        assert svc.stop() == 0
-    finally:
-        svc.kill()
+    process_all(kafka_server.bootstrap, db_url, topics, tmp_path / "s2.log")
     after = _alerts(kafka_server, topics.alerts)
     counts = collections.Counter(a["id"] for a in after)
     assert set(before) <= set(counts)
@@ -114,14 +100,7 @@ def test_replayed_alerts_keep_their_ids_and_baselines_survive_a_restart(
     second = simulate(kafka_server.bootstrap, topics.input, tmp_path / "b.jsonl",
                       meters=100, count=8_000, seed=6, anomaly_fraction=0.004,
                       start_ms=_valid(first)[-1]["ts_ms"] + 60_000)
-    svc = Service(service_env(kafka_server.bootstrap, db_url, topics.env()),
-                  tmp_path / "s3.log").start()
-    try:
-        wait_consumed(db_url, topics.group, topics.input,
-                      end_offsets(kafka_server.bootstrap, topics.input), service=svc)
-        assert svc.stop() == 0
-    finally:
-        svc.kill()
+    process_all(kafka_server.bootstrap, db_url, topics, tmp_path / "s3.log")
     final = {_key(a) for a in _alerts(kafka_server, topics.alerts)}
     everything = detect(_valid(first) + _valid(second))
     assert final == {(m, _iso(ts), k, s) for m, ts, k, s in everything}
