@@ -306,9 +306,11 @@ ON CONFLICT (consumer_group, meter_id) DO UPDATE SET
 def _create_temp_tables(conn: psycopg.Connection[Any]) -> None:
     """Create the checkpoint's temporary tables; the pool runs this on every new connection.
 
-    Per connection, not per pool: after the database restarted or a backend was terminated,
-    the replacement connection needs them again. (Remembering connections by ``id()`` of
-    their object failed here, as a new object can reuse a freed one's id.)
+    In a transaction of their own, committed before any checkpoint: created inside the
+    first checkpoint's transaction, they vanished with its rollback (a fenced or failed
+    first checkpoint) while the connection was remembered as ready, and every later
+    checkpoint on it failed for good. A replacement connection, after the database
+    restarted or a backend was terminated, gets them here too.
     """
     with conn.transaction():
         conn.execute(
