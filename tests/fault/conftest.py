@@ -117,6 +117,8 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         tr.write_line(f"{e.test:<58} {e.seconds:6.1f} s  readings {e.readings:>9,}  "
                       f"invalid {e.invalid:>5,}  rss {e.max_rss_kb // 1024:>4} MB  "
                       f"faults: {faults}")
+        if e.notes:
+            tr.write_line("    " + "; ".join(e.notes))
     tr.write_line("totals: " + json.dumps(LEDGER.totals()))
     out = os.environ.get("SEGS_FAULT_REPORT")
     if out:
@@ -256,10 +258,11 @@ class Fault:
 
         return join
 
-    def produce(self, messages: Iterable[tuple[bytes | None, bytes, int | None]],
-                **config: Any) -> list[SimMessage]:
-        """Produce (key, value, partition or None) as they are; what was produced."""
-        return produce_raw(self.kafka.bootstrap, self.topics.input, messages, **config)
+    def produce(self, messages: Iterable[tuple[bytes | None, bytes | None, int | None]],
+                *, keep: bool = True) -> list[SimMessage]:
+        """Produce (key, value, partition or None) as they are; what was produced (or
+        nothing, with ``keep=False``, for runs too large to hold)."""
+        return produce_raw(self.kafka.bootstrap, self.topics.input, messages, keep=keep)
 
     # ---------------------------------------------------------------- verification
 
@@ -269,8 +272,10 @@ class Fault:
         """Wait for every message to be stored, then assert DB, DLQ and memory; readings."""
         ends = end_offsets(self.kafka.bootstrap, self.topics.input)
         assert sum(ends.values()) == len(messages), "the input topic holds other messages"
+        t0 = time.monotonic()
         wait_consumed(self.db_url, self.topics.group, self.topics.input, ends,
                       timeout_s=timeout_s, service=service)
+        t1 = time.monotonic()
         if want is None:
             want, invalid = expected(messages, int(time.time() * 1000))
         assert invalid is not None
@@ -284,10 +289,21 @@ class Fault:
         self.entry.windows += sum(len(w) for w in want.values())
         self.assert_dlq(invalid, replays=replays)
         self.assert_memory()
+        self.entry.notes.append(f"verify: waited {t1 - t0:.1f} s, checked "
+                                f"{time.monotonic() - t1:.1f} s")
         return checked
 
+    def verify_state(self, want: Want, invalid: list[tuple[SimMessage, str]]) -> None:
+        """The checks of :meth:`verify` on what is stored now, without the ledger's counts."""
+        try:
+            assert_exact(self.db_url, want)
+        except AssertionError:
+            self.entry.mismatches += 1
+            raise
+        self.assert_dlq(invalid, count=False)
+
     def assert_dlq(self, invalid: list[tuple[SimMessage, str]], *,
-                   replays: bool = False) -> None:
+                   replays: bool = False, count: bool = True) -> None:
         """The dead-letter topic holds exactly the invalid input messages.
 
         Each dead letter names its source (``segs.source`` = topic/partition/offset), a
@@ -318,7 +334,8 @@ class Fault:
                              f"missing (e.g. {list(want - got)[:3]})")
         self.check_sources(by_source)
         assert replays or not repeats, f"{repeats} dead letters repeated without a crash"
-        self.entry.invalid += len(invalid)
+        if count:
+            self.entry.invalid += len(invalid)
 
     def check_sources(self, by_source: dict[str, tuple[bytes | None, bytes, str]]) -> None:
         """Each dead letter's source offset holds that very message in the input topic."""
@@ -343,8 +360,8 @@ class Fault:
 
 
 def produce_raw(bootstrap: str, topic: str,
-                messages: Iterable[tuple[bytes | None, bytes, int | None]],
-                **config: Any) -> list[SimMessage]:
+                messages: Iterable[tuple[bytes | None, bytes | None, int | None]],
+                *, keep: bool = True, **config: Any) -> list[SimMessage]:
     """A tight produce loop; returns the messages as :class:`SimMessage` (kind 'raw')."""
     failed: list[str] = []
 
@@ -368,7 +385,8 @@ def produce_raw(bootstrap: str, topic: str,
                 break
             except BufferError:
                 poll(0.05)
-        out.append(SimMessage(key, value, "raw", None))
+        if keep:
+            out.append(SimMessage(key, value, "raw", None))  # type: ignore[arg-type]
     left = p.flush(60)
     assert not left and not failed, f"{left} undelivered, errors {failed[:3]}"
     return out
