@@ -2,7 +2,9 @@
 rows of N distinct meters), first as new rows, then merged into those same rows.
 
 The rows are built before the clock starts, as the worker builds them before its commit;
-the timed part is the whole transaction (binary COPY, merge, positions)."""
+the timed part is the whole transaction (binary COPY, merge, positions). The sink derives
+the 15-minute rows from the 1-minute partials, so ``*_rows`` (rows written, both tables)
+is twice the partials."""
 
 from __future__ import annotations
 

@@ -48,13 +48,14 @@ class Plan:
     peer_instances: tuple[int, ...]
     peer_target: int
     workers: tuple[int, ...] = (1, 2)
+    latency_fractions: tuple[float, ...] = (0.5,)
 
 
 FULL = Plan("full", meters=100_000, readings=10_000_000,
-            scaling_meters=(10_000, 100_000, 1_000_000), scaling_readings=4_000_000,
+            scaling_meters=(10_000, 100_000, 1_000_000), scaling_readings=3_000_000,
             latency_meters=100_000, latency_duration_s=75, latency_speedup=1.0,
             latency_flush_ms=5000, checkpoint_sizes=(1_000, 100_000, 1_000_000),
-            peer_instances=(1, 2), peer_target=1_500_000)
+            peer_instances=(1, 2), peer_target=1_000_000, latency_fractions=(0.5, 0.25))
 QUICK = Plan("quick", meters=2_000, readings=200_000, scaling_meters=(1_000, 10_000),
              scaling_readings=100_000, latency_meters=2_000, latency_duration_s=12,
              latency_speedup=5.0, latency_flush_ms=1000, checkpoint_sizes=(1_000, 10_000),
@@ -96,7 +97,7 @@ class Suite:
 
     def run(self) -> dict[str, Any]:
         t0 = time.monotonic()
-        self.result.update(_machine(), mode=self.plan.mode, plan=asdict(self.plan),
+        self.result.update(_machine(), git=_git(), mode=self.plan.mode, plan=asdict(self.plan),
                            started=datetime.now(UTC).isoformat(timespec="seconds"),
                            load_average_start=list(infra.load_average()))
         with infra.servers() as srv:
@@ -141,10 +142,16 @@ class Suite:
 
     def _ceiling(self) -> None:
         out = {}
-        for name, decode in (("read", False), ("read_decode", True)):
-            out[name] = r = read_topic(self.srv.bootstrap, self.topic, self.ends, decode=decode)
-            self.progress.add("ceiling", name.replace("_", "+"), _rate(r["readings_per_s"]),
-                              "1 consumer, 1 process")
+        cases: list[tuple[str, bool, dict[str, int] | None, str]] = [
+            ("read", False, None, "big fetches"),
+            ("read_decode", True, None, "big fetches"),
+            ("read_service_fetch", False, {}, "default fetch sizes, as the service"),
+        ]
+        for name, decode, fetch, note in cases:
+            out[name] = r = read_topic(self.srv.bootstrap, self.topic, self.ends, decode=decode,
+                                       fetch=fetch)
+            self.progress.add("ceiling", name.replace("_", " "), _rate(r["readings_per_s"]),
+                              f"1 consumer; {note}")
         self.result["scenarios"]["ceiling"] = out
 
     def _pipeline(self) -> None:
@@ -180,21 +187,25 @@ class Suite:
         return best or (50_000.0 if self.plan.mode == "quick" else 200_000.0)
 
     def _latency(self) -> None:
+        """At half the measured maximum (the target's rate), then at lower fractions."""
         p = self.plan
-        rate = self._max_rate() / 2
-        if p.mode == "quick":
-            rate = min(rate, 20_000.0)
-        r = run_latency(self.srv, rate=rate, meters=p.latency_meters,
-                        duration_s=p.latency_duration_s, workers=max(p.workers),
-                        workdir=self.workdir, flush_interval_ms=p.latency_flush_ms,
-                        time_speedup=p.latency_speedup)
-        self.result["scenarios"]["latency"] = r
-        for what in ("alert", "window_row"):
-            s = r[what]
-            fig = (f"p50 {s['p50_ms']:.0f} / p99 {s['p99_ms']:.0f} ms"
-                   if s["count"] else "no samples")
-            self.progress.add("latency", f"{what.replace('_', ' ')} @ {rate:,.0f}/s", fig,
-                              f"{s['count']} samples")
+        for fraction in p.latency_fractions:
+            rate = self._max_rate() * fraction
+            if p.mode == "quick":
+                rate = min(rate, 20_000.0)
+            r = run_latency(self.srv, rate=rate, meters=p.latency_meters,
+                            duration_s=p.latency_duration_s, workers=max(p.workers),
+                            workdir=self.workdir, flush_interval_ms=p.latency_flush_ms,
+                            time_speedup=p.latency_speedup)
+            r["fraction_of_max"] = fraction
+            key = "latency" if fraction == 0.5 else f"latency_at_{fraction:g}_of_max"
+            self.result["scenarios"][key] = r
+            for what in ("alert", "window_row"):
+                s = r[what]
+                fig = (f"p50 {s['p50_ms']:.0f} / p99 {s['p99_ms']:.0f} ms"
+                       if s["count"] else "no samples")
+                self.progress.add("latency", f"{what.replace('_', ' ')} @ {rate:,.0f}/s", fig,
+                                  f"{s['count']} samples, {fraction:g} of max")
 
     def _checkpoint(self) -> None:
         rows = run_checkpoint(self.srv, list(self.plan.checkpoint_sizes))
@@ -246,6 +257,21 @@ def _machine() -> dict[str, Any]:
         "confluent_kafka": confluent_kafka.version()[0],
         "librdkafka": confluent_kafka.libversion()[0],
     }}
+
+
+def _git() -> dict[str, Any]:
+    """The code measured: commit, and files of segs/ changed but not committed."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+
+    def git(*args: str) -> str:
+        res = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True,
+                             check=False)
+        return res.stdout.strip()
+
+    return {"commit": git("rev-parse", "HEAD"),
+            "uncommitted": git("status", "--porcelain", "--", "segs", "cli").splitlines()}
 
 
 def _server_versions(srv: infra.Servers) -> dict[str, Any]:

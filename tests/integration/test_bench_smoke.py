@@ -44,7 +44,7 @@ def test_bench_quick_writes_json_chart_and_figures(
     assert len(s["scaling"]) == len(result["plan"]["scaling_meters"])
     assert s["latency"]["alert"]["count"] > 0
     assert [r["partials"] for r in s["checkpoint"]] == [1_000, 10_000]
-    assert all(r["merge_rows"] == r["partials"] for r in s["checkpoint"])
+    assert all(r["merge_rows"] >= r["partials"] for r in s["checkpoint"])  # + 15m roll-ups
     peer = s["peer"][0]
     assert peer.get("readings_per_s", 0) > 0 or peer.get("unavailable")
     assert {t["target"] for t in result["targets"]}
