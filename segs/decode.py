@@ -376,7 +376,7 @@ class Decoder:
             if not all(map(bytes.isascii, values)):  # type: ignore[arg-type]
                 return None
             return list(map(self._decode_one, values))  # type: ignore[arg-type]
-        except (TypeError, msgspec.MsgspecError):
+        except (TypeError, msgspec.MsgspecError, RecursionError):
             return None
 
     def _decode_each(
@@ -402,7 +402,7 @@ class Decoder:
                     continue
             try:
                 msgs.append(dec(v))
-            except msgspec.MsgspecError:
+            except (msgspec.MsgspecError, RecursionError):  # deep nesting: the exact path says
                 slow.append(i)
                 continue
             idx.append(i)

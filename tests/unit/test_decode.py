@@ -333,3 +333,15 @@ def test_mixed_batch_keeps_input_order_and_interns() -> None:
     assert r.power.tolist() == [float(i) for i in range(200)]
     assert len(dec.meters) == 7 and len(dec.regions) == 1
     assert dec.meters.names[int(r.meter[8])] == "M1"
+
+
+def test_deeply_nested_json_is_rejected_not_raised() -> None:
+    """msgspec raises RecursionError past ~1,000 levels; the decoder must reject, not die."""
+    dec = Decoder(Interner(), Interner())
+    bombs = [b'{"a":' * 5_000 + b"1" + b"}" * 5_000, b"[" * 5_000 + b"]" * 5_000]
+    good = (b'{"meterId":"m","region":"r","timestamp":"2026-11-27T06:00:00Z",'
+            b'"powerKw":1}')
+    readings, rejects = dec.decode([bombs[0], good, bombs[1]], np.zeros(3, np.int32),
+                                   np.arange(3, dtype=np.int64), 1_795_763_000_000)
+    assert len(readings) == 1 and readings.offset.tolist() == [1]
+    assert [(r.index, r.reason) for r in rejects] == [(0, "not_json"), (2, "not_json")]
