@@ -122,6 +122,8 @@ class Suite:
             self.progress.add(name, "error", "-", str(exc).splitlines()[0][:120])
             (self.workdir / f"{name}.traceback").write_text(traceback.format_exc())
         self.result.setdefault("step_seconds", {})[name] = round(time.monotonic() - t0, 1)
+        # the machine may be shared: the load after each step says how quiet it was
+        self.result.setdefault("step_load_average", {})[name] = list(infra.load_average())
 
     # ------------------------------------------------------------------ scenarios
 
@@ -254,7 +256,7 @@ def _machine() -> dict[str, Any]:
     return {"machine": {
         "cpus": os.cpu_count(), "cpu_model": model, "memory_gb": round(mem_kb / 2**20, 1),
         "kernel": platform.release(), "python": platform.python_version(),
-        "confluent_kafka": confluent_kafka.version()[0],
+        "confluent_kafka": confluent_kafka.__version__,
         "librdkafka": confluent_kafka.libversion()[0],
     }}
 
