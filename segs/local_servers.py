@@ -160,7 +160,8 @@ class LocalKafka:
                 "transaction.state.log.min.isr=1",
                 "share.coordinator.state.topic.replication.factor=1",
                 "share.coordinator.state.topic.min.isr=1",
-                "group.initial.rebalance.delay.ms=0",
+                # Kafka's default: workers starting together join one first rebalance
+                "group.initial.rebalance.delay.ms=3000",
                 "log.flush.interval.messages=9223372036854775807",
                 "message.max.bytes=10485760",
                 "",

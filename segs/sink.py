@@ -121,6 +121,7 @@ class CommitStats:
 
 
 ClosedRow = tuple[str, str, int, float, float, float, float, int]
+_CLAIM_CHUNK = 10_000
 
 
 class Sink:
@@ -268,9 +269,9 @@ class Sink:
                      deliver: Callable[[int, list[ClosedRow]], None]) -> dict[int, int]:
         """Mark closed, unpublished rows published once ``deliver`` returned for them.
 
-        ``deliver(size_s, rows)`` must have handed the rows to Kafka durably (produce +
-        flush) before it returns; if it raises, nothing is marked and the rows stay pending.
-        Returns size → rows delivered.
+        ``deliver(size_s, rows)`` is called with chunks of rows and must have handed them
+        to Kafka durably (produce + flush) before it returns; if it raises, nothing is marked
+        and the rows stay pending. Returns size → rows delivered.
         """
         if not watermarks:
             return {}
@@ -281,10 +282,11 @@ class Sink:
             with self._pool.connection() as conn, conn.transaction():
                 for size, table in TABLES.items():
                     query = sql.SQL(_CLAIM).format(table=sql.Identifier(table))
-                    rows = conn.execute(query, (parts, wms)).fetchall()
-                    if rows:
+                    cur = conn.execute(query, (parts, wms))
+                    done[size] = 0
+                    while rows := cur.fetchmany(_CLAIM_CHUNK):  # bounded Python memory
                         deliver(size, rows)
-                    done[size] = len(rows)
+                        done[size] += len(rows)
         except (psycopg.Error, psycopg_pool_error()) as exc:
             raise DatabaseError(_one_line(exc)) from exc
         return done

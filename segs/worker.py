@@ -67,11 +67,33 @@ _NEVER = -(2**62)  # "no watermark yet"
 
 @dataclass(slots=True)
 class Payload:
-    """What one checkpoint writes; kept verbatim for retries after a database failure."""
+    """What one checkpoint writes; kept verbatim for retries after a database failure.
 
-    partials: list[tuple[Any, ...]]  # 1-minute partials, rows of sink.PARTIAL_COLUMNS
-    baselines: list[tuple[Any, ...]]  # rows of sink.BASELINE_COLUMNS
+    Partials and baselines stay numpy columns (tens of bytes a row); the Python rows that
+    COPY needs are made one at a time while it streams (:meth:`partial_rows`)."""
+
+    partials: Partials  # 1-minute partials
+    baselines: BaselineState
     positions: dict[int, tuple[int | None, int, int | None]]  # partition → (prev, next, wm)
+
+    def __bool__(self) -> bool:
+        return bool(len(self.partials) or len(self.baselines) or self.positions)
+
+    def partial_rows(self, meters: list[str], regions: list[str]) -> Iterator[tuple[Any, ...]]:
+        """Rows of sink.PARTIAL_COLUMNS."""
+        p = self.partials
+        return zip(map(meters.__getitem__, p.meter.tolist()),
+                   map(regions.__getitem__, p.region.tolist()), p.window_start_ms.tolist(),
+                   p.count.tolist(), p.power_sum.tolist(), p.power_max.tolist(),
+                   p.power_min.tolist(), p.energy_sum.tolist(), p.last_ts_ms.tolist(),
+                   p.partition.tolist(), strict=True)
+
+    def baseline_rows(self, meters: list[str]) -> Iterator[tuple[Any, ...]]:
+        """Rows of sink.BASELINE_COLUMNS."""
+        b = self.baselines
+        return zip(map(meters.__getitem__, b.meter.tolist()), b.partition.tolist(),
+                   b.baseline.tolist(), b.samples.tolist(), b.last_outage_ms.tolist(),
+                   b.last_spike_ms.tolist(), b.last_drop_ms.tolist(), strict=True)
 
 
 class Worker:
@@ -105,8 +127,14 @@ class Worker:
         self.backoff_s = 0.5
         self.next_checkpoint = time.monotonic() + settings.checkpoint_interval_ms / 1000
         self.delivery_errors = 0
-        common = settings.kafka_common()
+        common = settings.kafka_common()  # the user's settings override our tuning below
         self.consumer = Consumer({
+            # prefetch: enough to keep a worker busy, small enough to bound memory
+            "fetch.wait.max.ms": 50,
+            "max.partition.fetch.bytes": 2_097_152,
+            "fetch.max.bytes": 16_777_216,
+            "queued.min.messages": 20_000,  # per partition (the default 100,000 is ~30 MB)
+            "queued.max.messages.kbytes": 32_768,
             **common,
             "group.id": settings.kafka_group_id,
             "client.id": f"segs-stream-{os.getpid()}",
@@ -115,25 +143,19 @@ class Worker:
             "partition.assignment.strategy": "cooperative-sticky",
             "auto.offset.reset": settings.auto_offset_reset,
             "enable.partition.eof": False,
-            "fetch.min.bytes": 1,
-            "fetch.wait.max.ms": 50,
-            "max.partition.fetch.bytes": 8_388_608,
-            "fetch.max.bytes": 67_108_864,
-            "queued.min.messages": 200_000,
-            "queued.max.messages.kbytes": 131_072,
             "max.poll.interval.ms": settings.kafka_max_poll_interval_ms,
             "session.timeout.ms": settings.kafka_session_timeout_ms,
             "heartbeat.interval.ms": min(3_000, settings.kafka_session_timeout_ms // 3),
             "error_cb": self._on_kafka_error,
         })
         self.producer = Producer({
-            **common,
-            "client.id": f"segs-stream-{os.getpid()}",
             "linger.ms": 5,
             "compression.type": "lz4",
+            "queue.buffering.max.messages": 100_000,
+            **common,
+            "client.id": f"segs-stream-{os.getpid()}",
             "enable.idempotence": True,
             "message.timeout.ms": 0,  # never give up on a message: outages are waited out
-            "queue.buffering.max.messages": 200_000,
             "delivery.report.only.error": True,
             "on_delivery": self._on_delivery,
             "error_cb": self._on_kafka_error,
@@ -431,10 +453,12 @@ class Worker:
         if self.inflight is None:
             self.inflight = self._build_payload()
         payload = self.inflight
-        if payload.partials or payload.baselines or payload.positions:
+        if payload:
             try:
                 t_db = time.perf_counter()
-                stats = self.sink.commit(payload.partials, payload.baselines, payload.positions)
+                names = self.meters.names
+                stats = self.sink.commit(payload.partial_rows(names, self.regions.names),
+                                         payload.baseline_rows(names), payload.positions)
                 metrics.DB_WRITE_LATENCY_MS.observe((time.perf_counter() - t_db) * 1000)
             except FencedError as exc:
                 log.warning("%s: rewinding to stored positions", exc)
@@ -476,18 +500,11 @@ class Worker:
         return True
 
     def _build_payload(self) -> Payload:
-        meters, regions = self.meters.names, self.regions.names
-        partials = list(_partial_rows(self.windows.drain(), meters, regions))
-        state = self.detector.take_dirty()
-        baselines = list(zip(
-            [meters[i] for i in state.meter.tolist()], state.partition.tolist(),
-            state.baseline.tolist(), state.samples.tolist(), state.last_outage_ms.tolist(),
-            state.last_spike_ms.tolist(), state.last_drop_ms.tolist(), strict=True))
         wms = self._watermarks()
         positions = {p: (self.stored.get(p), nxt, wms.get(p))
                      for p, nxt in self.consumed.items()
                      if p in self.positioned and nxt != self.stored.get(p)}
-        return Payload(partials, baselines, positions)
+        return Payload(self.windows.drain(), self.detector.take_dirty(), positions)
 
     def _watermarks(self) -> dict[int, int]:
         """Watermark per positioned partition: the newest of the stored one, the engine's,
@@ -578,16 +595,6 @@ class Worker:
             return 1
         log.info("worker %d stopped after its final checkpoint", self.worker_id)
         return 0
-
-
-def _partial_rows(part: Partials, meters: list[str], regions: list[str]
-                  ) -> Iterator[tuple[Any, ...]]:
-    meter_ids = [meters[i] for i in part.meter.tolist()]
-    region_names = [regions[i] for i in part.region.tolist()]
-    return zip(meter_ids, region_names, part.window_start_ms.tolist(),
-               part.count.tolist(), part.power_sum.tolist(), part.power_max.tolist(),
-               part.power_min.tolist(), part.energy_sum.tolist(), part.last_ts_ms.tolist(),
-               part.partition.tolist(), strict=True)
 
 
 def worker_main(settings: Settings, worker_id: int, status: Any) -> None:
