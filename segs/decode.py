@@ -65,6 +65,11 @@ REASONS: tuple[str, ...] = (
 )
 
 MIN_TS_MS = 946_684_800_000  # 2000-01-01T00:00:00Z
+# Readings are 0 or within [VALUE_MIN, VALUE_MAX] (1 nW … 1 PW): beyond them no meter
+# reports, and sums or averages of such values overflow or underflow PostgreSQL's float8
+# arithmetic, which raises instead of giving inf or 0. Outside: bad_value.
+VALUE_MIN = 1e-12
+VALUE_MAX = 1e12
 METER_ID_MAX = 64
 REGION_MAX = 100
 
@@ -246,7 +251,15 @@ def _number_field(obj: dict[str, Any], name: str, default: float | None) -> tupl
         return NOT_FINITE, f"{name} is not finite"
     if f < 0:
         return NEGATIVE, f"{name} is negative ({f!r})"
+    if f != 0 and not VALUE_MIN <= f <= VALUE_MAX:
+        return BAD_VALUE, f"{name} {f!r} is outside {VALUE_MIN:g}..{VALUE_MAX:g}"
     return f
+
+
+def _in_range(a: NDArray[np.float64]) -> NDArray[np.bool_]:
+    """0, absent (NaN) or within [VALUE_MIN, VALUE_MAX]."""
+    inside: NDArray[np.bool_] = (a == 0) | np.isnan(a) | ((a >= VALUE_MIN) & (a <= VALUE_MAX))
+    return inside
 
 
 def _exact(value: bytes, now_ms: int, max_future_skew_ms: int) -> tuple[str, str] | _Parsed:
@@ -329,15 +342,16 @@ class Decoder:
             index = np.array(idx, np.intp)
 
         ok, meter, region, ts = self._columns(msgs, now_ms)
+        power = np.array(list(map(_POWER, msgs)), np.float64)
+        energy = np.array(list(map(_ENERGY, msgs)), np.float64)  # None → NaN
+        voltage = np.array(list(map(_VOLTAGE, msgs)), np.float64)
+        ok &= _in_range(power) & _in_range(energy) & _in_range(voltage)
         if not ok.all():
             bad = np.flatnonzero(~ok)
             slow.extend(index[bad].tolist())
             keep = np.flatnonzero(ok)
-            msgs = [msgs[j] for j in keep.tolist()]
             index, meter, region, ts = index[keep], meter[keep], region[keep], ts[keep]
-        power = np.array(list(map(_POWER, msgs)), np.float64)
-        energy = np.array(list(map(_ENERGY, msgs)), np.float64)  # None → NaN
-        voltage = np.array(list(map(_VOLTAGE, msgs)), np.float64)
+            power, energy, voltage = power[keep], energy[keep], voltage[keep]
         energy[np.isnan(energy)] = 0.0
 
         if slow:

@@ -83,6 +83,8 @@ def _number(obj: dict[str, Any], name: str, absent: float | None) -> float | tup
         return ("not_finite",)
     if f < 0:
         return ("negative",)
+    if f != 0 and not 1e-12 <= f <= 1e12:  # no meter reads that; PostgreSQL sums overflow
+        return ("bad_value",)
     return f
 
 

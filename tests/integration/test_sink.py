@@ -40,7 +40,8 @@ def sink(db_url: str) -> Iterator[Sink]:
     s.close()
 
 
-finite = st.floats(min_value=0, max_value=1e12, allow_nan=False, allow_infinity=False)
+# the decoder's value domain: 0, or 1e-12 … 1e12
+finite = st.one_of(st.just(0.0), st.floats(min_value=1e-12, max_value=1e12))
 regions = st.text(alphabet=st.characters(codec="utf-8", exclude_characters="\x00"),
                   min_size=1, max_size=8)
 

@@ -25,6 +25,12 @@ numbers = st.one_of(
     st.integers(min_value=0, max_value=10**20),
     st.sampled_from([0, 0.0, -0.0, 5e-324, 1.7976931348623157e308]),
 )
+# what a valid reading may carry: 0, or 1e-12 … 1e12 (see segs.decode.VALUE_MIN/MAX)
+valid_numbers = st.one_of(
+    st.floats(min_value=1e-12, max_value=1e12),
+    st.integers(min_value=1, max_value=10**12),
+    st.sampled_from([0, 0.0, -0.0, 1e-12, 1e12]),
+)
 
 
 def format_ts(ms: int, offset_min: int, digits: int, extra: str) -> str:
@@ -62,14 +68,14 @@ def valid_readings(draw: st.DrawFn) -> tuple[bytes, dict[str, Any]]:
         "meterId": draw(st.text(text_chars, min_size=1, max_size=64)),
         "region": draw(st.text(text_chars, min_size=1, max_size=100)),
         "timestamp": ts_text,
-        "powerKw": draw(numbers),
+        "powerKw": draw(valid_numbers),
     }
     for name in ("energyKwh", "voltage"):
         choice = draw(st.integers(0, 2))
         if choice == 1:
             obj[name] = None
         elif choice == 2:
-            obj[name] = draw(numbers)
+            obj[name] = draw(valid_numbers)
     extras = draw(
         st.dictionaries(
             st.text(max_size=8).filter(
