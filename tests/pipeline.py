@@ -112,6 +112,17 @@ class Service:
         return self.log_path.read_text(errors="replace")
 
 
+def rss_kb(pid: int) -> int:
+    """Resident memory of a process in kB (0 once it is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
 def _cmdline(pid: int) -> bytes:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes()

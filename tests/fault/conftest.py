@@ -40,6 +40,7 @@ from tests.pipeline import (
     end_offsets,
     expected,
     read_topic,
+    rss_kb,
     service_env,
     simulate,
     stored_positions,
@@ -159,16 +160,6 @@ class RssMonitor:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(5)
-
-
-def rss_kb(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
 
 
 # --------------------------------------------------------------------------- the harness

@@ -28,6 +28,7 @@ from tests.pipeline import (
     end_offsets,
     expected,
     read_topic,
+    rss_kb,
     service_env,
     simulate,
     stored,
@@ -199,7 +200,7 @@ def test_exact_through_a_database_outage(run: Run, cleanup: list[Service],
     try:
         for _ in range(15):
             time.sleep(1)
-            rss.append(sum(_rss_kb(p) for p in svc.worker_pids()))
+            rss.append(sum(rss_kb(p) for p in svc.worker_pids()))
     finally:
         postgres_server.local.start()
     messages = join()
@@ -221,13 +222,3 @@ def signal_kill(pid: int) -> None:
     import os
 
     os.kill(pid, signal.SIGKILL)
-
-
-def _rss_kb(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
