@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 from confluent_kafka import Producer
 
@@ -405,3 +406,18 @@ def fault(request: pytest.FixtureRequest, kafka_server: KafkaServer,
         entry.seconds = time.monotonic() - t0
         entry.max_rss_kb = max(entry.max_rss_kb, rss.peak)
         LEDGER.entries.append(entry)
+
+
+def wait_checkpoint_blocked(conn: psycopg.Connection, timeout_s: float = 30) -> int:
+    """Until a service backend waits on a lock of stream_positions inside its checkpoint
+    (``conn`` in autocommit, so each look is fresh); that backend's pid."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        row = conn.execute(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+            "AND wait_event_type = 'Lock' AND state = 'active' "
+            "AND query LIKE '%stream_positions%' LIMIT 1").fetchone()
+        if row:
+            return int(row[0])
+        time.sleep(0.02)
+    raise AssertionError("no checkpoint reached its positions")

@@ -15,7 +15,7 @@ import time
 import psycopg
 import pytest
 
-from tests.fault.conftest import Fault
+from tests.fault.conftest import Fault, wait_checkpoint_blocked
 
 pytestmark = [pytest.mark.fault, pytest.mark.slow]
 
@@ -66,19 +66,6 @@ def terminate_inside_checkpoint(db_url: str) -> bool:
         ok = conn.execute("SELECT pg_terminate_backend(%s)", (pid,)).fetchone()
         locker.rollback()
     return bool(ok and ok[0])
-
-
-def wait_checkpoint_blocked(conn: psycopg.Connection, timeout_s: float = 30) -> int:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        row = conn.execute(
-            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
-            "AND wait_event_type = 'Lock' AND state = 'active' "
-            "AND query LIKE '%stream_positions%' LIMIT 1").fetchone()
-        if row:
-            return int(row[0])
-        time.sleep(0.02)
-    raise AssertionError("no checkpoint reached its positions")
 
 
 def test_exact_when_backends_are_terminated_during_checkpoints(fault: Fault) -> None:

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 import psycopg
 import pytest
 
-from tests.fault.conftest import Fault
+from tests.fault.conftest import Fault, wait_checkpoint_blocked
 
 pytestmark = [pytest.mark.fault, pytest.mark.slow]
 
@@ -33,21 +33,6 @@ def positions_locked(db_url: str) -> Iterator[psycopg.Connection]:
         conn.close()
 
 
-def wait_checkpoint_blocked(db_url: str, timeout_s: float = 30) -> int:
-    """Until a service backend waits on our lock inside its checkpoint; its pid."""
-    deadline = time.monotonic() + timeout_s
-    with psycopg.connect(db_url, autocommit=True) as conn:
-        while time.monotonic() < deadline:
-            row = conn.execute(
-                "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
-                "AND wait_event_type = 'Lock' AND state = 'active' "
-                "AND query LIKE '%stream_positions%' LIMIT 1").fetchone()
-            if row:
-                return int(row[0])
-            time.sleep(0.05)
-    raise AssertionError("no checkpoint ever waited on stream_positions")
-
-
 def test_sigterm_in_the_middle_of_a_checkpoint(fault: Fault) -> None:
     # 60,000 at 6,000/s: readings still flow (so checkpoints still write positions) when
     # the lock is taken, however fast the service caught up
@@ -55,7 +40,8 @@ def test_sigterm_in_the_middle_of_a_checkpoint(fault: Fault) -> None:
     svc = fault.service(workers=2, SHUTDOWN_TIMEOUT=str(SHUTDOWN_TIMEOUT_S)).start()
     fault.wait_progress(at_least=5_000)
     with positions_locked(fault.db_url):
-        wait_checkpoint_blocked(fault.db_url)
+        with psycopg.connect(fault.db_url, autocommit=True) as conn:
+            wait_checkpoint_blocked(conn)
         svc.signal(15)
         fault.inject("SIGTERM inside a checkpoint")
         t0 = time.monotonic()
@@ -76,7 +62,8 @@ def test_sigterm_while_a_checkpoint_outlasts_the_shutdown_timeout(fault: Fault) 
     svc = fault.service(workers=2, SHUTDOWN_TIMEOUT=str(SHUTDOWN_TIMEOUT_S)).start()
     fault.wait_progress(at_least=5_000)
     with positions_locked(fault.db_url):
-        wait_checkpoint_blocked(fault.db_url)
+        with psycopg.connect(fault.db_url, autocommit=True) as conn:
+            wait_checkpoint_blocked(conn)
         t0 = time.monotonic()
         svc.signal(15)
         fault.inject("SIGTERM inside a checkpoint that never ends")
