@@ -304,6 +304,11 @@ def _exact(value: bytes, now_ms: int, max_future_skew_ms: int) -> tuple[str, str
     return meter, region, ts_ms, power, energy, voltage
 
 
+def _pick(a: NDArray[Any], index: NDArray[np.intp] | None) -> NDArray[Any]:
+    """``a[index]``; all of ``a`` (not a copy) when ``index`` is None."""
+    return a if index is None else a[index]
+
+
 # ---------------------------------------------------------------------------------------
 
 
@@ -334,19 +339,21 @@ class Decoder:
         """Valid readings in input order, and one :class:`Reject` per invalid value."""
         rejects: list[Reject] = []
         slow: list[int] = []  # indices for the exact path
-        msgs = self._decode_all(values)
-        if msgs is not None:
-            index = np.arange(len(msgs), dtype=np.intp)
+        fast = self._decode_fast(values, rejects, slow)
+        if fast is not None:
+            msgs, index = fast
         else:
             idx, msgs = self._decode_each(values, rejects, slow)
             index = np.array(idx, np.intp)
 
         ok, meter, region, ts = self._columns(msgs, now_ms)
-        power = np.array(list(map(_POWER, msgs)), np.float64)
+        power = np.fromiter(map(_POWER, msgs), np.float64, len(msgs))
         energy = np.array(list(map(_ENERGY, msgs)), np.float64)  # None → NaN
         voltage = np.array(list(map(_VOLTAGE, msgs)), np.float64)
         ok &= _in_range(power) & _in_range(energy) & _in_range(voltage)
         if not ok.all():
+            if index is None:
+                index = np.arange(len(msgs), dtype=np.intp)
             bad = np.flatnonzero(~ok)
             slow.extend(index[bad].tolist())
             keep = np.flatnonzero(ok)
@@ -357,6 +364,8 @@ class Decoder:
         if slow:
             extra = self._exact_batch(values, sorted(slow), now_ms, rejects)
             if extra is not None:
+                if index is None:
+                    index = np.arange(len(msgs), dtype=np.intp)
                 e_idx, e_meter, e_region, e_ts, e_power, e_energy, e_voltage = extra
                 index = np.concatenate([index, e_idx])
                 order = np.argsort(index, kind="stable")
@@ -375,23 +384,52 @@ class Decoder:
             power=power,
             energy=energy,
             voltage=voltage,
-            partition=np.asarray(partitions, np.int32)[index],
-            offset=np.asarray(offsets, np.int64)[index],
+            partition=_pick(np.asarray(partitions, np.int32), index),
+            offset=_pick(np.asarray(offsets, np.int64), index),
         )
         return readings, rejects
 
     # -----------------------------------------------------------------------------------
 
-    def _decode_all(self, values: Sequence[bytes | None]) -> list[_Msg] | None:
-        """All values decoded in one go, or None if any needs individual attention."""
+    def _decode_fast(
+        self, values: Sequence[bytes | None], rejects: list[Reject], slow: list[int]
+    ) -> tuple[list[_Msg], NDArray[np.intp] | None] | None:
+        """Decode the batch in one C-level pass: (structs, their indices or None for all).
+
+        A value msgspec refuses costs one exception: ``list.extend`` keeps what it appended
+        before the failing value, so the index of the failure is known and decoding resumes
+        after it (the exact path judges it later). None when some value needs individual
+        attention first (None, oversize, non-ASCII: the UTF-8 of skipped fields is not
+        checked by msgspec)."""
         try:
             if max(map(len, values), default=0) > self.max_message_bytes:  # type: ignore[arg-type]
                 return None
             if not all(map(bytes.isascii, values)):  # type: ignore[arg-type]
                 return None
-            return list(map(self._decode_one, values))  # type: ignore[arg-type]
-        except (TypeError, msgspec.MsgspecError, RecursionError):
+        except TypeError:  # a None value
             return None
+        msgs: list[_Msg] = []
+        failed: list[int] = []
+        rest = iter(values)
+        dec = self._decode_one
+        while True:
+            try:
+                msgs.extend(map(dec, rest))  # type: ignore[arg-type]
+                break
+            except (msgspec.MsgspecError, RecursionError):  # deep nesting: exact path says
+                failed.append(len(msgs) + len(failed))
+        if len(msgs) + len(failed) != len(values):  # extend did not keep its progress
+            return None
+        if not failed:
+            return msgs, None
+        for i in failed:
+            if values[i]:
+                slow.append(i)
+            else:
+                rejects.append(Reject(i, EMPTY, "empty value"))
+        keep = np.ones(len(values), np.bool_)
+        keep[failed] = False
+        return msgs, np.flatnonzero(keep)
 
     def _decode_each(
         self, values: Sequence[bytes | None], rejects: list[Reject], slow: list[int]
@@ -423,28 +461,32 @@ class Decoder:
 
         return idx, msgs
 
-    def _intern(self, names: list[str], interner: Interner) -> tuple[NDArray[np.int32], bool]:
-        """Slots of ``names`` (-1 where the name cannot be stored) and whether any is -1."""
-        slots = list(map(interner.slots.get, names, repeat(-1)))
-        if -1 not in slots:
-            return np.array(slots, np.int32), False
+    @staticmethod
+    def _intern(msgs: list[_Msg], field: attrgetter[str],
+                interner: Interner) -> tuple[NDArray[np.int32], bool]:
+        """Slots of a string field (-1 where the name cannot be stored), and whether any
+        is -1."""
+        slots = np.fromiter(map(interner.slots.get, map(field, msgs), repeat(-1)), np.int32,
+                            len(msgs))
+        missing = np.flatnonzero(slots < 0)
+        if missing.size == 0:
+            return slots, False
         bad = False
-        for j, s in enumerate(slots):
-            if s == -1:
-                name = names[j]
-                if _bad_text(name):
-                    bad = True
-                else:
-                    slots[j] = interner.slot(name)
-        return np.array(slots, np.int32), bad
+        for j in missing.tolist():
+            name = field(msgs[j])
+            if _bad_text(name):
+                bad = True
+            else:
+                slots[j] = interner.slot(name)
+        return slots, bad
 
     def _columns(
         self, msgs: list[_Msg], now_ms: int
     ) -> tuple[NDArray[np.bool_], NDArray[np.int32], NDArray[np.int32], NDArray[np.int64]]:
         """Intern ids and parse timestamps; ``ok`` is False where the exact path must judge."""
         n = len(msgs)
-        meter, bad_m = self._intern(list(map(_METER_ID, msgs)), self.meters)
-        region, bad_r = self._intern(list(map(_REGION, msgs)), self.regions)
+        meter, bad_m = self._intern(msgs, _METER_ID, self.meters)
+        region, bad_r = self._intern(msgs, _REGION, self.regions)
         ok = np.ones(n, np.bool_)
         if bad_m:
             ok &= meter >= 0

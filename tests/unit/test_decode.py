@@ -334,8 +334,11 @@ def test_mixed_batch_keeps_input_order_and_interns() -> None:
         values.append(mutate({"meterId": f"M{i % 7}", "timestamp": ts, "powerKw": i}))
         if i % 50 == 0:
             values.append(b"garbage")
+        if i % 70 == 0:
+            values.append(b"")
     dec, r, rejects = decode(values)
-    assert len(rejects) == 4
+    # i = 0 (both), 50, 70, 100, 140, 150
+    assert [rj.reason for rj in rejects] == ["not_json", "empty"] * 3 + ["not_json"]
     assert r.power.tolist() == [float(i) for i in range(200)]
     assert len(dec.meters) == 7 and len(dec.regions) == 1
     assert dec.meters.names[int(r.meter[8])] == "M1"
