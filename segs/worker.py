@@ -62,6 +62,18 @@ log = logging.getLogger(__name__)
 STARTING, RUNNING, DEGRADED, STOPPING, STOPPED = range(5)
 STATE_NAMES = ("starting", "running", "degraded", "stopping", "stopped")
 WINDOW_S = 60  # the one window kept in memory; 15-minute rows are rolled up from it in SQL
+# Consumer prefetch: large fetches and a deep local queue keep the poll loop fed (a quarter
+# of these sizes halved the throughput on the benchmark machine: the loop waited on
+# fetches); the queue is bounded in bytes for the whole consumer. The user's Kafka
+# settings override these. README, "Memory and speed"; benchmarks/prefetch_sweep.py.
+PREFETCH: dict[str, int] = {
+    "fetch.wait.max.ms": 50,
+    "max.partition.fetch.bytes": 8_388_608,
+    "fetch.max.bytes": 67_108_864,
+    "queued.min.messages": 200_000,  # per partition, within the byte bound below
+    "queued.max.messages.kbytes": 131_072,
+}
+
 _NEVER = -(2**62)  # "no watermark yet"
 
 
@@ -129,14 +141,7 @@ class Worker:
         self.delivery_errors = 0
         common = settings.kafka_common()  # the user's settings override our tuning below
         self.consumer = Consumer({
-            # Prefetch: large fetches and a deep local queue keep the poll loop fed (half
-            # these sizes halved the throughput here: the loop waited on fetches); the
-            # queue is bounded in bytes for the whole consumer. README, "Memory and speed".
-            "fetch.wait.max.ms": 50,
-            "max.partition.fetch.bytes": 8_388_608,
-            "fetch.max.bytes": 67_108_864,
-            "queued.min.messages": 200_000,  # per partition, within the byte bound below
-            "queued.max.messages.kbytes": 131_072,
+            **PREFETCH,
             **common,
             "group.id": settings.kafka_group_id,
             "client.id": f"segs-stream-{os.getpid()}",

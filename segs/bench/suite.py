@@ -20,8 +20,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from segs.bench import infra
-from segs.bench.ceiling import read_topic
+from segs.bench import ceiling, infra
 from segs.bench.checkpoint import run_checkpoint
 from segs.bench.latency import run_latency
 from segs.bench.peer import PeerUnavailable, run_peer
@@ -144,14 +143,15 @@ class Suite:
 
     def _ceiling(self) -> None:
         out = {}
-        cases: list[tuple[str, bool, dict[str, int] | None, str]] = [
-            ("read", False, None, "big fetches"),
-            ("read_decode", True, None, "big fetches"),
-            ("read_service_fetch", False, {}, "default fetch sizes, as the service"),
+        cases: list[tuple[str, bool, dict[str, int] | None, int, str]] = [
+            ("read", False, None, ceiling.BATCH, "service prefetch, 100k batches"),
+            ("read_decode", True, None, ceiling.BATCH, "the same, decoding"),
+            ("read_librdkafka_defaults", False, {}, ceiling.DEFAULTS_BATCH,
+             "librdkafka defaults, 10k batches"),
         ]
-        for name, decode, fetch, note in cases:
-            out[name] = r = read_topic(self.srv.bootstrap, self.topic, self.ends, decode=decode,
-                                       fetch=fetch)
+        for name, decode, fetch, batch, note in cases:
+            out[name] = r = ceiling.read_topic(self.srv.bootstrap, self.topic, self.ends,
+                                               decode=decode, fetch=fetch, batch=batch)
             self.progress.add("ceiling", name.replace("_", " "), _rate(r["readings_per_s"]),
                               f"1 consumer; {note}")
         self.result["scenarios"]["ceiling"] = out
