@@ -57,6 +57,7 @@ from segs.sink import TABLES, ClosedRow, Position, Sink
 from segs.windows import Partials, WindowEngine
 
 log = logging.getLogger(__name__)
+_KAFKA_LOG = logging.getLogger("segs.kafka")
 
 # Worker states shared with the supervisor (one int per worker in a shared array).
 STARTING, RUNNING, DEGRADED, STOPPING, STOPPED = range(5)
@@ -154,6 +155,7 @@ class Worker:
             "session.timeout.ms": settings.kafka_session_timeout_ms,
             "heartbeat.interval.ms": min(3_000, settings.kafka_session_timeout_ms // 3),
             "error_cb": self._on_kafka_error,
+            "logger": _KAFKA_LOG,  # librdkafka's own lines, as JSON like ours
         })
         self.producer = Producer({
             "linger.ms": 5,
@@ -166,6 +168,7 @@ class Worker:
             "delivery.report.only.error": True,
             "on_delivery": self._on_delivery,
             "error_cb": self._on_kafka_error,
+            "logger": _KAFKA_LOG,
         })
 
     def _fresh_state(self) -> None:

@@ -108,5 +108,8 @@ def test_metrics_match_what_happened_and_ready_follows_the_database(
             postgres_server.local.start()
         _wait_ready(port, 200)
         assert svc.stop() == 0
+        # LOG_FORMAT=json: every line is one JSON object, librdkafka's own lines included
+        for line in svc.log_text().splitlines():
+            assert isinstance(json.loads(line), dict), line
     finally:
         svc.kill()
