@@ -46,8 +46,12 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
          lambda v: v <= 600),
         ("alert latency p99 at half max rate, ms", "≤ 250",
          _get(result, "latency", "alert", "p99_ms"), lambda v: v <= 250),
-        ("checkpoint of 100,000 aggregates (merge), s", "≤ 1",
+        # A 1-minute partial writes two aggregate rows (its 1-minute row and its 15-minute
+        # roll-up): both readings of "100,000 aggregates", the stricter first.
+        ("checkpoint of 100,000 partials = 200,000 aggregate rows (merge), s", "≤ 1",
          _get(result, "checkpoint", 100_000, "merge_s"), lambda v: v <= 1.0),
+        ("checkpoint of 50,000 partials = 100,000 aggregate rows (merge), s", "≤ 1",
+         _get(result, "checkpoint", 50_000, "merge_s"), lambda v: v <= 1.0),
     ]
     return [{"target": name, "goal": goal, "value": value,
              "met": None if value is None else bool(ok(value))}

@@ -53,7 +53,7 @@ class Plan:
 FULL = Plan("full", meters=100_000, readings=10_000_000,
             scaling_meters=(10_000, 100_000, 1_000_000), scaling_readings=3_000_000,
             latency_meters=100_000, latency_duration_s=75, latency_speedup=1.0,
-            latency_flush_ms=5000, checkpoint_sizes=(1_000, 100_000, 1_000_000),
+            latency_flush_ms=5000, checkpoint_sizes=(1_000, 50_000, 100_000, 1_000_000),
             peer_instances=(1, 2), peer_target=1_000_000, latency_fractions=(0.5, 0.25))
 QUICK = Plan("quick", meters=2_000, readings=200_000, scaling_meters=(1_000, 10_000),
              scaling_readings=100_000, latency_meters=2_000, latency_duration_s=12,
