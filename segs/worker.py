@@ -31,6 +31,8 @@ import signal
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from itertools import repeat
+from operator import is_
 from typing import Any
 
 import numpy as np
@@ -352,7 +354,8 @@ class Worker:
         everything after that is per batch.
         """
         t0 = time.perf_counter()
-        if list(map(Message.error, msgs)).count(None) != len(msgs):
+        # `is`, never `==`: KafkaError's == raises on None (list.count(None) killed a worker)
+        if not all(map(is_, map(Message.error, msgs), repeat(None))):
             msgs = self._without_errors(msgs)
         part_arr = np.fromiter(map(Message.partition, msgs), np.int32, len(msgs))
         present = np.unique(part_arr).tolist()
