@@ -121,6 +121,12 @@ class CommitStats:
 
 
 ClosedRow = tuple[str, str, int, float, float, float, float, int]
+# A worker that stalls (SIGSTOP, a paused VM) inside a transaction keeps its row locks — the
+# positions it updates, the rows claim_closed marks while it delivers them to Kafka — and the
+# worker that took its partitions over would wait on them until the stalled one resumed.
+# PostgreSQL ends such a session after this long idle in a transaction; the longest idle gap
+# of a healthy worker is one chunk delivered by claim_closed (produce + a flush of ≤ 10 s).
+IDLE_IN_TXN_MS = 20_000
 _CLAIM_CHUNK = 10_000
 
 
@@ -136,7 +142,8 @@ class Sink:
             check=ConnectionPool.check_connection, configure=_create_temp_tables,
             name="segs-sink",
             kwargs={"connect_timeout": 5,
-                    "options": f"-c statement_timeout={statement_timeout_ms}"},
+                    "options": f"-c statement_timeout={statement_timeout_ms} "
+                               f"-c idle_in_transaction_session_timeout={IDLE_IN_TXN_MS}"},
         )
 
     def open(self) -> None:
