@@ -11,7 +11,6 @@ position, the worker's CPU seconds per reading and its peak RSS.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import signal
 import subprocess
@@ -23,23 +22,13 @@ from pathlib import Path
 
 import psycopg
 
+from segs.bench.infra import cpu_seconds, status_kb, worker_pids
 from segs.local_servers import LocalKafka, LocalPostgres, create_topics
 from segs.simulator import SimulatorOptions, produce
 
 SEGS = str(Path(sys.executable).with_name("segs-stream"))
 TOPICS = {"raw_readings": 6, "raw_readings.dlq": 1, "aggregates_1m": 1, "aggregates_15m": 1,
           "alerts": 1}
-
-
-def _proc(pid: int) -> tuple[float, int]:
-    """(CPU seconds, peak RSS MB) of a process."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    peak = 0
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            peak = int(line.split()[1]) // 1024
-    return cpu, peak
 
 
 def run_once(kafka: LocalKafka, pg: LocalPostgres, readings: int, detection: str,
@@ -59,10 +48,10 @@ def run_once(kafka: LocalKafka, pg: LocalPostgres, readings: int, detection: str
     try:
         while True:
             time.sleep(0.5)
-            children = Path(f"/proc/{svc.pid}/task/{svc.pid}/children").read_text().split()
-            for pid in map(int, children):
-                with contextlib.suppress(OSError):  # a child that just exited
-                    stats[pid] = _proc(pid)
+            for pid in worker_pids(svc.pid):
+                cpu = cpu_seconds(pid)
+                if cpu:  # 0: it just exited, keep what was read before
+                    stats[pid] = (cpu, status_kb(pid, "VmHWM") // 1024)
             try:
                 with psycopg.connect(url) as conn:
                     row = conn.execute("SELECT coalesce(sum(next_offset), 0) "
@@ -75,7 +64,7 @@ def run_once(kafka: LocalKafka, pg: LocalPostgres, readings: int, detection: str
     finally:
         svc.send_signal(signal.SIGTERM)
         svc.wait(120)
-    cpu = max((c for c, _ in stats.values()), default=0.0)  # the worker, not the tracker
+    cpu = max((c for c, _ in stats.values()), default=0.0)
     return {"readings_per_s": readings / elapsed, "cpu_us_per_reading": 1e6 * cpu / readings,
             "peak_rss_mb": max((m for _, m in stats.values()), default=0)}
 

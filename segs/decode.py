@@ -364,8 +364,7 @@ class Decoder:
         if slow:
             extra = self._exact_batch(values, sorted(slow), now_ms, rejects)
             if extra is not None:
-                if index is None:
-                    index = np.arange(len(msgs), dtype=np.intp)
+                assert index is not None  # set wherever `slow` was filled
                 e_idx, e_meter, e_region, e_ts, e_power, e_energy, e_voltage = extra
                 index = np.concatenate([index, e_idx])
                 order = np.argsort(index, kind="stable")

@@ -23,6 +23,7 @@ from typing import Any
 import psycopg
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
+from segs.bench.infra import status_kb, worker_pids
 from segs.simulator import SimMessage, SimulatorOptions, produce, read_file
 from tests.reference import RefAgg, aggregate, parse_reading
 
@@ -63,14 +64,7 @@ class Service:
 
     def worker_pids(self) -> list[int]:
         assert self.proc is not None
-        path = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
-        try:
-            pids = [int(p) for p in path.read_text().split()]
-        except OSError:
-            return []
-        # the spawn start method adds a resource tracker child: keep real workers only
-        return [p for p in pids if b"spawn_main" in _cmdline(p) and
-                b"resource_tracker" not in _cmdline(p)]
+        return worker_pids(self.proc.pid)
 
     def signal(self, sig: int) -> None:
         assert self.proc is not None
@@ -114,20 +108,7 @@ class Service:
 
 def rss_kb(pid: int) -> int:
     """Resident memory of a process in kB (0 once it is gone)."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
-def _cmdline(pid: int) -> bytes:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return b""
+    return status_kb(pid, "VmRSS")
 
 
 def simulate(bootstrap: str, topic: str, path: Path, **options: Any) -> list[SimMessage]:

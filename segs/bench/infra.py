@@ -160,6 +160,18 @@ def _cmdline(pid: int) -> bytes:
         return b""
 
 
+def worker_pids(supervisor_pid: int) -> list[int]:
+    """Worker processes of a ``segs-stream run`` supervisor (not the spawn method's
+    resource tracker); [] when it is gone."""
+    path = Path(f"/proc/{supervisor_pid}/task/{supervisor_pid}/children")
+    try:
+        pids = [int(p) for p in path.read_text().split()]
+    except OSError:
+        return []
+    return [p for p in pids
+            if b"spawn_main" in _cmdline(p) and b"resource_tracker" not in _cmdline(p)]
+
+
 def status_kb(pid: int, field_name: str) -> int:
     """A ``kB`` field of /proc/PID/status (VmRSS, VmHWM); 0 when the process is gone."""
     try:
@@ -208,15 +220,7 @@ class Service:
         return self
 
     def worker_pids(self) -> list[int]:
-        if self.proc is None:
-            return []
-        path = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
-        try:
-            pids = [int(p) for p in path.read_text().split()]
-        except OSError:
-            return []
-        return [p for p in pids
-                if b"spawn_main" in _cmdline(p) and b"resource_tracker" not in _cmdline(p)]
+        return [] if self.proc is None else worker_pids(self.proc.pid)
 
     def messages_total(self) -> float:
         """``stream_messages_total`` summed over workers, from /metrics (0 when not up)."""
