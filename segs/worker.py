@@ -202,6 +202,9 @@ class Worker:
             consumer.pause(partitions)
         else:
             consumer.incremental_assign(tps)
+            # librdkafka keeps a partition's pause flag across unassign/assign: one lost
+            # while intake was paused would come back paused for good after the resume
+            (consumer.pause if self.paused else consumer.resume)(tps)
             self.positioned.update(parts)
             self.last_seen.update(dict.fromkeys(parts, int(time.time() * 1000)))
         metrics.ASSIGNED_PARTITIONS.set(len(self.assigned))
