@@ -11,6 +11,10 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
 WORKDIR /src
+# A C compiler for the decoder's native fast path (segs/_fastscan.c); only in this stage.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends gcc libc6-dev \
+ && rm -rf /var/lib/apt/lists/*
 # The venv lives at its final path: its scripts carry absolute shebangs.
 RUN python -m venv /opt/segs-stream/.venv \
  && /opt/segs-stream/.venv/bin/pip install --upgrade pip setuptools wheel
@@ -22,7 +26,8 @@ COPY cli ./cli
 COPY schema ./schema
 RUN /opt/segs-stream/.venv/bin/pip wheel --no-deps --wheel-dir /wheels . \
  && /opt/segs-stream/.venv/bin/pip install /wheels/*.whl \
- && /opt/segs-stream/.venv/bin/segs-stream --help > /dev/null
+ && /opt/segs-stream/.venv/bin/segs-stream --help > /dev/null \
+ && /opt/segs-stream/.venv/bin/python -c "import segs._fastscan"
 
 # --- final: the venv on a clean slim image, run as an unprivileged user ---------------------
 FROM ${PYTHON_IMAGE}

@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 
 .PHONY: install lint test test-unit demo bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml segs/_fastscan.c
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@$(BIN)/python -m pip install -q --upgrade pip
 	@$(BIN)/python -m pip install -q -e ".[dev]"
@@ -37,4 +37,4 @@ bench: $(STAMP)
 	$(BIN)/segs-stream bench $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis build segs/_fastscan.*.so

@@ -1,6 +1,13 @@
 """Validating decoder: Kafka message values → :class:`~segs.columns.Readings` + rejects.
 
-Fast path, per batch:
+Native path (``segs/_fastscan.c``, built at install when a C compiler is there): one C pass
+over the batch accepts every value that is a plain valid reading — ASCII, no escapes in the
+known fields, every rule below met — straight into the columns, and declines everything
+else to the Python paths below. It never rejects, so reject reasons still come from one
+place; a differential property test holds it to the exact path (accepted ⇒ the exact path
+accepts the same values).
+
+Python fast path, per batch:
 
 1. size/emptiness checks per value;
 2. one ``msgspec`` decode per value into a constrained ``Struct`` (unknown fields skipped
@@ -27,7 +34,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from itertools import repeat
 from operator import attrgetter
 from typing import Annotated, Any, NamedTuple
@@ -37,6 +44,14 @@ import numpy as np
 from numpy.typing import NDArray
 
 from segs.columns import Interner, Readings
+
+_scan_readings: Callable[..., list[tuple[int, str | None, str | None]]] | None
+try:
+    from segs._fastscan import scan_readings as _scan_readings
+except ImportError:  # built without a C compiler: the Python paths alone, same results
+    _scan_readings = None
+
+NATIVE = _scan_readings is not None
 
 OVERSIZE = "oversize"
 EMPTY = "empty"
@@ -304,6 +319,11 @@ def _exact(value: bytes, now_ms: int, max_future_skew_ms: int) -> tuple[str, str
     return meter, region, ts_ms, power, energy, voltage
 
 
+# meter slot, region slot, event time ms, power, energy, voltage
+_Columns = tuple[NDArray[np.int32], NDArray[np.int32], NDArray[np.int64], NDArray[np.float64],
+                 NDArray[np.float64], NDArray[np.float64]]
+
+
 def _pick(a: NDArray[Any], index: NDArray[np.intp] | None) -> NDArray[Any]:
     """``a[index]``; all of ``a`` (not a copy) when ``index`` is None."""
     return a if index is None else a[index]
@@ -322,12 +342,14 @@ class Decoder:
         *,
         max_message_bytes: int = 65536,
         max_future_skew_ms: int = 300_000,
+        native: bool = True,
     ) -> None:
         self.meters = meters
         self.regions = regions
         self.max_message_bytes = max_message_bytes
         self.max_future_skew_ms = max_future_skew_ms
         self._decode_one = msgspec.json.Decoder(_Msg).decode
+        self._scan = _scan_readings if native else None
 
     def decode(
         self,
@@ -337,6 +359,68 @@ class Decoder:
         now_ms: int,
     ) -> tuple[Readings, list[Reject]]:
         """Valid readings in input order, and one :class:`Reject` per invalid value."""
+        if self._scan is not None:
+            index, cols, rejects = self._decode_native(values, now_ms)
+        else:
+            index, cols, rejects = self._decode_python(values, now_ms)
+        meter, region, ts, power, energy, voltage = cols
+        readings = Readings(
+            meter=meter,
+            region=region,
+            ts_ms=ts,
+            power=power,
+            energy=energy,
+            voltage=voltage,
+            partition=_pick(np.asarray(partitions, np.int32), index),
+            offset=_pick(np.asarray(offsets, np.int64), index),
+        )
+        return readings, rejects
+
+    def _decode_native(
+        self, values: Sequence[bytes | None], now_ms: int
+    ) -> tuple[NDArray[np.intp] | None, _Columns, list[Reject]]:
+        """The C pass, then the Python paths for the values it declined."""
+        assert self._scan is not None
+        n = len(values)
+        accepted = np.empty(n, np.bool_)
+        meter, region = np.empty(n, np.int32), np.empty(n, np.int32)
+        ts = np.empty(n, np.int64)
+        power, energy, voltage = (np.empty(n, np.float64) for _ in range(3))
+        fresh = self._scan(values, self.max_message_bytes, MIN_TS_MS,
+                           now_ms + self.max_future_skew_ms, self.meters.slots,
+                           self.regions.slots, accepted, meter, region, ts, power, energy,
+                           voltage)
+        for i, meter_id, region_name in fresh:  # names seen for the first time (ASCII)
+            if meter_id is not None:
+                meter[i] = self.meters.slot(meter_id)
+            if region_name is not None:
+                region[i] = self.regions.slot(region_name)
+        cols: _Columns = (meter, region, ts, power, energy, voltage)
+        if accepted.all():
+            return None, cols, []
+        rest = np.flatnonzero(~accepted)
+        sub_index, sub_cols, sub_rejects = self._decode_python(
+            [values[i] for i in rest.tolist()], now_ms)
+        rejects = [Reject(int(rest[r.index]), r.reason, r.detail) for r in sub_rejects]
+        keep = np.flatnonzero(accepted)
+        index = np.concatenate([keep, rest if sub_index is None else rest[sub_index]])
+        order = np.argsort(index, kind="stable")
+        s_meter, s_region, s_ts, s_power, s_energy, s_voltage = sub_cols
+        merged: _Columns = (
+            np.concatenate([meter[keep], s_meter])[order],
+            np.concatenate([region[keep], s_region])[order],
+            np.concatenate([ts[keep], s_ts])[order],
+            np.concatenate([power[keep], s_power])[order],
+            np.concatenate([energy[keep], s_energy])[order],
+            np.concatenate([voltage[keep], s_voltage])[order],
+        )
+        return index[order], merged, rejects
+
+    def _decode_python(
+        self, values: Sequence[bytes | None], now_ms: int
+    ) -> tuple[NDArray[np.intp] | None, _Columns, list[Reject]]:
+        """msgspec per value, then the exact path: (indices of the valid values or None for
+        all, their columns, rejects in input order)."""
         rejects: list[Reject] = []
         slow: list[int] = []  # indices for the exact path
         fast = self._decode_fast(values, rejects, slow)
@@ -376,17 +460,7 @@ class Decoder:
                 energy = np.concatenate([energy, e_energy])[order]
                 voltage = np.concatenate([voltage, e_voltage])[order]
             rejects.sort(key=lambda r: r.index)
-        readings = Readings(
-            meter=meter,
-            region=region,
-            ts_ms=ts,
-            power=power,
-            energy=energy,
-            voltage=voltage,
-            partition=_pick(np.asarray(partitions, np.int32), index),
-            offset=_pick(np.asarray(offsets, np.int64), index),
-        )
-        return readings, rejects
+        return index, (meter, region, ts, power, energy, voltage), rejects
 
     # -----------------------------------------------------------------------------------
 

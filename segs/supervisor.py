@@ -14,6 +14,7 @@ positions stored in the database.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import multiprocessing
 import os
@@ -68,6 +69,9 @@ class Supervisor:
         self.http.start()
         log.info("serving /metrics, /health, /ready on %s:%d", self.s.http_host,
                  self.http.port)
+        if importlib.util.find_spec("segs._fastscan") is None:  # see segs/decode.py
+            log.warning("decoder: segs._fastscan is not built (no C compiler at install), "
+                        "so messages are decoded in Python, about 2.5x slower")
         for slot in self.slots:
             self._spawn(slot)
         try:

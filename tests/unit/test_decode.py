@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from segs.columns import Interner
-from segs.decode import REASONS, Decoder, parse_timestamp_ms
+from segs.decode import MIN_TS_MS, NATIVE, REASONS, Decoder, _exact, parse_timestamp_ms
 from tests.reference import parse_reading, timestamp_ms
 
 NOW = 1_795_759_217_123  # 2026-11-27T06:00:17.123Z
@@ -108,12 +110,24 @@ def valid_readings(draw: st.DrawFn) -> tuple[bytes, dict[str, Any]]:
 
 
 def decode(values: list[bytes | None]) -> tuple[Decoder, Any, Any]:
-    dec = Decoder(Interner(), Interner(), max_future_skew_ms=SKEW)
-    n = len(values)
-    parts = np.arange(n, dtype=np.int32) % 3
-    offs = np.arange(n, dtype=np.int64) + 100
-    readings, rejects = dec.decode(values, parts, offs, NOW)
-    return dec, readings, rejects
+    """Decode with the native path (when built) and with the Python paths alone; both must
+    give the same readings and rejects. Returns the first."""
+    results = []
+    for native in (True, False):
+        dec = Decoder(Interner(), Interner(), max_future_skew_ms=SKEW, native=native)
+        n = len(values)
+        parts = np.arange(n, dtype=np.int32) % 3
+        offs = np.arange(n, dtype=np.int64) + 100
+        readings, rejects = dec.decode(values, parts, offs, NOW)
+        results.append((dec, readings, rejects))
+    (d1, r1, j1), (d2, r2, j2) = results
+    assert j1 == j2
+    assert rows(d1, r1) == rows(d2, r2) or all(
+        same(a, b) for a, b in zip(rows(d1, r1), rows(d2, r2), strict=True))
+    for field in ("ts_ms", "power", "energy", "voltage", "partition", "offset"):
+        a, b = getattr(r1, field), getattr(r2, field)
+        assert a.dtype == b.dtype and a.tobytes() == b.tobytes(), field  # bit for bit: -0.0
+    return results[0]
 
 
 def rows(dec: Decoder, r: Any) -> list[dict[str, Any]]:
@@ -354,3 +368,102 @@ def test_deeply_nested_json_is_rejected_not_raised() -> None:
                                    np.arange(3, dtype=np.int64), 1_795_763_000_000)
     assert len(readings) == 1 and readings.offset.tolist() == [1]
     assert [(r.index, r.reason) for r in rejects] == [(0, "not_json"), (2, "not_json")]
+
+
+# --------------------------------------------------------------------- the native path
+
+native = pytest.mark.skipif(not NATIVE, reason="segs._fastscan not built (no C compiler)")
+
+
+def test_native_path_is_built_where_a_compiler_is() -> None:
+    """pyproject.toml marks the extension optional (an install without a compiler still
+    works); here, with one, a silent fallback to Python would hide a build break."""
+    if shutil.which("cc") or shutil.which("gcc"):
+        assert NATIVE, "segs._fastscan failed to build: see the pip install output"
+
+
+def scan(values: list[bytes | None]) -> list[tuple[int, Any]]:
+    """(index, (meter, region, ts, power, energy, voltage)) of every value the C pass
+    accepts."""
+    from segs._fastscan import scan_readings
+
+    n = len(values)
+    acc = np.zeros(n, np.bool_)
+    meter, region = np.empty(n, np.int32), np.empty(n, np.int32)
+    ts = np.empty(n, np.int64)
+    power, energy, voltage = np.empty(n), np.empty(n), np.empty(n)
+    fresh = scan_readings(values, 65536, MIN_TS_MS, NOW + SKEW, {}, {}, acc, meter, region,
+                          ts, power, energy, voltage)
+    names = {i: (m, g) for i, m, g in fresh}
+    return [(i, (*names[i], int(ts[i]), power[i], energy[i], voltage[i]))
+            for i in np.flatnonzero(acc).tolist()]
+
+
+def bits(x: float) -> bytes:
+    return np.float64(x).tobytes()
+
+
+def check_native_against_exact(values: list[bytes | None]) -> None:
+    """Whatever the C pass accepts, the exact path accepts with the same values (floats bit
+    for bit); and it accepts every plain valid reading."""
+    for i, (meter, region, ts, power, energy, voltage) in scan(values):
+        v = values[i]
+        assert v is not None
+        want = _exact(v, NOW, SKEW)
+        assert len(want) == 6, (v, want)
+        assert (meter, region, ts) == want[:3], v
+        assert [bits(power), bits(energy), bits(voltage)] == [bits(x) for x in want[3:]], v
+
+
+@native
+@SETTINGS
+@given(st.lists(st.one_of(near_valid(), st.binary(max_size=120), st.none()), max_size=20))
+def test_native_accepts_only_what_the_exact_path_accepts(values: list[bytes | None]) -> None:
+    check_native_against_exact(values)
+
+
+# number texts around the C pass's two conversions: the exact fast one (≤ 2^53, |10^k| ≤ 22)
+# and Python's correctly rounded one beyond
+number_texts = st.builds(
+    lambda sign, whole, frac, exp: f"{sign}{whole}{frac}{exp}",
+    st.sampled_from(["", "-"]),
+    st.one_of(st.just("0"), st.from_regex(r"[1-9][0-9]{0,24}", fullmatch=True)),
+    st.one_of(st.just(""), st.from_regex(r"\.[0-9]{1,25}", fullmatch=True)),
+    st.one_of(st.just(""), st.builds(lambda e, k: f"{e}{k}", st.sampled_from(
+        ["e", "E", "e+", "e-", "E-"]), st.integers(0, 40))),
+)
+
+
+@native
+@SETTINGS
+@given(st.lists(st.one_of(number_texts, st.floats(0, 1e13).map(repr)), min_size=1,
+                max_size=20))
+def test_native_numbers_equal_python_float(texts: list[str]) -> None:
+    values: list[bytes | None] = [
+        (f'{{"meterId":"m","region":"r","timestamp":"2026-11-27T06:00:17.123Z",'
+         f'"powerKw":{t},"energyKwh":{t},"voltage":{t}}}').encode() for t in texts]
+    accepted = dict(scan(values))
+    for i, t in enumerate(texts):
+        f = float(json.loads(t))  # JSON -0 is the integer 0: +0.0
+        valid = f == 0 or 1e-12 <= f <= 1e12
+        assert (i in accepted) == valid, t
+        if valid:
+            assert bits(accepted[i][3]) == bits(f), t
+    check_native_against_exact(values)
+
+
+@native
+def test_native_declines_what_it_does_not_read_plainly() -> None:
+    """Escapes, non-ASCII, duplicates, deep nesting: declined, and then decoded exactly."""
+    base = json.dumps(BASE)
+    values: list[bytes | None] = [
+        base.replace('"MTR-1"', '"MTR\\u002d1"').encode(),  # escape in a known field
+        base.replace('"MTR-1"', '"MTR-é"').encode(),  # non-ASCII
+        base.replace('{"meterId"', '{"meterId": "x", "meterId"').encode(),  # duplicate
+        base.replace('{"meterId"', '{"x":' + "[" * 40 + "]" * 40 + ', "meterId"').encode(),
+        base.replace('{"meterId"', '{"x\\n": 1, "meterId"').encode(),  # escape in a key
+        base.replace('{"meterId"', '{"x": ["a\\"b\\u00e9"], "meterId"').encode(),  # read
+        base.encode(),
+    ]
+    assert [i for i, _ in scan(values)] == [5, 6]
+    check_against_reference(values)
