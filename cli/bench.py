@@ -21,7 +21,8 @@ from cli.main import handle_errors
                    "checkpoint, peer (default: all).")
 @click.option("--readme", type=click.Path(dir_okay=False), default=None,
               help="README whose figures section to regenerate [default: "
-                   "benchmarks/README.md for a full run, none for --quick].")
+                   "benchmarks/README.md after a full run of every scenario into "
+                   "benchmarks/results; none otherwise].")
 @click.option("--wait-quiet", type=float, default=0.0, show_default=True,
               help="First wait up to this many seconds for the 1-minute load average "
                    "to fall below 1.0.")
@@ -55,7 +56,11 @@ def bench(quick: bool, out_dir: str, scenarios: str | None, readme: str | None,
     result["chart"] = png.name if report.chart(result, png) else None
     json_path = out / f"{stem}.json"
     report.write_json(result, json_path)
-    readme_path = Path(readme) if readme else None if quick else Path("benchmarks/README.md")
+    # The README's figures link results/<date>.json: regenerate them by default only from a
+    # complete full run written there (a subset or --quick would overwrite them with gaps).
+    complete = (not quick and set(chosen) == set(SCENARIOS)
+                and out.resolve() == Path("benchmarks/results").resolve())
+    readme_path = Path(readme) if readme else Path("benchmarks/README.md") if complete else None
     if readme_path is not None:
         report.update_readme(readme_path, report.figures_markdown(result, json_path.name,
                                                                   result["chart"]))
