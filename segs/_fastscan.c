@@ -397,6 +397,10 @@ static int lookup(PyObject *slots, ptr s, Py_ssize_t n, PyObject **name, long *s
         Py_DECREF(key);
         *slot = PyLong_AsLong(v);
         if (*slot == -1 && PyErr_Occurred()) return -1;
+        if (*slot < 0 || *slot > INT32_MAX) {
+            PyErr_SetString(PyExc_ValueError, "slots must be within 0..2**31-1");
+            return -1;
+        }
         return 0;
     }
     if (PyErr_Occurred()) {
@@ -433,9 +437,11 @@ static PyObject *scan_readings(PyObject *self, PyObject *args) {
                           &acc, &mtr, &reg, &ts, &pw, &en, &vo))
         return NULL;
     PyObject *result = NULL, *fast = NULL, *fresh = NULL;
-    fast = PySequence_Fast(values, "values must be a sequence");
+    /* A tuple of its own: the dict lookups below may run Python code (a str subclass's
+     * __eq__), which must not be able to free the values scanned. */
+    fast = PySequence_Tuple(values);
     if (!fast) goto done;
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
+    Py_ssize_t n = PyTuple_GET_SIZE(fast);
     if (writable(&acc, n, 1, "accepted") || writable(&mtr, n, 4, "meter") ||
         writable(&reg, n, 4, "region") || writable(&ts, n, 8, "ts_ms") ||
         writable(&pw, n, 8, "power") || writable(&en, n, 8, "energy") ||
@@ -443,7 +449,7 @@ static PyObject *scan_readings(PyObject *self, PyObject *args) {
         goto done;
     fresh = PyList_New(0);
     if (!fresh) goto done;
-    PyObject **items = PySequence_Fast_ITEMS(fast);
+    PyObject **items = &PyTuple_GET_ITEM(fast, 0);
     uint8_t *a_acc = acc.buf;
     int32_t *a_mtr = mtr.buf, *a_reg = reg.buf;
     int64_t *a_ts = ts.buf;
@@ -455,7 +461,7 @@ static PyObject *scan_readings(PyObject *self, PyObject *args) {
         PyObject *v = items[i];
         Reading r;
         a_acc[i] = 0;
-        if (!PyBytes_Check(v) || PyBytes_GET_SIZE(v) > max_bytes ||
+        if (!PyBytes_CheckExact(v) || PyBytes_GET_SIZE(v) > max_bytes ||
             scan_one((ptr)PyBytes_AS_STRING(v), PyBytes_GET_SIZE(v), (int64_t)min_ts,
                      (int64_t)max_ts, &r))
             continue;
