@@ -25,9 +25,13 @@ from segs.simulator import SimulatorOptions
 
 SMALL = ("max.partition.fetch.bytes=2097152,fetch.max.bytes=16777216,"
          "queued.min.messages=20000,queued.max.messages.kbytes=32768")
+MEDIUM = ("max.partition.fetch.bytes=4194304,fetch.max.bytes=33554432,"
+          "queued.min.messages=50000,queued.max.messages.kbytes=65536")
 # name → environment of the service ({} = the defaults)
 SETTINGS: dict[str, dict[str, str]] = {
     "small prefetch, batch 10k": {"KAFKA_EXTRA_CONFIG": SMALL, "BATCH_SIZE": "10000"},
+    "small prefetch, batch 50k": {"KAFKA_EXTRA_CONFIG": SMALL},
+    "medium prefetch, batch 50k": {"KAFKA_EXTRA_CONFIG": MEDIUM},
     "default prefetch, batch 10k": {"BATCH_SIZE": "10000"},
     "defaults (batch 50k)": {},
     "default prefetch, batch 100k": {"BATCH_SIZE": "100000"},
