@@ -19,7 +19,7 @@ RUN apt-get update \
 RUN python -m venv /opt/segs-stream/.venv \
  && /opt/segs-stream/.venv/bin/pip install --upgrade pip setuptools wheel
 # Dependencies first (a layer that survives source edits), then the project itself.
-COPY pyproject.toml README.md* ./
+COPY pyproject.toml setup.py README.md* ./
 RUN test -f README.md || echo "# segs-stream" > README.md
 COPY segs ./segs
 COPY cli ./cli

@@ -7,10 +7,12 @@ PYTEST_ARGS ?=
 
 .PHONY: install lint test test-unit demo bench clean
 
-$(STAMP): pyproject.toml segs/_fastscan.c
+# PYTHONWARNINGS: setuptools warns on every editable build with a C extension that folders
+# named like the package may shadow it; in this flat layout that folder is the package.
+$(STAMP): pyproject.toml setup.py segs/_fastscan.c
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@$(BIN)/python -m pip install -q --upgrade pip
-	@$(BIN)/python -m pip install -q -e ".[dev]"
+	@PYTHONWARNINGS=ignore::UserWarning $(BIN)/python -m pip install -q -e ".[dev]"
 	@touch $@
 
 install: $(STAMP)
@@ -33,7 +35,7 @@ demo: $(STAMP)
 
 ## bench: the benchmark suite (pass BENCH_ARGS=--quick for a smoke run)
 bench: $(STAMP)
-	@$(BIN)/python -m pip install -q -e ".[dev,bench]"
+	@PYTHONWARNINGS=ignore::UserWarning $(BIN)/python -m pip install -q -e ".[dev,bench]"
 	$(BIN)/segs-stream bench $(BENCH_ARGS)
 
 clean:
