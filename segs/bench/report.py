@@ -124,13 +124,14 @@ def _fmt(v: Any, digits: int = 0) -> str:
 
 def figures_markdown(result: dict[str, Any], json_name: str, png_name: str | None) -> str:
     m = result["machine"]
+    decoder = f" (decoder: {m['decoder']})" if "decoder" in m else ""  # older runs: none
     load = result.get("load_average_start", [0, 0, 0])
     lines = [
         BEGIN, "",
         f"Run of {result.get('started')} (`{result.get('command', 'segs-stream bench')}`, "
         f"{result.get('mode')} mode, {result.get('elapsed_s', 0) / 60:.1f} min) on "
         f"{m['cpus']} × {m['cpu_model'] or 'CPU'}, {m['memory_gb']} GB, Linux {m['kernel']}, "
-        f"Python {m['python']}, librdkafka {m['librdkafka']}, Kafka "
+        f"Python {m['python']}{decoder}, librdkafka {m['librdkafka']}, Kafka "
         f"{result.get('servers', {}).get('kafka')}, PostgreSQL "
         f"{result.get('servers', {}).get('postgresql')}; load average at start "
         f"{load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}. Source: "

@@ -25,6 +25,7 @@ from segs.bench.checkpoint import run_checkpoint
 from segs.bench.latency import run_latency
 from segs.bench.peer import PeerUnavailable, run_peer
 from segs.bench.pipeline import run_pipeline
+from segs.decode import NATIVE
 from segs.simulator import SimulatorOptions
 
 SCENARIOS = ("ceiling", "pipeline", "scaling", "latency", "checkpoint", "peer")
@@ -258,6 +259,7 @@ def _machine() -> dict[str, Any]:
         "kernel": platform.release(), "python": platform.python_version(),
         "confluent_kafka": confluent_kafka.__version__,
         "librdkafka": confluent_kafka.libversion()[0],
+        "decoder": "native" if NATIVE else "Python (segs._fastscan not built)",
     }}
 
 
