@@ -9,10 +9,12 @@ PYTEST_ARGS ?=
 
 # PYTHONWARNINGS: setuptools warns on every editable build with a C extension that folders
 # named like the package may shadow it; in this flat layout that folder is the package.
+INSTALL := PYTHONWARNINGS=ignore::UserWarning $(BIN)/python -m pip install -q -e
+
 $(STAMP): pyproject.toml setup.py segs/_fastscan.c
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@$(BIN)/python -m pip install -q --upgrade pip
-	@PYTHONWARNINGS=ignore::UserWarning $(BIN)/python -m pip install -q -e ".[dev]"
+	@$(INSTALL) ".[dev]"
 	@touch $@
 
 install: $(STAMP)
@@ -35,7 +37,7 @@ demo: $(STAMP)
 
 ## bench: the benchmark suite (pass BENCH_ARGS=--quick for a smoke run)
 bench: $(STAMP)
-	@PYTHONWARNINGS=ignore::UserWarning $(BIN)/python -m pip install -q -e ".[dev,bench]"
+	@$(INSTALL) ".[dev,bench]"
 	$(BIN)/segs-stream bench $(BENCH_ARGS)
 
 clean:

@@ -436,12 +436,12 @@ static PyObject *scan_readings(PyObject *self, PyObject *args) {
                           &max_ts, &PyDict_Type, &meter_slots, &PyDict_Type, &region_slots,
                           &acc, &mtr, &reg, &ts, &pw, &en, &vo))
         return NULL;
-    PyObject *result = NULL, *fast = NULL, *fresh = NULL;
+    PyObject *result = NULL, *batch = NULL, *fresh = NULL;
     /* A tuple of its own: the dict lookups below may run Python code (a str subclass's
      * __eq__), which must not be able to free the values scanned. */
-    fast = PySequence_Tuple(values);
-    if (!fast) goto done;
-    Py_ssize_t n = PyTuple_GET_SIZE(fast);
+    batch = PySequence_Tuple(values);
+    if (!batch) goto done;
+    Py_ssize_t n = PyTuple_GET_SIZE(batch);
     if (writable(&acc, n, 1, "accepted") || writable(&mtr, n, 4, "meter") ||
         writable(&reg, n, 4, "region") || writable(&ts, n, 8, "ts_ms") ||
         writable(&pw, n, 8, "power") || writable(&en, n, 8, "energy") ||
@@ -449,7 +449,7 @@ static PyObject *scan_readings(PyObject *self, PyObject *args) {
         goto done;
     fresh = PyList_New(0);
     if (!fresh) goto done;
-    PyObject **items = &PyTuple_GET_ITEM(fast, 0);
+    PyObject **items = &PyTuple_GET_ITEM(batch, 0);
     uint8_t *a_acc = acc.buf;
     int32_t *a_mtr = mtr.buf, *a_reg = reg.buf;
     int64_t *a_ts = ts.buf;
@@ -503,7 +503,7 @@ static PyObject *scan_readings(PyObject *self, PyObject *args) {
     fresh = NULL;
 done:
     Py_XDECREF(fresh);
-    Py_XDECREF(fast);
+    Py_XDECREF(batch);
     PyBuffer_Release(&acc);
     PyBuffer_Release(&mtr);
     PyBuffer_Release(&reg);

@@ -37,7 +37,7 @@ import re
 from collections.abc import Callable, Sequence
 from itertools import repeat
 from operator import attrgetter
-from typing import Annotated, Any, NamedTuple
+from typing import Annotated, Any, NamedTuple, cast
 
 import msgspec
 import numpy as np
@@ -324,6 +324,36 @@ _Columns = tuple[NDArray[np.int32], NDArray[np.int32], NDArray[np.int64], NDArra
                  NDArray[np.float64], NDArray[np.float64]]
 
 
+def _interleave(a_index: NDArray[np.intp], a: _Columns, b_index: NDArray[np.intp],
+                b: Sequence[NDArray[Any]]) -> tuple[NDArray[np.intp], _Columns]:
+    """Columns of two disjoint sets of batch positions, merged back into batch order."""
+    index = np.concatenate([a_index, b_index])
+    order = np.argsort(index, kind="stable")
+    cols = tuple(np.concatenate([x, y])[order] for x, y in zip(a, b, strict=True))
+    return index[order], cast(_Columns, cols)
+
+
+def native_scan(values: Sequence[bytes | None], max_bytes: int, min_ts_ms: int,
+                max_ts_ms: int, meters: Interner,
+                regions: Interner) -> tuple[NDArray[np.bool_], _Columns]:
+    """The C pass (``segs/_fastscan.c``) over a batch: which values it accepted, and the
+    columns of every position (meaningful only where accepted), names interned."""
+    assert _scan_readings is not None
+    n = len(values)
+    accepted = np.empty(n, np.bool_)
+    cols: _Columns = (np.empty(n, np.int32), np.empty(n, np.int32), np.empty(n, np.int64),
+                      np.empty(n, np.float64), np.empty(n, np.float64), np.empty(n, np.float64))
+    meter, region = cols[0], cols[1]
+    fresh = _scan_readings(values, max_bytes, min_ts_ms, max_ts_ms, meters.slots,
+                           regions.slots, accepted, *cols)
+    for i, meter_id, region_name in fresh:  # names seen for the first time (ASCII)
+        if meter_id is not None:
+            meter[i] = meters.slot(meter_id)
+        if region_name is not None:
+            region[i] = regions.slot(region_name)
+    return accepted, cols
+
+
 def _pick(a: NDArray[Any], index: NDArray[np.intp] | None) -> NDArray[Any]:
     """``a[index]``; all of ``a`` (not a copy) when ``index`` is None."""
     return a if index is None else a[index]
@@ -349,7 +379,7 @@ class Decoder:
         self.max_message_bytes = max_message_bytes
         self.max_future_skew_ms = max_future_skew_ms
         self._decode_one = msgspec.json.Decoder(_Msg).decode
-        self._scan = _scan_readings if native else None
+        self._native = native and NATIVE
 
     def decode(
         self,
@@ -359,7 +389,7 @@ class Decoder:
         now_ms: int,
     ) -> tuple[Readings, list[Reject]]:
         """Valid readings in input order, and one :class:`Reject` per invalid value."""
-        if self._scan is not None:
+        if self._native:
             index, cols, rejects = self._decode_native(values, now_ms)
         else:
             index, cols, rejects = self._decode_python(values, now_ms)
@@ -380,22 +410,9 @@ class Decoder:
         self, values: Sequence[bytes | None], now_ms: int
     ) -> tuple[NDArray[np.intp] | None, _Columns, list[Reject]]:
         """The C pass, then the Python paths for the values it declined."""
-        assert self._scan is not None
-        n = len(values)
-        accepted = np.empty(n, np.bool_)
-        meter, region = np.empty(n, np.int32), np.empty(n, np.int32)
-        ts = np.empty(n, np.int64)
-        power, energy, voltage = (np.empty(n, np.float64) for _ in range(3))
-        fresh = self._scan(values, self.max_message_bytes, MIN_TS_MS,
-                           now_ms + self.max_future_skew_ms, self.meters.slots,
-                           self.regions.slots, accepted, meter, region, ts, power, energy,
-                           voltage)
-        for i, meter_id, region_name in fresh:  # names seen for the first time (ASCII)
-            if meter_id is not None:
-                meter[i] = self.meters.slot(meter_id)
-            if region_name is not None:
-                region[i] = self.regions.slot(region_name)
-        cols: _Columns = (meter, region, ts, power, energy, voltage)
+        accepted, cols = native_scan(values, self.max_message_bytes, MIN_TS_MS,
+                                     now_ms + self.max_future_skew_ms, self.meters,
+                                     self.regions)
         if accepted.all():
             return None, cols, []
         rest = np.flatnonzero(~accepted)
@@ -403,18 +420,10 @@ class Decoder:
             [values[i] for i in rest.tolist()], now_ms)
         rejects = [Reject(int(rest[r.index]), r.reason, r.detail) for r in sub_rejects]
         keep = np.flatnonzero(accepted)
-        index = np.concatenate([keep, rest if sub_index is None else rest[sub_index]])
-        order = np.argsort(index, kind="stable")
-        s_meter, s_region, s_ts, s_power, s_energy, s_voltage = sub_cols
-        merged: _Columns = (
-            np.concatenate([meter[keep], s_meter])[order],
-            np.concatenate([region[keep], s_region])[order],
-            np.concatenate([ts[keep], s_ts])[order],
-            np.concatenate([power[keep], s_power])[order],
-            np.concatenate([energy[keep], s_energy])[order],
-            np.concatenate([voltage[keep], s_voltage])[order],
-        )
-        return index[order], merged, rejects
+        kept = cast(_Columns, tuple(c[keep] for c in cols))
+        index, merged = _interleave(keep, kept, rest if sub_index is None else rest[sub_index],
+                                    sub_cols)
+        return index, merged, rejects
 
     def _decode_python(
         self, values: Sequence[bytes | None], now_ms: int
@@ -449,16 +458,8 @@ class Decoder:
             extra = self._exact_batch(values, sorted(slow), now_ms, rejects)
             if extra is not None:
                 assert index is not None  # set wherever `slow` was filled
-                e_idx, e_meter, e_region, e_ts, e_power, e_energy, e_voltage = extra
-                index = np.concatenate([index, e_idx])
-                order = np.argsort(index, kind="stable")
-                index = index[order]
-                meter = np.concatenate([meter, e_meter])[order]
-                region = np.concatenate([region, e_region])[order]
-                ts = np.concatenate([ts, e_ts])[order]
-                power = np.concatenate([power, e_power])[order]
-                energy = np.concatenate([energy, e_energy])[order]
-                voltage = np.concatenate([voltage, e_voltage])[order]
+                index, (meter, region, ts, power, energy, voltage) = _interleave(
+                    index, (meter, region, ts, power, energy, voltage), extra[0], extra[1:])
             rejects.sort(key=lambda r: r.index)
         return index, (meter, region, ts, power, energy, voltage), rejects
 

@@ -14,7 +14,6 @@ positions stored in the database.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import multiprocessing
 import os
@@ -27,6 +26,7 @@ from typing import Any
 
 from segs import metrics, systemd
 from segs.config import Settings
+from segs.decode import NATIVE
 from segs.errors import DatabaseError
 from segs.http import HttpServer
 from segs.migrate import migrate
@@ -69,7 +69,7 @@ class Supervisor:
         self.http.start()
         log.info("serving /metrics, /health, /ready on %s:%d", self.s.http_host,
                  self.http.port)
-        if importlib.util.find_spec("segs._fastscan") is None:  # see segs/decode.py
+        if not NATIVE:  # see segs/decode.py
             log.warning("decoder: segs._fastscan is not built (no C compiler at install), "
                         "so messages are decoded in Python, about 2.5x slower")
         for slot in self.slots:

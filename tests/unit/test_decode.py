@@ -14,7 +14,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from segs.columns import Interner
-from segs.decode import MIN_TS_MS, NATIVE, REASONS, Decoder, _exact, parse_timestamp_ms
+from segs.decode import (
+    MIN_TS_MS,
+    NATIVE,
+    REASONS,
+    Decoder,
+    _exact,
+    native_scan,
+    parse_timestamp_ms,
+)
 from tests.reference import parse_reading, timestamp_ms
 
 NOW = 1_795_759_217_123  # 2026-11-27T06:00:17.123Z
@@ -385,17 +393,11 @@ def test_native_path_is_built_where_a_compiler_is() -> None:
 def scan(values: list[bytes | None]) -> list[tuple[int, Any]]:
     """(index, (meter, region, ts, power, energy, voltage)) of every value the C pass
     accepts."""
-    from segs._fastscan import scan_readings
-
-    n = len(values)
-    acc = np.zeros(n, np.bool_)
-    meter, region = np.empty(n, np.int32), np.empty(n, np.int32)
-    ts = np.empty(n, np.int64)
-    power, energy, voltage = np.empty(n), np.empty(n), np.empty(n)
-    fresh = scan_readings(values, 65536, MIN_TS_MS, NOW + SKEW, {}, {}, acc, meter, region,
-                          ts, power, energy, voltage)
-    names = {i: (m, g) for i, m, g in fresh}
-    return [(i, (*names[i], int(ts[i]), power[i], energy[i], voltage[i]))
+    meters, regions = Interner(), Interner()
+    acc, (meter, region, ts, power, energy, voltage) = native_scan(
+        values, 65536, MIN_TS_MS, NOW + SKEW, meters, regions)
+    return [(i, (meters.names[meter[i]], regions.names[region[i]], int(ts[i]), power[i],
+                 energy[i], voltage[i]))
             for i in np.flatnonzero(acc).tolist()]
 
 
