@@ -144,6 +144,17 @@ class BaselineState:
             partition=np.empty(0, np.int32),
         )
 
+    def take(self, index: NDArray[np.intp] | NDArray[np.bool_]) -> BaselineState:
+        return BaselineState(
+            meter=self.meter[index],
+            baseline=self.baseline[index],
+            samples=self.samples[index],
+            last_outage_ms=self.last_outage_ms[index],
+            last_spike_ms=self.last_spike_ms[index],
+            last_drop_ms=self.last_drop_ms[index],
+            partition=self.partition[index],
+        )
+
 
 @dataclass(slots=True)
 class _Found:

@@ -11,15 +11,19 @@ Only 1-minute windows are kept in memory; the 15-minute rows are rolled up from 
 A checkpoint (:meth:`Worker.checkpoint`) runs in this order:
 
 0. flush the producer, so every alert and dead letter of the covered messages is delivered;
-1. one database transaction: partials of both window sizes merged, changed baselines, and
+1. the database transaction: partials of both window sizes merged, changed baselines, and
    the next position of every covered partition (compare-and-set, see :mod:`segs.sink`);
+   cut along partitions into transactions that run side by side (:mod:`segs.payload`),
+   each a complete checkpoint of its partitions;
 2. claim closed windows not yet published, produce them, flush, mark them published;
 3. commit the same offsets to Kafka, for lag monitoring only (the database is the truth).
 
-When step 1 fails for a database reason, the same payload is retried with jittered back-off
-while every assigned partition is paused, so memory stays bounded. When a compare-and-set
-fails (another worker owns a partition now) all in-memory state is discarded and every
-partition still assigned is rewound to its stored position ("rewind").
+When step 1 fails for a database reason, the payloads not written are retried verbatim
+with jittered back-off while every assigned partition is paused, so memory stays bounded.
+When a compare-and-set fails (another worker owns a partition now) all in-memory state is
+discarded and every partition still assigned is rewound to its stored position ("rewind").
+A cut whose other part was written keeps its stored positions: the rewind re-reads only
+what is not stored.
 """
 
 from __future__ import annotations
@@ -29,8 +33,7 @@ import os
 import random
 import signal
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from itertools import repeat
 from operator import is_
 from typing import Any
@@ -55,8 +58,9 @@ from segs.config import Settings
 from segs.decode import Decoder
 from segs.errors import DatabaseError, FencedError, SegsError
 from segs.outputs import GRANULARITY, dead_letter_headers, encode_aggregates
-from segs.sink import TABLES, ClosedRow, Position, Sink
-from segs.windows import Partials, WindowEngine
+from segs.payload import MeterPartitions, Payload
+from segs.sink import TABLES, WRITERS, ClosedRow, CommitStats, Position, Sink
+from segs.windows import WindowEngine
 
 log = logging.getLogger(__name__)
 _KAFKA_LOG = logging.getLogger("segs.kafka")
@@ -78,37 +82,6 @@ PREFETCH: dict[str, int] = {
 }
 
 _NEVER = -(2**62)  # "no watermark yet"
-
-
-@dataclass(slots=True)
-class Payload:
-    """What one checkpoint writes; kept verbatim for retries after a database failure.
-
-    Partials and baselines stay numpy columns (tens of bytes a row); the Python rows that
-    COPY needs are made one at a time while it streams (:meth:`partial_rows`)."""
-
-    partials: Partials  # 1-minute partials
-    baselines: BaselineState
-    positions: dict[int, tuple[int | None, int, int | None]]  # partition → (prev, next, wm)
-
-    def __bool__(self) -> bool:
-        return bool(len(self.partials) or len(self.baselines) or self.positions)
-
-    def partial_rows(self, meters: list[str], regions: list[str]) -> Iterator[tuple[Any, ...]]:
-        """Rows of sink.PARTIAL_COLUMNS."""
-        p = self.partials
-        return zip(map(meters.__getitem__, p.meter.tolist()),
-                   map(regions.__getitem__, p.region.tolist()), p.window_start_ms.tolist(),
-                   p.count.tolist(), p.power_sum.tolist(), p.power_max.tolist(),
-                   p.power_min.tolist(), p.energy_sum.tolist(), p.last_ts_ms.tolist(),
-                   p.partition.tolist(), strict=True)
-
-    def baseline_rows(self, meters: list[str]) -> Iterator[tuple[Any, ...]]:
-        """Rows of sink.BASELINE_COLUMNS."""
-        b = self.baselines
-        return zip(map(meters.__getitem__, b.meter.tolist()), b.partition.tolist(),
-                   b.baseline.tolist(), b.samples.tolist(), b.last_outage_ms.tolist(),
-                   b.last_spike_ms.tolist(), b.last_drop_ms.tolist(), strict=True)
 
 
 class Worker:
@@ -136,7 +109,8 @@ class Worker:
         self.consumed: dict[int, int] = {}  # next offset after the last processed message
         self.stored_wm: dict[int, int] = {}
         self.last_seen: dict[int, int] = {}  # wall ms of a partition's last message/position
-        self.inflight: Payload | None = None
+        self.inflight: list[Payload] = []  # built, not yet written (kept for retries)
+        self.meter_partitions = MeterPartitions()
         self.paused = False
         self.retry_at = 0.0
         self.backoff_s = 0.5
@@ -277,7 +251,7 @@ class Worker:
 
     def _rewind(self) -> None:
         """Discard everything not yet stored; re-seek assigned partitions to stored positions."""
-        self.inflight = None
+        self.inflight = []
         self._fresh_state()
         self.positioned.clear()
         self.stored.clear()
@@ -379,6 +353,7 @@ class Worker:
         if rejects:
             self._dead_letter(msgs, rejects)
         if len(readings):
+            self.meter_partitions.note(readings.meter, readings.partition)
             late = self.windows.add(readings, now_ms)
             if late:
                 metrics.LATE_READINGS.inc(late)
@@ -466,35 +441,30 @@ class Worker:
         if self.producer.flush(10) > 0:
             self._fail("Kafka producer could not deliver within 10 s")
             return False
-        # 1. the database transaction
-        if self.inflight is None:
-            self.inflight = self._build_payload()
-        payload = self.inflight
-        if payload:
-            try:
-                t_db = time.perf_counter()
-                names = self.meters.names
-                stats = self.sink.commit(payload.partial_rows(names, self.regions.names),
-                                         payload.baseline_rows(names), payload.positions)
-                metrics.DB_WRITE_LATENCY_MS.observe((time.perf_counter() - t_db) * 1000)
-            except FencedError as exc:
-                log.warning("%s: rewinding to stored positions", exc)
-                self.inflight = None
+        # 1. the database transactions
+        if not self.inflight:
+            self.inflight = self._build_payloads()
+        if self.inflight:
+            names, regions = self.meters.names, self.regions.names
+            t_db = time.perf_counter()
+            results = self.sink.commit_all([p.job(names, regions) for p in self.inflight])
+            metrics.DB_WRITE_LATENCY_MS.observe((time.perf_counter() - t_db) * 1000)
+            failed = []
+            for payload, result in zip(self.inflight, results, strict=True):
+                if isinstance(result, CommitStats):
+                    self._stored(payload, result)
+                else:
+                    failed.append((payload, result))
+            self.inflight = [payload for payload, _ in failed]
+            fenced = [exc for _, exc in failed if isinstance(exc, FencedError)]
+            if fenced:
+                log.warning("%s: rewinding to stored positions", fenced[0])
                 self._rewind()
                 self._resume()
                 return False
-            except DatabaseError as exc:
-                self._fail(f"checkpoint failed: {exc}")
+            if failed:
+                self._fail(f"checkpoint failed: {failed[0][1]}")
                 return False
-            for p, (_, nxt, _) in payload.positions.items():
-                self.stored[p] = nxt
-            for size, table in TABLES.items():
-                metrics.AGGREGATES_WRITTEN.labels(GRANULARITY[size]).inc(stats.new_rows[table])
-                metrics.DB_WRITE_ROWS.labels(table).inc(stats.rows[table])
-            metrics.DB_WRITE_ROWS.labels("meter_baselines").inc(stats.baselines)
-            log.debug("checkpoint: %s rows, %d baselines, %d positions in %.3f s",
-                      stats.rows, stats.baselines, len(payload.positions), stats.seconds)
-        self.inflight = None
         metrics.TIMESCALEDB_CONNECTED.set(1)
         # 2. closed windows to the aggregates topics
         t_pub = time.perf_counter()
@@ -516,12 +486,29 @@ class Worker:
         self.next_checkpoint = time.monotonic() + self.s.checkpoint_interval_ms / 1000
         return True
 
-    def _build_payload(self) -> Payload:
+    def _build_payloads(self) -> list[Payload]:
+        """Everything to store, cut along partitions unless a meter's readings came from
+        two partitions since the last checkpoint (then one transaction holds it all)."""
         wms = self._watermarks()
         positions = {p: (self.stored.get(p), nxt, wms.get(p))
                      for p, nxt in self.consumed.items()
                      if p in self.positioned and nxt != self.stored.get(p)}
-        return Payload(self.windows.drain(), self.detector.take_dirty(), positions)
+        payload = Payload(self.windows.drain(), self.detector.take_dirty(), positions)
+        if self.meter_partitions.take_mixed():
+            log.debug("a meter's readings came from two partitions: one checkpoint transaction")
+            return [payload] if payload else []
+        return payload.split(WRITERS)
+
+    def _stored(self, payload: Payload, stats: CommitStats) -> None:
+        """Book a written payload: its positions are the stored ones now."""
+        for p, (_, nxt, _) in payload.positions.items():
+            self.stored[p] = nxt
+        for size, table in TABLES.items():
+            metrics.AGGREGATES_WRITTEN.labels(GRANULARITY[size]).inc(stats.new_rows[table])
+            metrics.DB_WRITE_ROWS.labels(table).inc(stats.rows[table])
+        metrics.DB_WRITE_ROWS.labels("meter_baselines").inc(stats.baselines)
+        log.debug("checkpoint: %s rows, %d baselines, %d positions in %.3f s",
+                  stats.rows, stats.baselines, len(payload.positions), stats.seconds)
 
     def _watermarks(self) -> dict[int, int]:
         """Watermark per positioned partition: the newest of the stored one, the engine's,

@@ -1,45 +1,66 @@
-"""Checkpoint: time of :meth:`segs.sink.Sink.commit` for N partial aggregates (1-minute
-rows of N distinct meters), first as new rows, then merged into those same rows.
+"""Checkpoint: time of the worker's database step for N partial aggregates (1-minute rows of
+N distinct meters spread over the 6 partitions of the topic, as one worker holds them with
+``--workers 1``), first as new rows, then merged into those same rows.
 
-The rows are built before the clock starts, as the worker builds them before its commit;
-the timed part is the whole transaction (binary COPY, merge, positions). The sink derives
-the 15-minute rows from the 1-minute partials, so ``*_rows`` (rows written, both tables)
-is twice the partials."""
+The payload is built before the clock starts, as the worker builds it before its commit;
+the timed part is what the worker runs: the cut along partitions
+(:meth:`segs.payload.Payload.split`) and the transactions side by side
+(:meth:`segs.sink.Sink.commit_all`: binary COPY, merge, positions). The sink derives the
+15-minute rows from the 1-minute partials, so ``*_rows`` (rows written, both tables) is
+twice the partials."""
 
 from __future__ import annotations
 
 import time
 from typing import Any
 
+import numpy as np
+
+from segs.anomaly import BaselineState
 from segs.bench.infra import Servers, fresh_database
-from segs.sink import Sink
+from segs.merge import Partials
+from segs.payload import Payload
+from segs.sink import WRITERS, CommitStats, Positions, Sink
 
 _T0_MS = 1_795_759_200_000  # 2026-11-27T06:00:00Z
+PARTITIONS = 6
 
 
-def _partials(n: int, salt: int) -> list[tuple[Any, ...]]:
-    return [(f"MTR-{i:08d}", "north", _T0_MS, 10, 25.0 + salt, 3.5 + salt, 1.5,
-             0.02, _T0_MS + 59_000, i % 6) for i in range(n)]
+def _payload(n: int, salt: int, prev: dict[int, int | None]) -> Payload:
+    ones = np.ones(n)
+    partials = Partials(
+        size_s=60, meter=np.arange(n, dtype=np.int32),
+        window_start_ms=np.full(n, _T0_MS, np.int64), count=np.full(n, 10, np.int64),
+        power_sum=ones * (25.0 + salt), power_max=ones * (3.5 + salt), power_min=ones * 1.5,
+        energy_sum=ones * 0.02, last_ts_ms=np.full(n, _T0_MS + 59_000, np.int64),
+        region=np.zeros(n, np.int32), partition=(np.arange(n) % PARTITIONS).astype(np.int32))
+    positions: Positions = {p: (prev[p], (prev[p] or 0) + n, None) for p in range(PARTITIONS)}
+    return Payload(partials, BaselineState.empty(), positions)
 
 
 def run_checkpoint(srv: Servers, sizes: list[int]) -> list[dict[str, Any]]:
     results = []
     for n in sizes:
+        meters = [f"MTR-{i:08d}" for i in range(n)]
         with fresh_database(srv.postgres_url) as db:
             sink = Sink(db, consumer_group="segs-bench", topic="raw_readings")
             sink.open()
             try:
                 sink.ping()
-                row: dict[str, Any] = {"partials": n}
-                prev: int | None = None
+                row: dict[str, Any] = {"partials": n, "partitions": PARTITIONS,
+                                       "writers": WRITERS}
+                prev: dict[int, int | None] = dict.fromkeys(range(PARTITIONS))
                 for phase, salt in (("new_s", 0), ("merge_s", 1)):
-                    rows = _partials(n, salt)
-                    nxt = (prev or 0) + n
+                    payload = _payload(n, salt, prev)
                     t0 = time.perf_counter()
-                    stats = sink.commit(rows, [], {0: (prev, nxt, None)})
+                    done = sink.commit_all([p.job(meters, ["north"])
+                                            for p in payload.split(WRITERS)])
                     row[phase] = time.perf_counter() - t0
-                    row[phase.replace("_s", "_rows")] = sum(stats.rows.values())
-                    prev = nxt
+                    stats = [s for s in done if isinstance(s, CommitStats)]
+                    if len(stats) != len(done):
+                        raise RuntimeError(f"checkpoint failed: {done}")
+                    row[phase.replace("_s", "_rows")] = sum(sum(s.rows.values()) for s in stats)
+                    prev = {p: nxt for p, (_, nxt, _) in payload.positions.items()}
                 row["merge_rows_per_s"] = n / row["merge_s"]
                 results.append(row)
             finally:

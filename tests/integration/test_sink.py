@@ -2,7 +2,8 @@
 
 The merge arithmetic exists twice, in Python (:func:`segs.merge.merge`) and in SQL
 (:data:`segs.sink.MERGE_SET`); these tests prove the two agree, that positions are fenced,
-and that publishing closed windows is all-or-nothing.
+that publishing closed windows is all-or-nothing, and that transactions written side by side
+commit or fail each on their own.
 """
 
 from __future__ import annotations
@@ -15,10 +16,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from segs.errors import FencedError
+from segs.errors import DatabaseError, FencedError
 from segs.merge import PartialRow, merge
 from segs.migrate import migrate
-from segs.sink import Position, Sink
+from segs.sink import CommitStats, Position, Sink
 
 pytestmark = pytest.mark.integration
 
@@ -139,3 +140,37 @@ def test_claim_closed_publishes_once_and_only_after_delivery(sink: Sink) -> None
     assert sink.claim_closed({0: 120_000}, lambda s, g: seen.append((s, g))) == {60: 0, 900: 0}
     sink.commit([rows[0]], [], {})  # a late reading re-opens a closed window
     assert sink.claim_closed({0: 120_000}, lambda s, g: None) == {60: 1, 900: 0}
+
+
+def test_commit_all_writes_each_partition_group_on_its_own(db_url: str, sink: Sink) -> None:
+    def rows(meter: str, partition: int) -> list[tuple[object, ...]]:
+        return [(meter, "r", i * 60_000, 1, 2.0, 2.0, 2.0, 0.5, i * 60_000 + 1, partition)
+                for i in range(1_000)]
+
+    done = sink.commit_all([(rows("a", 0), [], {0: (None, 1_000, None)}),
+                            (rows("b", 1), [], {1: (None, 1_000, None)})])
+    assert [type(r) for r in done] == [CommitStats, CommitStats]
+    assert [r.rows["aggregates_1m"] for r in done if isinstance(r, CommitStats)] == [1_000] * 2
+    # partition 1 moved on elsewhere: its job is fenced, partition 0's still commits
+    other = Sink(db_url, consumer_group="g", topic="t")
+    other.open()
+    try:
+        other.commit([], [], {1: (1_000, 1_500, None)})
+    finally:
+        other.close()
+    done = sink.commit_all([(rows("a", 0), [], {0: (1_000, 2_000, None)}),
+                            (rows("b", 1), [], {1: (1_000, 2_000, None)})])
+    assert isinstance(done[0], CommitStats)
+    assert isinstance(done[1], FencedError)
+    assert sink.load_positions([0, 1]) == {0: Position(2_000, None), 1: Position(1_500, None)}
+    with psycopg.connect(db_url) as conn:
+        counts = dict(conn.execute(
+            "SELECT meter_id, sum(sample_count) FROM aggregates_1m WHERE meter_id IN ('a', 'b') "
+            "GROUP BY meter_id").fetchall())
+    assert counts == {"a": 2_000, "b": 1_000}
+    # a failure that is not a fence comes back as a DatabaseError, in its place
+    bad = [("c", "r", 0, 0, 0.0, 0.0, 0.0, 0.0, 0, 2)]  # sample_count 0: division by zero
+    done = sink.commit_all([(rows("a", 0), [], {0: (2_000, 3_000, None)}),
+                            (bad, [], {2: (None, 1, None)})])
+    assert isinstance(done[0], CommitStats)
+    assert isinstance(done[1], DatabaseError)

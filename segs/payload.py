@@ -1,0 +1,124 @@
+"""What one checkpoint writes, and its split into transactions that can run side by side.
+
+A checkpoint's :class:`Payload` holds the drained 1-minute partials, the changed detector
+baselines and the next position of every covered partition. Positions are per partition,
+so a payload can be cut along partitions into several payloads, each one a complete
+checkpoint of its partitions — as if those partitions alone had been checkpointed — and
+written in its own transaction on its own connection (:meth:`segs.sink.Sink.commit_all`).
+PostgreSQL runs each upsert on one core; two transactions side by side take about two
+thirds of the time of one (``benchmarks/README.md``, "Checkpoint").
+
+The cut is exact only when no partial or baseline mixes readings of partitions that land
+in different parts. Readings are keyed by meter id, so a meter's readings come from one
+partition; :class:`MeterPartitions` watches for the exception (a producer that changed its
+partitioning) and such a payload is written whole, in one transaction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from segs.anomaly import BaselineState
+from segs.merge import Partials
+from segs.sink import CommitJob, Positions
+
+
+@dataclass(slots=True)
+class Payload:
+    """What one checkpoint writes; kept verbatim for retries after a database failure.
+
+    Partials and baselines stay numpy columns (tens of bytes a row); the Python rows that
+    COPY needs are made one at a time while it streams (:meth:`partial_rows`)."""
+
+    partials: Partials  # 1-minute partials
+    baselines: BaselineState
+    positions: Positions
+
+    def __bool__(self) -> bool:
+        return bool(len(self.partials) or len(self.baselines) or self.positions)
+
+    def partial_rows(self, meters: list[str], regions: list[str]) -> Iterator[tuple[Any, ...]]:
+        """Rows of sink.PARTIAL_COLUMNS."""
+        p = self.partials
+        return zip(map(meters.__getitem__, p.meter.tolist()),
+                   map(regions.__getitem__, p.region.tolist()), p.window_start_ms.tolist(),
+                   p.count.tolist(), p.power_sum.tolist(), p.power_max.tolist(),
+                   p.power_min.tolist(), p.energy_sum.tolist(), p.last_ts_ms.tolist(),
+                   p.partition.tolist(), strict=True)
+
+    def baseline_rows(self, meters: list[str]) -> Iterator[tuple[Any, ...]]:
+        """Rows of sink.BASELINE_COLUMNS."""
+        b = self.baselines
+        return zip(map(meters.__getitem__, b.meter.tolist()), b.partition.tolist(),
+                   b.baseline.tolist(), b.samples.tolist(), b.last_outage_ms.tolist(),
+                   b.last_spike_ms.tolist(), b.last_drop_ms.tolist(), strict=True)
+
+    def job(self, meters: list[str], regions: list[str]) -> CommitJob:
+        """The arguments of :meth:`segs.sink.Sink.commit` for this payload."""
+        return self.partial_rows(meters, regions), self.baseline_rows(meters), self.positions
+
+    def split(self, parts: int) -> list[Payload]:
+        """This payload as at most ``parts`` payloads over disjoint sets of partitions,
+        balanced by partial count (largest partition first into the lightest part).
+
+        Only exact when no partial or baseline mixes partitions of two parts; the caller
+        checks that with :class:`MeterPartitions`. Empty parts are left out.
+        """
+        pp, bp = self.partials.partition, self.baselines.partition
+        partitions = sorted(set(self.positions) | set(np.unique(pp).tolist())
+                            | set(np.unique(bp).tolist()))
+        if parts <= 1 or len(partitions) <= 1:
+            return [self] if self else []
+        weight = {p: 0 for p in partitions}
+        for p, n in zip(*np.unique(pp, return_counts=True), strict=True):
+            weight[int(p)] = int(n)
+        loads = [0] * parts
+        groups: list[list[int]] = [[] for _ in range(parts)]
+        for p in sorted(partitions, key=lambda q: (-weight[q], q)):
+            lightest = loads.index(min(loads))
+            groups[lightest].append(p)
+            loads[lightest] += weight[p] + 1
+        out = []
+        for group in groups:
+            if not group:
+                continue
+            keep = np.array(group, np.int32)
+            out.append(Payload(
+                self.partials.take(np.isin(pp, keep)),
+                self.baselines.take(np.isin(bp, keep)),
+                {p: pos for p, pos in self.positions.items() if p in group},
+            ))
+        return out
+
+
+class MeterPartitions:
+    """The partition each meter's last reading came from, and whether some meter's readings
+    came from more than one partition since :meth:`take_mixed` was last called."""
+
+    def __init__(self) -> None:
+        self._home: NDArray[np.int32] = np.full(1024, -1, np.int32)
+        self._mixed = False
+
+    def note(self, meter: NDArray[np.int32], partition: NDArray[np.int32]) -> None:
+        if meter.size == 0:
+            return
+        top = int(meter.max()) + 1
+        if top > self._home.shape[0]:
+            grown = np.full(max(top, 2 * self._home.shape[0]), -1, np.int32)
+            grown[: self._home.shape[0]] = self._home
+            self._home = grown
+        before = self._home[meter]
+        if not self._mixed and bool(((before >= 0) & (before != partition)).any()):
+            self._mixed = True
+        self._home[meter] = partition  # one of a meter's readings wins; if they differ, mixed
+        if not self._mixed and bool((self._home[meter] != partition).any()):
+            self._mixed = True  # one meter on two partitions within this batch
+
+    def take_mixed(self) -> bool:
+        mixed, self._mixed = self._mixed, False
+        return mixed

@@ -1,0 +1,116 @@
+"""A checkpoint cut along partitions loses, duplicates and mixes nothing, and a meter seen on
+two partitions is noticed whatever the batches look like."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from segs.anomaly import BaselineState
+from segs.merge import Partials
+from segs.payload import MeterPartitions, Payload
+
+
+def _payload(partial_parts: list[int], baseline_parts: list[int],
+             positions: dict[int, int]) -> Payload:
+    n, m = len(partial_parts), len(baseline_parts)
+    ids = np.arange(n, dtype=np.int64)
+    partials = Partials(
+        size_s=60, meter=np.arange(n, dtype=np.int32), window_start_ms=ids * 60_000,
+        count=ids + 1, power_sum=ids * 2.0, power_max=ids * 3.0, power_min=ids * 1.0,
+        energy_sum=ids * 0.5, last_ts_ms=ids, region=np.zeros(n, np.int32),
+        partition=np.array(partial_parts, np.int32))
+    slots = np.arange(m, dtype=np.int64)
+    baselines = BaselineState(
+        meter=slots.astype(np.int32), baseline=slots * 1.5, samples=slots,
+        last_outage_ms=slots, last_spike_ms=slots, last_drop_ms=slots,
+        partition=np.array(baseline_parts, np.int32))
+    return Payload(partials, baselines, {p: (None, nxt, None) for p, nxt in positions.items()})
+
+
+def _partial_keys(p: Payload) -> list[tuple[int, int]]:
+    return sorted(zip(p.partials.meter.tolist(), p.partials.partition.tolist(), strict=True))
+
+
+def _baseline_keys(p: Payload) -> list[tuple[int, int]]:
+    return sorted(zip(p.baselines.meter.tolist(), p.baselines.partition.tolist(), strict=True))
+
+
+@settings(deadline=None, max_examples=200)
+@given(partial_parts=st.lists(st.integers(0, 7), max_size=60),
+       baseline_parts=st.lists(st.integers(0, 7), max_size=20),
+       positions=st.dictionaries(st.integers(0, 7), st.integers(1, 10**6), max_size=8),
+       parts=st.integers(1, 4))
+def test_split_is_a_partition_of_the_payload(partial_parts: list[int],
+                                             baseline_parts: list[int],
+                                             positions: dict[int, int], parts: int) -> None:
+    whole = _payload(partial_parts, baseline_parts, positions)
+    pieces = whole.split(parts)
+    assert len(pieces) <= max(parts, 1)
+    assert all(pieces)  # no empty transaction
+    if not whole:
+        assert pieces == []
+        return
+    # every row and position lands in exactly one piece
+    assert sorted(k for p in pieces for k in _partial_keys(p)) == _partial_keys(whole)
+    assert sorted(k for p in pieces for k in _baseline_keys(p)) == _baseline_keys(whole)
+    merged: dict[int, object] = {}
+    for p in pieces:
+        assert not set(merged) & set(p.positions)
+        merged.update(p.positions)
+    assert merged == whole.positions
+    # ... and no partition is split across pieces
+    owners: dict[int, int] = {}
+    for i, p in enumerate(pieces):
+        mine = (set(p.positions) | set(p.partials.partition.tolist())
+                | set(p.baselines.partition.tolist()))
+        for q in mine:
+            assert owners.setdefault(q, i) == i
+    # rows keep their values: the partial of meter k still has count k + 1
+    for p in pieces:
+        assert (p.partials.count == p.partials.meter.astype(np.int64) + 1).all()
+
+
+def test_split_balances_partials_over_pieces() -> None:
+    whole = _payload([0] * 50 + [1] * 30 + [2] * 20 + [3] * 10, [], {q: 1 for q in range(4)})
+    sizes = sorted(len(p.partials) for p in whole.split(2))
+    assert sizes == [50, 60]  # 50 | 30 + 20 + 10
+
+
+def test_split_into_one_keeps_the_payload_whole() -> None:
+    whole = _payload([0, 1, 2], [3], {0: 1, 5: 2})
+    assert whole.split(1) == [whole]
+
+
+@settings(deadline=None, max_examples=300)
+@given(batches=st.lists(st.lists(st.tuples(st.integers(0, 5), st.integers(0, 3)), max_size=12),
+                        max_size=6),
+       takes=st.sets(st.integers(0, 5)))
+def test_meter_partitions_flags_exactly_a_meter_changing_partition(
+        batches: list[list[tuple[int, int]]], takes: set[int]) -> None:
+    """Reference: walk every reading in order; a reading whose meter's previous reading came
+    from another partition makes the current period mixed. take_mixed ends a period."""
+    seen = MeterPartitions()
+    last: dict[int, int] = {}
+    mixed = False
+    for i, batch in enumerate(batches):
+        for meter, partition in batch:
+            if last.get(meter, partition) != partition:
+                mixed = True
+            last[meter] = partition
+        seen.note(np.array([m for m, _ in batch], np.int32),
+                  np.array([p for _, p in batch], np.int32))
+        if i in takes:
+            assert seen.take_mixed() == mixed
+            mixed = False
+    assert seen.take_mixed() == mixed
+
+
+def test_meter_partitions_grow_with_new_slots() -> None:
+    seen = MeterPartitions()
+    seen.note(np.array([5_000], np.int32), np.array([1], np.int32))
+    seen.note(np.array([5_000, 7], np.int32), np.array([1, 2], np.int32))
+    assert not seen.take_mixed()
+    seen.note(np.array([5_000], np.int32), np.array([2], np.int32))
+    assert seen.take_mixed()
