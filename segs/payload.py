@@ -16,15 +16,14 @@ partitioning) and such a payload is written whole, in one transaction.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
 from segs.anomaly import BaselineState
 from segs.merge import Partials
+from segs.pgcopy import copy_data
 from segs.sink import CommitJob, Positions
 
 
@@ -32,8 +31,8 @@ from segs.sink import CommitJob, Positions
 class Payload:
     """What one checkpoint writes; kept verbatim for retries after a database failure.
 
-    Partials and baselines stay numpy columns (tens of bytes a row); the Python rows that
-    COPY needs are made one at a time while it streams (:meth:`partial_rows`)."""
+    Partials and baselines stay numpy columns (tens of bytes a row) until :meth:`job`
+    encodes them as binary COPY data for the transaction (:mod:`segs.pgcopy`)."""
 
     partials: Partials  # 1-minute partials
     baselines: BaselineState
@@ -42,25 +41,17 @@ class Payload:
     def __bool__(self) -> bool:
         return bool(len(self.partials) or len(self.baselines) or self.positions)
 
-    def partial_rows(self, meters: list[str], regions: list[str]) -> Iterator[tuple[Any, ...]]:
-        """Rows of sink.PARTIAL_COLUMNS."""
-        p = self.partials
-        return zip(map(meters.__getitem__, p.meter.tolist()),
-                   map(regions.__getitem__, p.region.tolist()), p.window_start_ms.tolist(),
-                   p.count.tolist(), p.power_sum.tolist(), p.power_max.tolist(),
-                   p.power_min.tolist(), p.energy_sum.tolist(), p.last_ts_ms.tolist(),
-                   p.partition.tolist(), strict=True)
-
-    def baseline_rows(self, meters: list[str]) -> Iterator[tuple[Any, ...]]:
-        """Rows of sink.BASELINE_COLUMNS."""
-        b = self.baselines
-        return zip(map(meters.__getitem__, b.meter.tolist()), b.partition.tolist(),
-                   b.baseline.tolist(), b.samples.tolist(), b.last_outage_ms.tolist(),
-                   b.last_spike_ms.tolist(), b.last_drop_ms.tolist(), strict=True)
-
-    def job(self, meters: list[str], regions: list[str]) -> CommitJob:
-        """The arguments of :meth:`segs.sink.Sink.commit` for this payload."""
-        return self.partial_rows(meters, regions), self.baseline_rows(meters), self.positions
+    def job(self, meters: list[bytes], regions: list[bytes]) -> CommitJob:
+        """The arguments of :meth:`segs.sink.Sink.commit` for this payload; ``meters`` and
+        ``regions`` are the encoded names by slot (:class:`segs.pgcopy.TextFields`)."""
+        p, b = self.partials, self.baselines
+        partials = copy_data(
+            [p.window_start_ms, p.count, p.power_sum, p.power_max, p.power_min, p.energy_sum,
+             p.last_ts_ms, p.partition], [(p.meter, meters), (p.region, regions)])
+        baselines = copy_data(
+            [b.partition, b.baseline, b.samples, b.last_outage_ms, b.last_spike_ms,
+             b.last_drop_ms], [(b.meter, meters)])
+        return partials, baselines, self.positions
 
     def split(self, parts: int) -> list[Payload]:
         """This payload as at most ``parts`` payloads over disjoint sets of partitions,

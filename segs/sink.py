@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 
 TABLES = {60: "aggregates_1m", 900: "aggregates_15m"}
 
-# One partial aggregate row as written by COPY; window times as epoch milliseconds.
+# One partial aggregate row as Python values; window times as epoch milliseconds.
 PARTIAL_COLUMNS = (
     "meter_id", "region", "window_start_ms", "sample_count", "power_sum", "power_max",
     "power_min", "energy_sum", "last_ts_ms", "source_partition",
@@ -52,6 +52,11 @@ _PARTIAL_TYPES = ("text", "text", "int8", "int8", "float8", "float8", "float8", 
 BASELINE_COLUMNS = ("meter_id", "source_partition", "baseline", "samples", "last_outage_ms",
                     "last_spike_ms", "last_drop_ms")
 _BASELINE_TYPES = ("text", "int4", "float8", "int8", "int8", "int8", "int8")
+# The same rows as binary COPY data from segs.pgcopy: fixed-width columns first, text last.
+ENCODED_PARTIAL_COLUMNS = (*PARTIAL_COLUMNS[2:], *PARTIAL_COLUMNS[:2])
+ENCODED_BASELINE_COLUMNS = (*BASELINE_COLUMNS[1:], BASELINE_COLUMNS[0])
+# Rows to COPY: binary COPY data in the ENCODED_* column order, or Python rows.
+Rows = bytes | Iterable[Sequence[Any]]
 
 _TS = "('epoch'::timestamptz + {} * interval '1 millisecond')"
 
@@ -141,7 +146,7 @@ WRITERS = 2
 # partition → (stored position or None, next position, watermark ms or None)
 Positions = dict[int, tuple[int | None, int, int | None]]
 # One transaction of Sink.commit_all: (partial rows, baseline rows, positions), as commit().
-CommitJob = tuple[Iterable[Sequence[Any]], Iterable[Sequence[Any]], Positions]
+CommitJob = tuple[Rows, Rows, Positions]
 
 
 class Sink:
@@ -209,17 +214,13 @@ class Sink:
 
     # ------------------------------------------------------------------ checkpoint
 
-    def commit(
-        self,
-        partial_rows: Iterable[Sequence[Any]],
-        baseline_rows: Iterable[Sequence[Any]],
-        positions: Positions,
-    ) -> CommitStats:
+    def commit(self, partials: Rows, baselines: Rows, positions: Positions) -> CommitStats:
         """Write one checkpoint atomically (see the module docstring for the steps).
 
-        ``partial_rows`` are 1-minute partials following :data:`PARTIAL_COLUMNS` (distinct
-        (meter, window) keys), ``baseline_rows``
-        :data:`BASELINE_COLUMNS`; ``positions`` maps partition → (previous stored offset or
+        ``partials`` are 1-minute partials (distinct (meter, window) keys) and ``baselines``
+        detector states: binary COPY data in the order of :data:`ENCODED_PARTIAL_COLUMNS` /
+        :data:`ENCODED_BASELINE_COLUMNS`, or Python rows of :data:`PARTIAL_COLUMNS` /
+        :data:`BASELINE_COLUMNS`. ``positions`` maps partition → (previous stored offset or
         None when there was none, next offset, watermark ms or None).
         """
         t0 = time.perf_counter()
@@ -230,21 +231,15 @@ class Sink:
                 # worker re-reads exactly what was lost. work_mem keeps the roll-up in memory.
                 cur.execute(b"SET LOCAL synchronous_commit = off")
                 cur.execute(b"SET LOCAL work_mem = '64MB'")
-                with cur.copy("COPY segs_partials FROM STDIN (FORMAT BINARY)") as copy:
-                    copy.set_types(_PARTIAL_TYPES)
-                    for row in partial_rows:
-                        copy.write_row(row)
+                _copy(cur, "segs_partials", partials, ENCODED_PARTIAL_COLUMNS,
+                      PARTIAL_COLUMNS, _PARTIAL_TYPES)
                 rows, new_rows = {}, {}
                 for size, table in TABLES.items():
                     cur.execute(self._merge_sql(size, table))
                     inserted, written = cur.fetchone() or (0, 0)
                     rows[table], new_rows[table] = int(written), int(inserted)
-                with cur.copy("COPY segs_baselines FROM STDIN (FORMAT BINARY)") as copy:
-                    copy.set_types(_BASELINE_TYPES)
-                    n_base = 0
-                    for row in baseline_rows:
-                        copy.write_row(row)
-                        n_base += 1
+                n_base = _copy(cur, "segs_baselines", baselines, ENCODED_BASELINE_COLUMNS,
+                               BASELINE_COLUMNS, _BASELINE_TYPES)
                 if n_base:
                     cur.execute(_UPSERT_BASELINES, (self.group,))
                 self._write_positions(cur, positions)
@@ -350,6 +345,21 @@ ON CONFLICT (consumer_group, meter_id) DO UPDATE SET
     last_spike_ms = EXCLUDED.last_spike_ms, last_drop_ms = EXCLUDED.last_drop_ms,
     updated_at = now()
 """
+
+
+def _copy(cur: psycopg.Cursor[Any], table: str, data: Rows, encoded_columns: Sequence[str],
+          columns: Sequence[str], types: Sequence[str]) -> int:
+    """COPY binary data or Python rows into a temporary table; returns the rows copied."""
+    names = encoded_columns if isinstance(data, bytes) else columns
+    statement = f"COPY {table} ({', '.join(names)}) FROM STDIN (FORMAT BINARY)"
+    with cur.copy(statement.encode()) as copy:
+        if isinstance(data, bytes):
+            copy.write(data)
+        else:
+            copy.set_types(types)
+            for row in data:
+                copy.write_row(row)
+    return max(cur.rowcount, 0)
 
 
 def _create_temp_tables(conn: psycopg.Connection[Any]) -> None:

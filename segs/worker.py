@@ -59,6 +59,7 @@ from segs.decode import Decoder
 from segs.errors import DatabaseError, FencedError, SegsError
 from segs.outputs import GRANULARITY, dead_letter_headers, encode_aggregates
 from segs.payload import MeterPartitions, Payload
+from segs.pgcopy import TextFields
 from segs.sink import TABLES, WRITERS, ClosedRow, CommitStats, Position, Sink
 from segs.windows import WindowEngine
 
@@ -94,6 +95,8 @@ class Worker:
         self.stop_requested = False
         self.meters = Interner()
         self.regions = Interner()
+        self.meter_fields = TextFields(self.meters.names)  # names encoded for COPY
+        self.region_fields = TextFields(self.regions.names)
         self.decoder = Decoder(self.meters, self.regions,
                                max_message_bytes=settings.max_message_bytes,
                                max_future_skew_ms=settings.max_future_skew_ms)
@@ -445,7 +448,7 @@ class Worker:
         if not self.inflight:
             self.inflight = self._build_payloads()
         if self.inflight:
-            names, regions = self.meters.names, self.regions.names
+            names, regions = self.meter_fields.fields(), self.region_fields.fields()
             t_db = time.perf_counter()
             results = self.sink.commit_all([p.job(names, regions) for p in self.inflight])
             metrics.DB_WRITE_LATENCY_MS.observe((time.perf_counter() - t_db) * 1000)

@@ -4,7 +4,8 @@ N distinct meters spread over the 6 partitions of the topic, as one worker holds
 
 The payload is built before the clock starts, as the worker builds it before its commit;
 the timed part is what the worker runs: the cut along partitions
-(:meth:`segs.payload.Payload.split`) and the transactions side by side
+(:meth:`segs.payload.Payload.split`), the encoding of each part as COPY data
+(:meth:`segs.payload.Payload.job`) and the transactions side by side
 (:meth:`segs.sink.Sink.commit_all`: binary COPY, merge, positions). The sink derives the
 15-minute rows from the 1-minute partials, so ``*_rows`` (rows written, both tables) is
 twice the partials."""
@@ -20,6 +21,7 @@ from segs.anomaly import BaselineState
 from segs.bench.infra import Servers, fresh_database
 from segs.merge import Partials
 from segs.payload import Payload
+from segs.pgcopy import TextFields
 from segs.sink import WRITERS, CommitStats, Positions, Sink
 
 _T0_MS = 1_795_759_200_000  # 2026-11-27T06:00:00Z
@@ -41,7 +43,9 @@ def _payload(n: int, salt: int, prev: dict[int, int | None]) -> Payload:
 def run_checkpoint(srv: Servers, sizes: list[int]) -> list[dict[str, Any]]:
     results = []
     for n in sizes:
-        meters = [f"MTR-{i:08d}" for i in range(n)]
+        # names encoded before the clock starts, as the worker keeps them encoded
+        meters = TextFields([f"MTR-{i:08d}" for i in range(n)]).fields()
+        regions = TextFields(["north"]).fields()
         with fresh_database(srv.postgres_url) as db:
             sink = Sink(db, consumer_group="segs-bench", topic="raw_readings")
             sink.open()
@@ -53,7 +57,7 @@ def run_checkpoint(srv: Servers, sizes: list[int]) -> list[dict[str, Any]]:
                 for phase, salt in (("new_s", 0), ("merge_s", 1)):
                     payload = _payload(n, salt, prev)
                     t0 = time.perf_counter()
-                    done = sink.commit_all([p.job(meters, ["north"])
+                    done = sink.commit_all([p.job(meters, regions)
                                             for p in payload.split(WRITERS)])
                     row[phase] = time.perf_counter() - t0
                     stats = [s for s in done if isinstance(s, CommitStats)]

@@ -11,14 +11,18 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterator
 
+import numpy as np
 import psycopg
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from segs.anomaly import BaselineState
 from segs.errors import DatabaseError, FencedError
-from segs.merge import PartialRow, merge
+from segs.merge import PartialRow, Partials, merge
 from segs.migrate import migrate
+from segs.payload import Payload
+from segs.pgcopy import TextFields
 from segs.sink import CommitStats, Position, Sink
 
 pytestmark = pytest.mark.integration
@@ -174,3 +178,36 @@ def test_commit_all_writes_each_partition_group_on_its_own(db_url: str, sink: Si
                             (bad, [], {2: (None, 1, None)})])
     assert isinstance(done[0], CommitStats)
     assert isinstance(done[1], DatabaseError)
+
+
+def test_an_encoded_payload_lands_as_its_rows(db_url: str, sink: Sink) -> None:
+    """The worker's path: numpy columns → binary COPY data (segs.pgcopy) → the tables."""
+    meters = TextFields(["enc-ä", "enc-b"])
+    regions = TextFields(["nörth", "south"])
+    partials = Partials(
+        size_s=60, meter=np.array([0, 1], np.int32),
+        window_start_ms=np.array([60_000, 120_000], np.int64), count=np.array([3, 1], np.int64),
+        power_sum=np.array([7.5, -0.0]), power_max=np.array([4.0, 0.0]),
+        power_min=np.array([1.5, 0.0]), energy_sum=np.array([0.25, 1e-12]),
+        last_ts_ms=np.array([119_999, 120_001], np.int64), region=np.array([1, 0], np.int32),
+        partition=np.array([4, 4], np.int32))
+    baselines = BaselineState(
+        meter=np.array([1], np.int32), baseline=np.array([2.5]), samples=np.array([11]),
+        last_outage_ms=np.array([-(2**62)]), last_spike_ms=np.array([5]),
+        last_drop_ms=np.array([6]), partition=np.array([4], np.int32))
+    payload = Payload(partials, baselines, {4: (None, 9, 120_000)})
+    sink.commit_all([payload.job(meters.fields(), regions.fields())])
+    with psycopg.connect(db_url) as conn:
+        got = conn.execute(
+            "SELECT meter_id, region, (extract(epoch FROM window_start) * 1000)::int8, "
+            "sample_count, power_sum, max_power, min_power, total_energy, "
+            "(extract(epoch FROM last_reading_at) * 1000)::int8, source_partition "
+            "FROM aggregates_1m WHERE meter_id LIKE 'enc-%' ORDER BY meter_id").fetchall()
+        base = conn.execute(
+            "SELECT meter_id, source_partition, baseline, samples, last_outage_ms, "
+            "last_spike_ms, last_drop_ms FROM meter_baselines WHERE meter_id LIKE 'enc-%'"
+        ).fetchall()
+    assert got == [("enc-b", "nörth", 120_000, 1, 0.0, 0.0, 0.0, 1e-12, 120_001, 4),
+                   ("enc-ä", "south", 60_000, 3, 7.5, 4.0, 1.5, 0.25, 119_999, 4)]
+    assert base == [("enc-b", 4, 2.5, 11, -(2**62), 5, 6)]
+    assert sink.load_positions([4]) == {4: Position(9, 120_000)}
