@@ -20,7 +20,9 @@ from pathlib import Path
 
 import msgspec
 import pytest
+from confluent_kafka import Producer
 
+from segs.simulator import SimulatorOptions, generate
 from tests.conftest import KafkaServer, PostgresServer, Topics
 from tests.pipeline import (
     Service,
@@ -224,3 +226,32 @@ def signal_kill(pid: int) -> None:
     import os
 
     os.kill(pid, signal.SIGKILL)
+
+
+def test_exact_when_meters_send_on_every_partition(run: Run, cleanup: list[Service]) -> None:
+    """A producer that ignores the meter key and spreads every meter over all partitions.
+    A worker then cannot cut its checkpoint along partitions (segs/payload.py) and writes
+    it whole; results stay exact, also when a worker is killed mid-stream."""
+    opts = SimulatorOptions(**{**SIM, "count": 30_000})
+    messages = [m for batch in generate(opts) for m in batch]
+
+    def produce_round_robin() -> None:
+        producer = Producer({"bootstrap.servers": run.kafka.bootstrap, "linger.ms": 5})
+        for i, m in enumerate(messages):
+            producer.produce(run.topics.input, m.value, m.key, partition=i % 6)
+            if i % 1_000 == 999:
+                producer.poll(0)
+                time.sleep(0.2)  # about 5,000 messages/s: the kill lands mid-stream
+        assert producer.flush(30) == 0
+
+    feeder = threading.Thread(target=produce_round_robin)
+    feeder.start()
+    svc = run.service(LOG_LEVEL="debug")
+    cleanup.append(svc)
+    svc.start()
+    time.sleep(3)
+    signal_kill(random.choice(svc.worker_pids()))
+    feeder.join(120)
+    run.verify(messages, svc)
+    assert svc.stop() == 0
+    assert "readings came from two partitions: one checkpoint transaction" in svc.log_text()
