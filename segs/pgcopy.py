@@ -5,7 +5,7 @@ costs about 1.7 µs a row of Python (tuples, then one dumper per value), which t
 transactions side by side have to share under the GIL. Here the fixed-width columns
 become one numpy record array (big-endian, each value behind its 4-byte length, as the
 binary format wants), strings come from a per-slot cache of encoded fields, and the rows
-are joined once.
+are joined a chunk at a time while COPY sends them.
 
 Layout (PostgreSQL docs, "COPY", binary format): signature, flags and header extension
 length; per row an int16 field count, then per field an int32 byte length and the bytes;
@@ -15,13 +15,16 @@ them, so the ``COPY`` statement names its columns in that order.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
 HEADER = b"PGCOPY\n\xff\r\n\x00" + bytes(8)  # signature, flags 0, no header extension
 TRAILER = b"\xff\xff"
+CHUNK_ROWS = 16_384  # rows encoded at a time: about 2 MB of data for checkpoint rows
 
 
 class TextFields:
@@ -40,25 +43,45 @@ class TextFields:
         return self._fields
 
 
+@dataclass(frozen=True, slots=True)
+class CopyData:
+    """Binary COPY data for one table, made chunk by chunk while it is sent."""
+
+    chunks: Iterable[bytes]
+
+
 def copy_data(fixed: Sequence[NDArray[np.generic]],
-              texts: Sequence[tuple[NDArray[np.integer], list[bytes]]]) -> bytes:
+              texts: Sequence[tuple[NDArray[np.integer], list[bytes]]],
+              rows_per_chunk: int = CHUNK_ROWS) -> CopyData:
     """Binary COPY data of ``len(fixed[0])`` rows: the ``fixed`` columns (int4, int8 or
     float8 arrays, in column order), then the ``texts`` columns, each given as (slots,
-    encoded fields by slot from :meth:`TextFields.fields`)."""
-    n = len(fixed[0]) if fixed else len(texts[0][0])
+    encoded fields by slot from :meth:`TextFields.fields`). Encoded lazily, a chunk of
+    ``rows_per_chunk`` rows at a time, so memory stays small for a million rows."""
     layout: list[tuple[str, str]] = [("n", ">i2")]
     for j, col in enumerate(fixed):
         if col.dtype.kind not in "if" or col.dtype.itemsize not in (4, 8):
             raise TypeError(f"column {j}: {col.dtype} is not int4, int8 or float8")
         layout += [(f"len{j}", ">i4"), (f"val{j}", col.dtype.newbyteorder(">").str)]
-    rec = np.empty(n, layout)
-    rec["n"] = len(fixed) + len(texts)
-    for j, col in enumerate(fixed):
-        rec[f"len{j}"] = col.dtype.itemsize
-        rec[f"val{j}"] = col
-    raw, width, step = rec.tobytes(), rec.dtype.itemsize, 1 + len(texts)
-    pieces: list[bytes] = [b""] * (n * step)
-    pieces[0::step] = [raw[i:i + width] for i in range(0, n * width, width)]
-    for k, (slots, fields) in enumerate(texts, 1):
-        pieces[k::step] = list(map(fields.__getitem__, slots.tolist()))
-    return b"".join((HEADER, b"".join(pieces), TRAILER))
+    return CopyData(_chunks(np.dtype(layout), fixed, texts, rows_per_chunk))
+
+
+def _chunks(layout: np.dtype[Any], fixed: Sequence[NDArray[np.generic]],
+            texts: Sequence[tuple[NDArray[np.integer], list[bytes]]],
+            rows_per_chunk: int) -> Iterator[bytes]:
+    yield HEADER
+    n = len(fixed[0])
+    step = 1 + len(texts)
+    for start in range(0, n, rows_per_chunk):
+        stop = min(n, start + rows_per_chunk)
+        rec = np.empty(stop - start, layout)
+        rec["n"] = len(fixed) + len(texts)
+        for j, col in enumerate(fixed):
+            rec[f"len{j}"] = col.dtype.itemsize
+            rec[f"val{j}"] = col[start:stop]
+        raw, width = rec.tobytes(), layout.itemsize
+        pieces: list[bytes] = [b""] * (len(rec) * step)
+        pieces[0::step] = [raw[i:i + width] for i in range(0, len(raw), width)]
+        for k, (slots, fields) in enumerate(texts, 1):
+            pieces[k::step] = list(map(fields.__getitem__, slots[start:stop].tolist()))
+        yield b"".join(pieces)
+    yield TRAILER

@@ -37,6 +37,7 @@ from psycopg import sql
 from psycopg_pool import ConnectionPool
 
 from segs.errors import DatabaseError, FencedError, SegsError
+from segs.pgcopy import CopyData
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ _BASELINE_TYPES = ("text", "int4", "float8", "int8", "int8", "int8", "int8")
 ENCODED_PARTIAL_COLUMNS = (*PARTIAL_COLUMNS[2:], *PARTIAL_COLUMNS[:2])
 ENCODED_BASELINE_COLUMNS = (*BASELINE_COLUMNS[1:], BASELINE_COLUMNS[0])
 # Rows to COPY: binary COPY data in the ENCODED_* column order, or Python rows.
-Rows = bytes | Iterable[Sequence[Any]]
+Rows = CopyData | Iterable[Sequence[Any]]
 
 _TS = "('epoch'::timestamptz + {} * interval '1 millisecond')"
 
@@ -350,11 +351,12 @@ ON CONFLICT (consumer_group, meter_id) DO UPDATE SET
 def _copy(cur: psycopg.Cursor[Any], table: str, data: Rows, encoded_columns: Sequence[str],
           columns: Sequence[str], types: Sequence[str]) -> int:
     """COPY binary data or Python rows into a temporary table; returns the rows copied."""
-    names = encoded_columns if isinstance(data, bytes) else columns
+    names = encoded_columns if isinstance(data, CopyData) else columns
     statement = f"COPY {table} ({', '.join(names)}) FROM STDIN (FORMAT BINARY)"
     with cur.copy(statement.encode()) as copy:
-        if isinstance(data, bytes):
-            copy.write(data)
+        if isinstance(data, CopyData):
+            for chunk in data.chunks:
+                copy.write(chunk)
         else:
             copy.set_types(types)
             for row in data:

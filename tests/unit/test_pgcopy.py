@@ -42,16 +42,19 @@ names = st.text(st.characters(codec="utf-8", exclude_characters="\x00"), max_siz
 
 @settings(deadline=None, max_examples=200)
 @given(data=st.data(), fixed=st.lists(st.sampled_from(sorted(values)), min_size=1, max_size=8),
-       n_text=st.integers(0, 2), n=st.integers(0, 20))
+       n_text=st.integers(0, 2), n=st.integers(0, 20), chunk=st.integers(1, 8))
 def test_copy_data_equals_the_reference_encoding(data: st.DataObject, fixed: list[str],
-                                                 n_text: int, n: int) -> None:
+                                                 n_text: int, n: int, chunk: int) -> None:
     pool = data.draw(st.lists(names, min_size=1, max_size=6))
     columns = [data.draw(st.lists(values[k], min_size=n, max_size=n)) for k in fixed]
     slots = [data.draw(st.lists(st.integers(0, len(pool) - 1), min_size=n, max_size=n))
              for _ in range(n_text)]
     fields = TextFields(pool).fields()
-    got = copy_data([np.array(c, _DTYPE[k]) for c, k in zip(columns, fixed, strict=True)],
-                    [(np.array(s, np.int32), fields) for s in slots])
+    encoded = copy_data([np.array(c, _DTYPE[k]) for c, k in zip(columns, fixed, strict=True)],
+                        [(np.array(s, np.int32), fields) for s in slots], rows_per_chunk=chunk)
+    chunks = list(encoded.chunks)
+    assert len(chunks) == 2 + -(-n // chunk)  # header, the row chunks, trailer
+    got = b"".join(chunks)
     rows = [tuple([*(c[i] for c in columns), *(pool[s[i]] for s in slots)]) for i in range(n)]
     assert got == reference(rows, [*fixed, *["text"] * n_text])
     assert got.startswith(HEADER) and got.endswith(TRAILER)
