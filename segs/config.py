@@ -241,6 +241,10 @@ SPECS: tuple[Spec, ...] = (
          "worker processes (default: CPU count)"),
     Spec("BATCH_SIZE", "batch_size", "50000", _int(1, 1_000_000),
          "most messages taken from Kafka per poll (fewer when fewer are waiting)"),
+    Spec("CHECKPOINT_WRITERS", "checkpoint_writers", "2", _int(1, 16),
+         "transactions a worker's checkpoint is cut into (along partitions), written side by "
+         "side on their own connections; 1 = one transaction. More help while PostgreSQL has "
+         "idle cores"),
     Spec("SHUTDOWN_TIMEOUT", "shutdown_timeout_s", "30", _duration_s,
          "time allowed for the final checkpoint on SIGTERM"),
     Spec("HOST", "http_host", "0.0.0.0", _text,
@@ -287,6 +291,7 @@ class Settings:
     alert_cooldown_ms: int
     workers: int
     batch_size: int
+    checkpoint_writers: int
     shutdown_timeout_s: float
     http_host: str
     http_port: int

@@ -4,9 +4,10 @@ A checkpoint's :class:`Payload` holds the drained 1-minute partials, the changed
 baselines and the next position of every covered partition. Positions are per partition,
 so a payload can be cut along partitions into several payloads, each one a complete
 checkpoint of its partitions — as if those partitions alone had been checkpointed — and
-written in its own transaction on its own connection (:meth:`segs.sink.Sink.commit_all`).
-PostgreSQL runs each upsert on one core; two transactions side by side take about two
-thirds of the time of one (``benchmarks/README.md``, "Checkpoint").
+written in its own transaction on its own connection (:meth:`segs.sink.Sink.commit_all`),
+``CHECKPOINT_WRITERS`` of them. PostgreSQL runs each upsert on one core; two transactions
+side by side take about two thirds of the time of one (``benchmarks/README.md``,
+"Checkpoint").
 
 The cut is exact only when no partial or baseline mixes readings of partitions that land
 in different parts. Readings are keyed by meter id, so a meter's readings come from one

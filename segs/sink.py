@@ -139,10 +139,10 @@ ClosedRow = tuple[str, str, int, float, float, float, float, int]
 # of a healthy worker is one chunk delivered by claim_closed (produce + a flush of ≤ 10 s).
 IDLE_IN_TXN_MS = 20_000
 _CLAIM_CHUNK = 10_000
-# Checkpoint transactions of one worker that run side by side (Sink.commit_all). Two cut
-# the checkpoint of 100,000 partials on the 2-core benchmark machine by a third; more would
-# only queue on its cores. The pool has one connection more, for publishing and reads.
-WRITERS = 2
+# Checkpoint transactions of one worker that run side by side (Sink.commit_all), the default
+# of CHECKPOINT_WRITERS. Two cut the checkpoint of 100,000 partials on the 2-core benchmark
+# machine by a third; three gain nothing more there.
+DEFAULT_WRITERS = 2
 
 # partition → (stored position or None, next position, watermark ms or None)
 Positions = dict[int, tuple[int | None, int, int | None]]
@@ -154,11 +154,14 @@ class Sink:
     """PostgreSQL access of one worker, through a small psycopg pool."""
 
     def __init__(self, url: str, *, consumer_group: str, topic: str,
-                 statement_timeout_ms: int = 60_000) -> None:
+                 statement_timeout_ms: int = 60_000, writers: int = DEFAULT_WRITERS) -> None:
+        """``writers``: connections that write checkpoint transactions side by side; the
+        pool has one more, for publishing and reads."""
         self.group = consumer_group
         self.topic = topic
+        self.writers = writers
         self._pool = ConnectionPool(
-            url, min_size=1, max_size=WRITERS + 1, open=False, timeout=5.0, reconnect_timeout=0,
+            url, min_size=1, max_size=writers + 1, open=False, timeout=5.0, reconnect_timeout=0,
             check=ConnectionPool.check_connection, configure=_create_temp_tables,
             name="segs-sink",
             kwargs={"connect_timeout": 5,
@@ -261,10 +264,11 @@ class Sink:
         fails on its own; the result list holds, per job, its stats or the
         :class:`~segs.errors.DatabaseError` / :class:`~segs.errors.FencedError` it raised.
         """
-        if len(jobs) <= 1:
+        if len(jobs) <= 1 or self.writers <= 1:
             return [self._try_commit(job) for job in jobs]
         if self._writers is None:
-            self._writers = ThreadPoolExecutor(WRITERS - 1, thread_name_prefix="segs-sink")
+            self._writers = ThreadPoolExecutor(self.writers - 1,
+                                               thread_name_prefix="segs-sink")
         others: list[Future[CommitStats | SegsError]] = [
             self._writers.submit(self._try_commit, job) for job in jobs[1:]]
         first = self._try_commit(jobs[0])  # this thread writes one of them itself

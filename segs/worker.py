@@ -60,7 +60,7 @@ from segs.errors import DatabaseError, FencedError, SegsError
 from segs.outputs import GRANULARITY, dead_letter_headers, encode_aggregates
 from segs.payload import MeterPartitions, Payload
 from segs.pgcopy import TextFields
-from segs.sink import TABLES, WRITERS, ClosedRow, CommitStats, Position, Sink
+from segs.sink import TABLES, ClosedRow, CommitStats, Position, Sink
 from segs.windows import WindowEngine
 
 log = logging.getLogger(__name__)
@@ -105,7 +105,7 @@ class Worker:
             min_samples=settings.min_samples, cooldown_ms=settings.alert_cooldown_ms)
         self._fresh_state()
         self.sink = Sink(settings.postgres_url.get(), consumer_group=settings.kafka_group_id,
-                         topic=self.topic)
+                         topic=self.topic, writers=settings.checkpoint_writers)
         self.assigned: set[int] = set()
         self.positioned: set[int] = set()  # assigned partitions sought to their position
         self.stored: dict[int, int | None] = {}  # position in the database (CAS value)
@@ -500,7 +500,7 @@ class Worker:
         if self.meter_partitions.take_mixed():
             log.debug("a meter's readings came from two partitions: one checkpoint transaction")
             return [payload] if payload else []
-        return payload.split(WRITERS)
+        return payload.split(self.s.checkpoint_writers)
 
     def _stored(self, payload: Payload, stats: CommitStats) -> None:
         """Book a written payload: its positions are the stored ones now."""

@@ -6,12 +6,14 @@ The payload is built before the clock starts, as the worker builds it before its
 the timed part is what the worker runs: the cut along partitions
 (:meth:`segs.payload.Payload.split`), the encoding of each part as COPY data
 (:meth:`segs.payload.Payload.job`) and the transactions side by side
-(:meth:`segs.sink.Sink.commit_all`: binary COPY, merge, positions). The sink derives the
+(:meth:`segs.sink.Sink.commit_all`: binary COPY, merge, positions), as many as
+``CHECKPOINT_WRITERS`` in the environment says (default 2), like the service. The sink derives the
 15-minute rows from the 1-minute partials, so ``*_rows`` (rows written, both tables) is
 twice the partials."""
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -22,7 +24,7 @@ from segs.bench.infra import Servers, fresh_database
 from segs.merge import Partials
 from segs.payload import Payload
 from segs.pgcopy import TextFields
-from segs.sink import WRITERS, CommitStats, Positions, Sink
+from segs.sink import DEFAULT_WRITERS, CommitStats, Positions, Sink
 
 _T0_MS = 1_795_759_200_000  # 2026-11-27T06:00:00Z
 PARTITIONS = 6
@@ -42,23 +44,24 @@ def _payload(n: int, salt: int, prev: dict[int, int | None]) -> Payload:
 
 def run_checkpoint(srv: Servers, sizes: list[int]) -> list[dict[str, Any]]:
     results = []
+    writers = int(os.environ.get("CHECKPOINT_WRITERS", DEFAULT_WRITERS))  # as the service
     for n in sizes:
         # names encoded before the clock starts, as the worker keeps them encoded
         meters = TextFields([f"MTR-{i:08d}" for i in range(n)]).fields()
         regions = TextFields(["north"]).fields()
         with fresh_database(srv.postgres_url) as db:
-            sink = Sink(db, consumer_group="segs-bench", topic="raw_readings")
+            sink = Sink(db, consumer_group="segs-bench", topic="raw_readings", writers=writers)
             sink.open()
             try:
                 sink.ping()
                 row: dict[str, Any] = {"partials": n, "partitions": PARTITIONS,
-                                       "writers": WRITERS}
+                                       "writers": writers}
                 prev: dict[int, int | None] = dict.fromkeys(range(PARTITIONS))
                 for phase, salt in (("new_s", 0), ("merge_s", 1)):
                     payload = _payload(n, salt, prev)
                     t0 = time.perf_counter()
                     done = sink.commit_all([p.job(meters, regions)
-                                            for p in payload.split(WRITERS)])
+                                            for p in payload.split(writers)])
                     row[phase] = time.perf_counter() - t0
                     stats = [s for s in done if isinstance(s, CommitStats)]
                     if len(stats) != len(done):

@@ -90,3 +90,9 @@ def test_env_example_lists_every_setting() -> None:
     text = (Path(__file__).parents[2] / ".env.example").read_text()
     for spec in SPECS:
         assert f"{spec.env}=" in text, spec.env
+
+
+def test_checkpoint_writers_default_is_the_sinks() -> None:
+    from segs.sink import DEFAULT_WRITERS
+
+    assert load_settings(env={}, env_file=None).checkpoint_writers == DEFAULT_WRITERS
