@@ -160,6 +160,7 @@ class Sink:
         self.group = consumer_group
         self.topic = topic
         self.writers = writers
+        self._threads: ThreadPoolExecutor | None = None  # started by the first commit_all
         self._pool = ConnectionPool(
             url, min_size=1, max_size=writers + 1, open=False, timeout=5.0, reconnect_timeout=0,
             check=ConnectionPool.check_connection, configure=_create_temp_tables,
@@ -175,12 +176,10 @@ class Sink:
         request starts a new one), so recovery is as fast as the caller's retry."""
         self._pool.open(wait=False)
 
-        self._writers: ThreadPoolExecutor | None = None
-
     def close(self) -> None:
-        if self._writers is not None:
-            self._writers.shutdown(wait=True)
-            self._writers = None
+        if self._threads is not None:
+            self._threads.shutdown(wait=True)
+            self._threads = None
         self._pool.close()
 
     def ping(self) -> bool:
@@ -266,11 +265,11 @@ class Sink:
         """
         if len(jobs) <= 1 or self.writers <= 1:
             return [self._try_commit(job) for job in jobs]
-        if self._writers is None:
-            self._writers = ThreadPoolExecutor(self.writers - 1,
+        if self._threads is None:
+            self._threads = ThreadPoolExecutor(self.writers - 1,
                                                thread_name_prefix="segs-sink")
         others: list[Future[CommitStats | SegsError]] = [
-            self._writers.submit(self._try_commit, job) for job in jobs[1:]]
+            self._threads.submit(self._try_commit, job) for job in jobs[1:]]
         first = self._try_commit(jobs[0])  # this thread writes one of them itself
         return [first, *(f.result() for f in others)]
 

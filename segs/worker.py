@@ -11,7 +11,7 @@ Only 1-minute windows are kept in memory; the 15-minute rows are rolled up from 
 A checkpoint (:meth:`Worker.checkpoint`) runs in this order:
 
 0. flush the producer, so every alert and dead letter of the covered messages is delivered;
-1. the database transaction: partials of both window sizes merged, changed baselines, and
+1. the database transactions: partials of both window sizes merged, changed baselines, and
    the next position of every covered partition (compare-and-set, see :mod:`segs.sink`);
    cut along partitions into transactions that run side by side (:mod:`segs.payload`),
    each a complete checkpoint of its partitions;
