@@ -9,9 +9,20 @@ hot path only ever touches integers and floats.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import numpy as np
 from numpy.typing import NDArray
+
+_T = TypeVar("_T", bound=np.generic)
+
+
+def grown(old: NDArray[_T] | None, n: int, fill: Any, dtype: Any = None) -> NDArray[_T]:
+    """A length-``n`` array filled with ``fill``, starting with the contents of ``old``."""
+    arr: NDArray[_T] = np.full(n, fill, dtype if old is None else old.dtype)
+    if old is not None:
+        arr[: old.shape[0]] = old
+    return arr
 
 
 class Interner:

@@ -23,6 +23,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from segs.anomaly import BaselineState
+from segs.columns import grown
 from segs.merge import Partials
 from segs.pgcopy import copy_data
 from segs.sink import CommitJob, Positions
@@ -47,11 +48,16 @@ class Payload:
         ``regions`` are the encoded names by slot (:class:`segs.pgcopy.TextFields`)."""
         p, b = self.partials, self.baselines
         partials = copy_data(
-            [p.window_start_ms, p.count, p.power_sum, p.power_max, p.power_min, p.energy_sum,
-             p.last_ts_ms, p.partition], [(p.meter, meters), (p.region, regions)])
+            [("window_start_ms", p.window_start_ms), ("sample_count", p.count),
+             ("power_sum", p.power_sum), ("power_max", p.power_max),
+             ("power_min", p.power_min), ("energy_sum", p.energy_sum),
+             ("last_ts_ms", p.last_ts_ms), ("source_partition", p.partition)],
+            [("meter_id", p.meter, meters), ("region", p.region, regions)])
         baselines = copy_data(
-            [b.partition, b.baseline, b.samples, b.last_outage_ms, b.last_spike_ms,
-             b.last_drop_ms], [(b.meter, meters)])
+            [("source_partition", b.partition), ("baseline", b.baseline),
+             ("samples", b.samples), ("last_outage_ms", b.last_outage_ms),
+             ("last_spike_ms", b.last_spike_ms), ("last_drop_ms", b.last_drop_ms)],
+            [("meter_id", b.meter, meters)])
         return partials, baselines, self.positions
 
     def split(self, parts: int) -> list[Payload]:
@@ -62,13 +68,12 @@ class Payload:
         checks that with :class:`MeterPartitions`. Empty parts are left out.
         """
         pp, bp = self.partials.partition, self.baselines.partition
-        partitions = sorted(set(self.positions) | set(np.unique(pp).tolist())
-                            | set(np.unique(bp).tolist()))
+        ids, counts = np.unique(pp, return_counts=True)
+        weight = dict.fromkeys([*self.positions, *np.unique(bp).tolist()], 0)
+        weight.update(zip(ids.tolist(), counts.tolist(), strict=True))
+        partitions = sorted(weight)
         if parts <= 1 or len(partitions) <= 1:
             return [self] if self else []
-        weight = {p: 0 for p in partitions}
-        for p, n in zip(*np.unique(pp, return_counts=True), strict=True):
-            weight[int(p)] = int(n)
         loads = [0] * parts
         groups: list[list[int]] = [[] for _ in range(parts)]
         for p in sorted(partitions, key=lambda q: (-weight[q], q)):
@@ -101,9 +106,7 @@ class MeterPartitions:
             return
         top = int(meter.max()) + 1
         if top > self._home.shape[0]:
-            grown = np.full(max(top, 2 * self._home.shape[0]), -1, np.int32)
-            grown[: self._home.shape[0]] = self._home
-            self._home = grown
+            self._home = grown(self._home, max(top, 2 * self._home.shape[0]), -1)
         before = self._home[meter]
         if not self._mixed and bool(((before >= 0) & (before != partition)).any()):
             self._mixed = True

@@ -10,7 +10,7 @@ are joined a chunk at a time while COPY sends them.
 Layout (PostgreSQL docs, "COPY", binary format): signature, flags and header extension
 length; per row an int16 field count, then per field an int32 byte length and the bytes;
 an int16 -1 at the end. Fixed-width columns come first in each row and text columns after
-them, so the ``COPY`` statement names its columns in that order.
+them; :class:`CopyData` carries the column names in that order for the ``COPY`` statement.
 """
 
 from __future__ import annotations
@@ -45,24 +45,32 @@ class TextFields:
 
 @dataclass(frozen=True, slots=True)
 class CopyData:
-    """Binary COPY data for one table, made chunk by chunk while it is sent."""
+    """Binary COPY data for one table, made chunk by chunk while it is sent, and the names
+    of its columns in the order of the data."""
 
+    columns: tuple[str, ...]
     chunks: Iterable[bytes]
 
 
-def copy_data(fixed: Sequence[NDArray[np.generic]],
-              texts: Sequence[tuple[NDArray[np.integer], list[bytes]]],
+FixedColumn = tuple[str, NDArray[np.generic]]  # (name, int4/int8/float8 values)
+TextColumn = tuple[str, NDArray[np.integer], list[bytes]]  # (name, slots, fields by slot)
+
+
+def copy_data(fixed: Sequence[FixedColumn], texts: Sequence[TextColumn],
               rows_per_chunk: int = CHUNK_ROWS) -> CopyData:
     """Binary COPY data of ``len(fixed[0])`` rows: the ``fixed`` columns (int4, int8 or
-    float8 arrays, in column order), then the ``texts`` columns, each given as (slots,
-    encoded fields by slot from :meth:`TextFields.fields`). Encoded lazily, a chunk of
+    float8 arrays, in column order), then the ``texts`` columns, each given as slots and the
+    encoded fields by slot from :meth:`TextFields.fields`. Encoded lazily, a chunk of
     ``rows_per_chunk`` rows at a time, so memory stays small for a million rows."""
     layout: list[tuple[str, str]] = [("n", ">i2")]
-    for j, col in enumerate(fixed):
+    for j, (name, col) in enumerate(fixed):
         if col.dtype.kind not in "if" or col.dtype.itemsize not in (4, 8):
-            raise TypeError(f"column {j}: {col.dtype} is not int4, int8 or float8")
+            raise TypeError(f"column {name}: {col.dtype} is not int4, int8 or float8")
         layout += [(f"len{j}", ">i4"), (f"val{j}", col.dtype.newbyteorder(">").str)]
-    return CopyData(_chunks(np.dtype(layout), fixed, texts, rows_per_chunk))
+    columns = tuple(name for name, _ in fixed) + tuple(name for name, _, _ in texts)
+    return CopyData(columns, _chunks(np.dtype(layout), [col for _, col in fixed],
+                                     [(slots, fields) for _, slots, fields in texts],
+                                     rows_per_chunk))
 
 
 def _chunks(layout: np.dtype[Any], fixed: Sequence[NDArray[np.generic]],

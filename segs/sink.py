@@ -53,10 +53,7 @@ _PARTIAL_TYPES = ("text", "text", "int8", "int8", "float8", "float8", "float8", 
 BASELINE_COLUMNS = ("meter_id", "source_partition", "baseline", "samples", "last_outage_ms",
                     "last_spike_ms", "last_drop_ms")
 _BASELINE_TYPES = ("text", "int4", "float8", "int8", "int8", "int8", "int8")
-# The same rows as binary COPY data from segs.pgcopy: fixed-width columns first, text last.
-ENCODED_PARTIAL_COLUMNS = (*PARTIAL_COLUMNS[2:], *PARTIAL_COLUMNS[:2])
-ENCODED_BASELINE_COLUMNS = (*BASELINE_COLUMNS[1:], BASELINE_COLUMNS[0])
-# Rows to COPY: binary COPY data in the ENCODED_* column order, or Python rows.
+# Rows to COPY: binary COPY data naming its columns (segs.pgcopy), or Python rows.
 Rows = CopyData | Iterable[Sequence[Any]]
 
 _TS = "('epoch'::timestamptz + {} * interval '1 millisecond')"
@@ -221,10 +218,10 @@ class Sink:
         """Write one checkpoint atomically (see the module docstring for the steps).
 
         ``partials`` are 1-minute partials (distinct (meter, window) keys) and ``baselines``
-        detector states: binary COPY data in the order of :data:`ENCODED_PARTIAL_COLUMNS` /
-        :data:`ENCODED_BASELINE_COLUMNS`, or Python rows of :data:`PARTIAL_COLUMNS` /
-        :data:`BASELINE_COLUMNS`. ``positions`` maps partition → (previous stored offset or
-        None when there was none, next offset, watermark ms or None).
+        detector states: binary COPY data (:class:`segs.pgcopy.CopyData`), or Python rows of
+        :data:`PARTIAL_COLUMNS` / :data:`BASELINE_COLUMNS`. ``positions`` maps partition →
+        (previous stored offset or None when there was none, next offset, watermark ms or
+        None).
         """
         t0 = time.perf_counter()
         try:
@@ -238,15 +235,14 @@ class Sink:
                 cur.execute(b"SET LOCAL synchronous_commit = off")
                 cur.execute(b"SET LOCAL work_mem = '64MB'")
                 cur.execute(b"SET LOCAL jit = off")
-                _copy(cur, "segs_partials", partials, ENCODED_PARTIAL_COLUMNS,
-                      PARTIAL_COLUMNS, _PARTIAL_TYPES)
+                _copy(cur, "segs_partials", partials, PARTIAL_COLUMNS, _PARTIAL_TYPES)
                 rows, new_rows = {}, {}
                 for size, table in TABLES.items():
                     cur.execute(self._merge_sql(size, table))
                     inserted, written = cur.fetchone() or (0, 0)
                     rows[table], new_rows[table] = int(written), int(inserted)
-                n_base = _copy(cur, "segs_baselines", baselines, ENCODED_BASELINE_COLUMNS,
-                               BASELINE_COLUMNS, _BASELINE_TYPES)
+                n_base = _copy(cur, "segs_baselines", baselines, BASELINE_COLUMNS,
+                               _BASELINE_TYPES)
                 if n_base:
                     cur.execute(_UPSERT_BASELINES, (self.group,))
                 self._write_positions(cur, positions)
@@ -355,10 +351,11 @@ ON CONFLICT (consumer_group, meter_id) DO UPDATE SET
 """
 
 
-def _copy(cur: psycopg.Cursor[Any], table: str, data: Rows, encoded_columns: Sequence[str],
-          columns: Sequence[str], types: Sequence[str]) -> int:
-    """COPY binary data or Python rows into a temporary table; returns the rows copied."""
-    names = encoded_columns if isinstance(data, CopyData) else columns
+def _copy(cur: psycopg.Cursor[Any], table: str, data: Rows, columns: Sequence[str],
+          types: Sequence[str]) -> int:
+    """COPY binary data or Python rows (of ``columns``, ``types``) into a temporary table;
+    returns the rows copied."""
+    names = data.columns if isinstance(data, CopyData) else columns
     statement = f"COPY {table} ({', '.join(names)}) FROM STDIN (FORMAT BINARY)"
     with cur.copy(statement.encode()) as copy:
         if isinstance(data, CopyData):

@@ -24,17 +24,15 @@ no reading for ``idle_advance_ms`` of wall clock.
 from __future__ import annotations
 
 from collections.abc import Collection
-from typing import Any, TypeVar
 
 import numpy as np
 from numpy.typing import NDArray
 
-from segs.columns import Interner, Readings
+from segs.columns import Interner, Readings, grown
 from segs.merge import Partials, combine, region_ranks
 
 __all__ = ["Partials", "WindowEngine"]
 
-_T = TypeVar("_T", bound=np.generic)
 
 NEG = -(2**62)  # "nothing here" for window indices, timestamps and watermarks
 _MIN_CAPACITY = 1024
@@ -44,14 +42,6 @@ def default_ring(size_s: int, allowed_lateness_ms: int) -> int:
     """Cells per meter: enough windows to cover the lateness plus three minutes, ≥ 2."""
     size_ms = size_s * 1000
     return max(2, -(-(allowed_lateness_ms + 180_000) // size_ms))
-
-
-def _grown(old: NDArray[_T] | None, n: int, fill: Any, dtype: Any = None) -> NDArray[_T]:
-    """A length-``n`` array filled with ``fill``, starting with the contents of ``old``."""
-    arr: NDArray[_T] = np.full(n, fill, dtype if old is None else old.dtype)
-    if old is not None:
-        arr[: old.shape[0]] = old
-    return arr
 
 
 class WindowEngine:
@@ -108,17 +98,17 @@ class WindowEngine:
     def _alloc_cells(self, capacity: int) -> None:
         n = capacity * self.ring
         first = self._capacity == 0
-        self._win = _grown(None if first else self._win, n, NEG)  # window index held
-        self._count = _grown(None if first else self._count, n, 0, np.int32)
-        self._psum = _grown(None if first else self._psum, n, 0.0)
-        self._pmax = _grown(None if first else self._pmax, n, -np.inf)
-        self._pmin = _grown(None if first else self._pmin, n, np.inf)
-        self._esum = _grown(None if first else self._esum, n, 0.0)
-        self._last = _grown(None if first else self._last, n, NEG)  # ts of latest reading
-        self._region = _grown(None if first else self._region, n, -1, np.int32)
-        self._part = _grown(None if first else self._part, n, -1, np.int32)
-        self._open = _grown(None if first else self._open, n, False)  # not reported closed
-        self._scratch = _grown(None if first else self._scratch, n, 0)
+        self._win = grown(None if first else self._win, n, NEG)  # window index held
+        self._count = grown(None if first else self._count, n, 0, np.int32)
+        self._psum = grown(None if first else self._psum, n, 0.0)
+        self._pmax = grown(None if first else self._pmax, n, -np.inf)
+        self._pmin = grown(None if first else self._pmin, n, np.inf)
+        self._esum = grown(None if first else self._esum, n, 0.0)
+        self._last = grown(None if first else self._last, n, NEG)  # ts of latest reading
+        self._region = grown(None if first else self._region, n, -1, np.int32)
+        self._part = grown(None if first else self._part, n, -1, np.int32)
+        self._open = grown(None if first else self._open, n, False)  # not reported closed
+        self._scratch = grown(None if first else self._scratch, n, 0)
         self._capacity = capacity
 
     def _ensure_meters(self, n: int) -> None:

@@ -497,10 +497,11 @@ class Worker:
                      for p, nxt in self.consumed.items()
                      if p in self.positioned and nxt != self.stored.get(p)}
         payload = Payload(self.windows.drain(), self.detector.take_dirty(), positions)
+        parts = self.sink.writers
         if self.meter_partitions.take_mixed():
             log.debug("a meter's readings came from two partitions: one checkpoint transaction")
-            return [payload] if payload else []
-        return payload.split(self.s.checkpoint_writers)
+            parts = 1
+        return payload.split(parts)
 
     def _stored(self, payload: Payload, stats: CommitStats) -> None:
         """Book a written payload: its positions are the stored ones now."""

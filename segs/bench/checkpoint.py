@@ -7,9 +7,9 @@ the timed part is what the worker runs: the cut along partitions
 (:meth:`segs.payload.Payload.split`), the encoding of each part as COPY data
 (:meth:`segs.payload.Payload.job`) and the transactions side by side
 (:meth:`segs.sink.Sink.commit_all`: binary COPY, merge, positions), as many as
-``CHECKPOINT_WRITERS`` in the environment says (default 2), like the service. The sink derives the
-15-minute rows from the 1-minute partials, so ``*_rows`` (rows written, both tables) is
-twice the partials."""
+``CHECKPOINT_WRITERS`` in the environment says (default 2), read as the service reads it.
+The sink derives the 15-minute rows from the 1-minute partials, so ``*_rows`` (rows
+written, both tables) is twice the partials."""
 
 from __future__ import annotations
 
@@ -21,10 +21,11 @@ import numpy as np
 
 from segs.anomaly import BaselineState
 from segs.bench.infra import Servers, fresh_database
+from segs.config import load_settings
 from segs.merge import Partials
 from segs.payload import Payload
 from segs.pgcopy import TextFields
-from segs.sink import DEFAULT_WRITERS, CommitStats, Positions, Sink
+from segs.sink import CommitStats, Positions, Sink
 
 _T0_MS = 1_795_759_200_000  # 2026-11-27T06:00:00Z
 PARTITIONS = 6
@@ -44,7 +45,7 @@ def _payload(n: int, salt: int, prev: dict[int, int | None]) -> Payload:
 
 def run_checkpoint(srv: Servers, sizes: list[int]) -> list[dict[str, Any]]:
     results = []
-    writers = int(os.environ.get("CHECKPOINT_WRITERS", DEFAULT_WRITERS))  # as the service
+    writers = load_settings(env=os.environ, env_file=None).checkpoint_writers  # as the service
     for n in sizes:
         # names encoded before the clock starts, as the worker keeps them encoded
         meters = TextFields([f"MTR-{i:08d}" for i in range(n)]).fields()
@@ -61,7 +62,7 @@ def run_checkpoint(srv: Servers, sizes: list[int]) -> list[dict[str, Any]]:
                     payload = _payload(n, salt, prev)
                     t0 = time.perf_counter()
                     done = sink.commit_all([p.job(meters, regions)
-                                            for p in payload.split(writers)])
+                                            for p in payload.split(sink.writers)])
                     row[phase] = time.perf_counter() - t0
                     stats = [s for s in done if isinstance(s, CommitStats)]
                     if len(stats) != len(done):

@@ -50,8 +50,11 @@ def test_copy_data_equals_the_reference_encoding(data: st.DataObject, fixed: lis
     slots = [data.draw(st.lists(st.integers(0, len(pool) - 1), min_size=n, max_size=n))
              for _ in range(n_text)]
     fields = TextFields(pool).fields()
-    encoded = copy_data([np.array(c, _DTYPE[k]) for c, k in zip(columns, fixed, strict=True)],
-                        [(np.array(s, np.int32), fields) for s in slots], rows_per_chunk=chunk)
+    encoded = copy_data(
+        [(f"f{j}", np.array(c, _DTYPE[k]))
+         for j, (c, k) in enumerate(zip(columns, fixed, strict=True))],
+        [(f"t{j}", np.array(s, np.int32), fields) for j, s in enumerate(slots)],
+        rows_per_chunk=chunk)
     chunks = list(encoded.chunks)
     assert len(chunks) == 2 + -(-n // chunk)  # header, the row chunks, trailer
     got = b"".join(chunks)
@@ -70,4 +73,4 @@ def test_text_fields_encode_names_added_later() -> None:
 
 def test_copy_data_refuses_a_column_it_cannot_encode() -> None:
     with pytest.raises(TypeError, match="column 0"):
-        copy_data([np.zeros(2, np.int16)], [])
+        copy_data([("0", np.zeros(2, np.int16))], [])
