@@ -229,6 +229,7 @@ def test_compose_file_structure() -> None:
         assert f"create {topic} " in script
     assert services["timescaledb"]["image"] == "timescale/timescaledb:latest-pg16"
     assert "healthcheck" in services["timescaledb"]
+    assert "wal_buffers=64MB" in services["timescaledb"]["command"]  # README, "Database settings"
     proc = services["processor"]
     assert proc["build"] == "."
     assert proc["environment"]["KAFKA_BROKERS"] == "kafka:9092"
