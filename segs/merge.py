@@ -169,3 +169,20 @@ def combine(partials: Partials, region_rank: NDArray[np.int64]) -> Partials:
         region=s.region[ends],
         partition=s.partition[ends],
     )
+
+
+def roll_up(partials: Partials, size_s: int, region_rank: NDArray[np.int64]) -> Partials:
+    """The partials of the coarser windows of ``size_s`` seconds that ``partials`` nest in.
+
+    Windows are aligned to the epoch, so a window of ``partials.size_s`` lies in exactly one
+    window of a multiple of its size: each row's start is floored to ``size_s`` and the rows
+    that then share a (meter, window) are merged by :func:`combine` (output sorted by key).
+    """
+    if size_s % partials.size_s:
+        raise ValueError(f"{partials.size_s} s windows do not nest in {size_s} s windows")
+    size_ms = size_s * 1000
+    p = partials
+    coarse = Partials(size_s, p.meter, p.window_start_ms // size_ms * size_ms, p.count,
+                      p.power_sum, p.power_max, p.power_min, p.energy_sum, p.last_ts_ms,
+                      p.region, p.partition)
+    return combine(coarse, region_rank)

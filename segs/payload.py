@@ -24,9 +24,9 @@ from numpy.typing import NDArray
 
 from segs.anomaly import BaselineState
 from segs.columns import grown
-from segs.merge import Partials
-from segs.pgcopy import copy_data
-from segs.sink import CommitJob, Positions
+from segs.merge import Partials, roll_up
+from segs.pgcopy import CopyData, copy_data
+from segs.sink import TABLES, CommitJob, Positions
 
 
 @dataclass(slots=True)
@@ -43,16 +43,18 @@ class Payload:
     def __bool__(self) -> bool:
         return bool(len(self.partials) or len(self.baselines) or self.positions)
 
-    def job(self, meters: list[bytes], regions: list[bytes]) -> CommitJob:
-        """The arguments of :meth:`segs.sink.Sink.commit` for this payload; ``meters`` and
-        ``regions`` are the encoded names by slot (:class:`segs.pgcopy.TextFields`)."""
+    def job(self, meters: list[bytes], regions: list[bytes],
+            region_rank: NDArray[np.int64]) -> CommitJob:
+        """The arguments of :meth:`segs.sink.Sink.commit` for this payload: the 1-minute
+        partials and their roll-up into every coarser window size the sink stores.
+
+        ``meters`` and ``regions`` are the encoded names by slot
+        (:class:`segs.pgcopy.TextFields`), ``region_rank`` the order of the region names
+        (:func:`segs.merge.region_ranks`), which decides a merged window's region."""
         p, b = self.partials, self.baselines
-        partials = copy_data(
-            [("window_start_ms", p.window_start_ms), ("sample_count", p.count),
-             ("power_sum", p.power_sum), ("power_max", p.power_max),
-             ("power_min", p.power_min), ("energy_sum", p.energy_sum),
-             ("last_ts_ms", p.last_ts_ms), ("source_partition", p.partition)],
-            [("meter_id", p.meter, meters), ("region", p.region, regions)])
+        partials = {size: _partials_copy(p if size == p.size_s else roll_up(p, size, region_rank),
+                                         meters, regions)
+                    for size in TABLES}
         baselines = copy_data(
             [("source_partition", b.partition), ("baseline", b.baseline),
              ("samples", b.samples), ("last_outage_ms", b.last_outage_ms),
@@ -91,6 +93,15 @@ class Payload:
                 {p: pos for p, pos in self.positions.items() if p in group},
             ))
         return out
+
+
+def _partials_copy(p: Partials, meters: list[bytes], regions: list[bytes]) -> CopyData:
+    return copy_data(
+        [("window_start_ms", p.window_start_ms), ("sample_count", p.count),
+         ("power_sum", p.power_sum), ("power_max", p.power_max), ("power_min", p.power_min),
+         ("energy_sum", p.energy_sum), ("last_ts_ms", p.last_ts_ms),
+         ("source_partition", p.partition)],
+        [("meter_id", p.meter, meters), ("region", p.region, regions)])
 
 
 class MeterPartitions:

@@ -2,13 +2,13 @@
 
 One :meth:`Sink.commit` is one transaction:
 
-1. binary ``COPY`` of the drained 1-minute partial aggregates into a temporary table;
+1. binary ``COPY`` of the partial aggregates of each window size into a temporary table:
+   the drained 1-minute partials and their roll-up into 15-minute partials (the worker keeps
+   only 1-minute partials; they nest exactly in 15-minute windows, and
+   :func:`segs.merge.roll_up` merges them per 15-minute window before the commit);
 2. one ``INSERT … SELECT … ON CONFLICT (meter_id, window_start) DO UPDATE`` per aggregate
    table, merging partials into stored rows with the arithmetic of :mod:`segs.merge`
-   (:data:`MERGE_SET` is that arithmetic in SQL, written once). The 15-minute partials are
-   not kept in memory at all: 1-minute windows nest exactly in 15-minute ones, so the
-   15-minute statement first merges the 1-minute partials of each 15-minute window
-   (``GROUP BY``, the same arithmetic) and then merges the result into the stored rows;
+   (:data:`MERGE_SET` is that arithmetic in SQL, written once);
 3. the detector's changed baselines, upserted;
 4. the next position of every covered partition, written with a compare-and-set on the
    position this worker last read or wrote — when any compare fails the partition moved to
@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -42,6 +42,8 @@ from segs.pgcopy import CopyData
 log = logging.getLogger(__name__)
 
 TABLES = {60: "aggregates_1m", 900: "aggregates_15m"}
+# window size → the temporary table its partials are copied into
+_PARTIALS = {60: "segs_partials_1m", 900: "segs_partials_15m"}
 
 # One partial aggregate row as Python values; window times as epoch milliseconds.
 PARTIAL_COLUMNS = (
@@ -91,17 +93,6 @@ RETURNING (xmax = 0) AS inserted)
 SELECT count(*) FILTER (WHERE inserted), count(*) FROM merged
 """
 
-# 1-minute partials merged per coarser window: the merge arithmetic as an aggregate.
-_LATEST = 'ORDER BY last_ts_ms DESC, region COLLATE "C" DESC, source_partition DESC'
-_ROLL_UP = f"""
-SELECT meter_id, (array_agg(region {_LATEST}))[1] AS region,
-    (window_start_ms / {{size_ms}}) * {{size_ms}} AS window_start_ms,
-    sum(sample_count)::int8 AS sample_count, sum(power_sum) AS power_sum,
-    max(power_max) AS power_max, min(power_min) AS power_min, sum(energy_sum) AS energy_sum,
-    max(last_ts_ms) AS last_ts_ms, (array_agg(source_partition {_LATEST}))[1] AS source_partition
-FROM segs_partials GROUP BY meter_id, window_start_ms / {{size_ms}}
-"""
-
 _CLAIM = """
 UPDATE {table} AS a SET published = true
 FROM unnest(%s::int4[], %s::int8[]) AS w(p, wm)
@@ -143,8 +134,10 @@ DEFAULT_WRITERS = 2
 
 # partition → (stored position or None, next position, watermark ms or None)
 Positions = dict[int, tuple[int | None, int, int | None]]
-# One transaction of Sink.commit_all: (partial rows, baseline rows, positions), as commit().
-CommitJob = tuple[Rows, Rows, Positions]
+# Partials to write, by window size (a key of TABLES); a missing size has none.
+PartialsBySize = Mapping[int, Rows]
+# One transaction of Sink.commit_all: (partials, baseline rows, positions), as commit().
+CommitJob = tuple[PartialsBySize, Rows, Positions]
 
 
 class Sink:
@@ -214,32 +207,36 @@ class Sink:
 
     # ------------------------------------------------------------------ checkpoint
 
-    def commit(self, partials: Rows, baselines: Rows, positions: Positions) -> CommitStats:
+    def commit(self, partials: PartialsBySize, baselines: Rows,
+               positions: Positions) -> CommitStats:
         """Write one checkpoint atomically (see the module docstring for the steps).
 
-        ``partials`` are 1-minute partials (distinct (meter, window) keys) and ``baselines``
-        detector states: binary COPY data (:class:`segs.pgcopy.CopyData`), or Python rows of
-        :data:`PARTIAL_COLUMNS` / :data:`BASELINE_COLUMNS`. ``positions`` maps partition →
-        (previous stored offset or None when there was none, next offset, watermark ms or
-        None).
+        ``partials`` maps a window size of :data:`TABLES` to its partials (distinct (meter,
+        window) keys; the 15-minute ones the roll-up of the 1-minute ones) and
+        ``baselines`` are detector states: binary COPY data (:class:`segs.pgcopy.CopyData`),
+        or Python rows of :data:`PARTIAL_COLUMNS` / :data:`BASELINE_COLUMNS`.
+        ``positions`` maps partition → (previous stored offset or None when there was none,
+        next offset, watermark ms or None).
         """
         t0 = time.perf_counter()
         try:
             with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
                 # Asynchronous commit is safe here: a server crash loses this transaction
                 # whole — aggregates and the positions that cover them together — so the
-                # worker re-reads exactly what was lost. work_mem keeps the roll-up in memory.
-                # JIT would compile the 15-minute merge anew in every large checkpoint (its
-                # estimate passes jit_above_cost at about 500,000 partials) to save nothing:
-                # the time goes into index probes and heap writes, not expressions.
+                # worker re-reads exactly what was lost. work_mem keeps the merges' RETURNING
+                # rows in memory. JIT would compile a merge anew in every large checkpoint
+                # (the estimate passes jit_above_cost at about 500,000 partials) to save
+                # nothing: the time goes into index probes and heap writes, not expressions.
                 cur.execute(b"SET LOCAL synchronous_commit = off")
                 cur.execute(b"SET LOCAL work_mem = '64MB'")
                 cur.execute(b"SET LOCAL jit = off")
-                _copy(cur, "segs_partials", partials, PARTIAL_COLUMNS, _PARTIAL_TYPES)
                 rows, new_rows = {}, {}
                 for size, table in TABLES.items():
-                    cur.execute(self._merge_sql(size, table))
-                    inserted, written = cur.fetchone() or (0, 0)
+                    inserted = written = 0
+                    if _copy(cur, _PARTIALS[size], partials.get(size, ()), PARTIAL_COLUMNS,
+                             _PARTIAL_TYPES):
+                        cur.execute(self._merge_sql(size, table))
+                        inserted, written = cur.fetchone() or (0, 0)
                     rows[table], new_rows[table] = int(written), int(inserted)
                 n_base = _copy(cur, "segs_baselines", baselines, BASELINE_COLUMNS,
                                _BASELINE_TYPES)
@@ -277,10 +274,8 @@ class Sink:
 
     @staticmethod
     def _merge_sql(size: int, table: str) -> bytes:
-        source = ("SELECT * FROM segs_partials" if size == 60
-                  else _ROLL_UP.format(size_ms=size * 1000))
         query = _MERGE.format(
-            table=table, source=source, merge_set=MERGE_SET,
+            table=table, source=f"SELECT * FROM {_PARTIALS[size]}", merge_set=MERGE_SET,
             start=_TS.format("window_start_ms"),
             end=_TS.format(f"(window_start_ms + {size * 1000})"),
             last=_TS.format("last_ts_ms"),
@@ -378,12 +373,13 @@ def _create_temp_tables(conn: psycopg.Connection[Any]) -> None:
     restarted or a backend was terminated, gets them here too.
     """
     with conn.transaction():
-        conn.execute(
-            "CREATE TEMP TABLE IF NOT EXISTS segs_partials (meter_id text, "
-            "region text, window_start_ms int8, sample_count int8, power_sum float8, "
-            "power_max float8, power_min float8, energy_sum float8, last_ts_ms int8, "
-            "source_partition int4) ON COMMIT DELETE ROWS"
-        )
+        for table in _PARTIALS.values():
+            conn.execute(
+                f"CREATE TEMP TABLE IF NOT EXISTS {table} (meter_id text, "
+                "region text, window_start_ms int8, sample_count int8, power_sum float8, "
+                "power_max float8, power_min float8, energy_sum float8, last_ts_ms int8, "
+                "source_partition int4) ON COMMIT DELETE ROWS".encode()
+            )
         conn.execute(
             "CREATE TEMP TABLE IF NOT EXISTS segs_baselines (meter_id text, "
             "source_partition int4, baseline float8, samples int8, last_outage_ms int8, "

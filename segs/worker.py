@@ -5,8 +5,9 @@ The hot loop (:meth:`Worker.run`) is a flat sequence of named steps::
     batch = consume()  →  columns = decode(batch)  →  dead letters  →  windows.add(columns)
     →  detector.check(columns) → alerts  →  maybe_checkpoint()
 
-Only 1-minute windows are kept in memory; the 15-minute rows are rolled up from the same
-1-minute partials inside the checkpoint transaction (see :mod:`segs.sink`).
+Only 1-minute windows are kept in memory; at each checkpoint the drained 1-minute partials
+are rolled up into the 15-minute partials (:func:`segs.merge.roll_up`), and both are merged
+into their tables (see :mod:`segs.sink`).
 
 A checkpoint (:meth:`Worker.checkpoint`) runs in this order:
 
@@ -57,6 +58,7 @@ from segs.columns import Interner
 from segs.config import Settings
 from segs.decode import Decoder
 from segs.errors import DatabaseError, FencedError, SegsError
+from segs.merge import region_ranks
 from segs.outputs import GRANULARITY, dead_letter_headers, encode_aggregates
 from segs.payload import MeterPartitions, Payload
 from segs.pgcopy import TextFields
@@ -69,7 +71,7 @@ _KAFKA_LOG = logging.getLogger("segs.kafka")
 # Worker states shared with the supervisor (one int per worker in a shared array).
 STARTING, RUNNING, DEGRADED, STOPPING, STOPPED = range(5)
 STATE_NAMES = ("starting", "running", "degraded", "stopping", "stopped")
-WINDOW_S = 60  # the one window kept in memory; 15-minute rows are rolled up from it in SQL
+WINDOW_S = 60  # the one window kept in memory; 15-minute partials are rolled up from it
 # Consumer prefetch: large fetches and a deep local queue keep the poll loop fed (a quarter
 # of these sizes halved the throughput on the benchmark machine: the loop waited on
 # fetches); the queue is bounded in bytes for the whole consumer. The user's Kafka
@@ -449,8 +451,10 @@ class Worker:
             self.inflight = self._build_payloads()
         if self.inflight:
             names, regions = self.meter_fields.fields(), self.region_fields.fields()
+            rank = region_ranks(self.regions)
             t_db = time.perf_counter()
-            results = self.sink.commit_all([p.job(names, regions) for p in self.inflight])
+            results = self.sink.commit_all([p.job(names, regions, rank)
+                                            for p in self.inflight])
             metrics.DB_WRITE_LATENCY_MS.observe((time.perf_counter() - t_db) * 1000)
             failed = []
             for payload, result in zip(self.inflight, results, strict=True):

@@ -8,8 +8,8 @@ the timed part is what the worker runs: the cut along partitions
 (:meth:`segs.payload.Payload.job`) and the transactions side by side
 (:meth:`segs.sink.Sink.commit_all`: binary COPY, merge, positions), as many as
 ``CHECKPOINT_WRITERS`` in the environment says (default 2), read as the service reads it.
-The sink derives the 15-minute rows from the 1-minute partials, so ``*_rows`` (rows
-written, both tables) is twice the partials."""
+The 15-minute partials are the roll-up of the 1-minute ones (in :meth:`Payload.job`, timed),
+one per meter here, so ``*_rows`` (rows written, both tables) is twice the partials."""
 
 from __future__ import annotations
 
@@ -21,8 +21,9 @@ import numpy as np
 
 from segs.anomaly import BaselineState
 from segs.bench.infra import Servers, fresh_database
+from segs.columns import Interner
 from segs.config import load_settings
-from segs.merge import Partials
+from segs.merge import Partials, region_ranks
 from segs.payload import Payload
 from segs.pgcopy import TextFields
 from segs.sink import CommitStats, Positions, Sink
@@ -49,7 +50,9 @@ def run_checkpoint(srv: Servers, sizes: list[int]) -> list[dict[str, Any]]:
     for n in sizes:
         # names encoded before the clock starts, as the worker keeps them encoded
         meters = TextFields([f"MTR-{i:08d}" for i in range(n)]).fields()
-        regions = TextFields(["north"]).fields()
+        region_names = Interner()
+        region_names.slot("north")
+        regions, rank = TextFields(region_names.names).fields(), region_ranks(region_names)
         with fresh_database(srv.postgres_url) as db:
             sink = Sink(db, consumer_group="segs-bench", topic="raw_readings", writers=writers)
             sink.open()
@@ -61,7 +64,7 @@ def run_checkpoint(srv: Servers, sizes: list[int]) -> list[dict[str, Any]]:
                 for phase, salt in (("new_s", 0), ("merge_s", 1)):
                     payload = _payload(n, salt, prev)
                     t0 = time.perf_counter()
-                    done = sink.commit_all([p.job(meters, regions)
+                    done = sink.commit_all([p.job(meters, regions, rank)
                                             for p in payload.split(sink.writers)])
                     row[phase] = time.perf_counter() - t0
                     stats = [s for s in done if isinstance(s, CommitStats)]

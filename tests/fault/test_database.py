@@ -106,9 +106,9 @@ def test_a_fenced_first_checkpoint_leaves_the_connection_usable(db_url: str) -> 
     try:
         row = ("m", "r", 0, 1, 1.0, 1.0, 1.0, 0.0, 0, 0)
         with pytest.raises(FencedError):
-            sink.commit([row], [], {0: (5, 6, None)})  # nothing stored at 5: fenced
-        sink.commit([row], [], {0: (None, 1, None)})
-        sink.commit([row], [], {0: (1, 2, None)})
+            sink.commit({60: [row]}, [], {0: (5, 6, None)})  # nothing stored at 5: fenced
+        sink.commit({60: [row]}, [], {0: (None, 1, None)})
+        sink.commit({60: [row]}, [], {0: (1, 2, None)})
     finally:
         sink.close()
     with psycopg.connect(db_url) as conn:

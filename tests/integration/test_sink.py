@@ -18,8 +18,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from segs.anomaly import BaselineState
+from segs.columns import Interner
 from segs.errors import DatabaseError, FencedError
-from segs.merge import PartialRow, Partials, merge
+from segs.merge import PartialRow, Partials, merge, region_ranks
 from segs.migrate import migrate
 from segs.payload import Payload
 from segs.pgcopy import TextFields
@@ -82,7 +83,8 @@ def _read(url: str, table: str, meter: str, start_ms: int) -> PartialRow:
 @given(a=partial(), b=partial(), c=partial(), minutes=st.integers(1, 14))
 def test_sql_merge_equals_python_merge(migrated: str, a: PartialRow, b: PartialRow,
                                        c: PartialRow, minutes: int) -> None:
-    """Stored row ⊕ incoming partial, and the 15-minute roll-up of 1-minute partials."""
+    """Stored row ⊕ incoming partial, in both tables (the 15-minute partial being the
+    worker's roll-up of the 1-minute ones)."""
     db_url = migrated
     meter = f"m{next(_ids)}"
     # a pool per example, closed before the next draw: its threads use `random`, which
@@ -90,8 +92,9 @@ def test_sql_merge_equals_python_merge(migrated: str, a: PartialRow, b: PartialR
     sink = Sink(db_url, consumer_group="g", topic="t")
     sink.open()
     try:
-        sink.commit([_row(meter, 0, a)], [], {})
-        sink.commit([_row(meter, 0, b), _row(meter, minutes * 60_000, c)], [], {})
+        sink.commit({60: [_row(meter, 0, a)], 900: [_row(meter, 0, a)]}, [], {})
+        sink.commit({60: [_row(meter, 0, b), _row(meter, minutes * 60_000, c)],
+                     900: [_row(meter, 0, merge(b, c))]}, [], {})
     finally:
         sink.close()
     assert _read(db_url, "aggregates_1m", meter, 0) == merge(a, b)
@@ -108,17 +111,17 @@ def assert_same(got: PartialRow, want: PartialRow) -> None:
 
 
 def test_positions_are_compare_and_set(db_url: str, sink: Sink) -> None:
-    sink.commit([], [], {0: (None, 10, None)})
+    sink.commit({}, [], {0: (None, 10, None)})
     other = Sink(db_url, consumer_group="g", topic="t")
     other.open()
     try:
-        other.commit([], [], {0: (10, 20, None)})  # the new owner moves on
+        other.commit({}, [], {0: (10, 20, None)})  # the new owner moves on
         row = ("fenced", "r", 0, 1, 1.0, 1.0, 1.0, 0.0, 946_684_800_000, 0)
         with pytest.raises(FencedError):
-            sink.commit([row], [], {0: (10, 15, None)})  # the old owner is fenced off
-        other.commit([], [], {1: (None, 3, None)})  # first write of a new partition
+            sink.commit({60: [row]}, [], {0: (10, 15, None)})  # the old owner is fenced off
+        other.commit({}, [], {1: (None, 3, None)})  # first write of a new partition
         with pytest.raises(FencedError):
-            sink.commit([], [], {1: (None, 5, None)})
+            sink.commit({}, [], {1: (None, 5, None)})
     finally:
         other.close()
     assert sink.load_positions([0, 1]) == {0: Position(20, None), 1: Position(3, None)}
@@ -130,7 +133,7 @@ def test_positions_are_compare_and_set(db_url: str, sink: Sink) -> None:
 def test_claim_closed_publishes_once_and_only_after_delivery(sink: Sink) -> None:
     rows = [(f"m{i}", "r", i * 60_000, 1, 2.0, 2.0, 2.0, 0.5, i * 60_000, 0)
             for i in range(3)]
-    sink.commit(rows, [], {})
+    sink.commit({60: rows}, [], {})
 
     def fail(size: int, got: list[object]) -> None:
         raise RuntimeError("kafka down")
@@ -142,7 +145,7 @@ def test_claim_closed_publishes_once_and_only_after_delivery(sink: Sink) -> None
     assert done == {60: 2, 900: 0}  # the 15-minute window is still open
     assert sorted(r[0] for r in seen[0][1]) == ["m0", "m1"]
     assert sink.claim_closed({0: 120_000}, lambda s, g: seen.append((s, g))) == {60: 0, 900: 0}
-    sink.commit([rows[0]], [], {})  # a late reading re-opens a closed window
+    sink.commit({60: [rows[0]]}, [], {})  # a late reading re-opens a closed window
     assert sink.claim_closed({0: 120_000}, lambda s, g: None) == {60: 1, 900: 0}
 
 
@@ -151,19 +154,19 @@ def test_commit_all_writes_each_partition_group_on_its_own(db_url: str, sink: Si
         return [(meter, "r", i * 60_000, 1, 2.0, 2.0, 2.0, 0.5, i * 60_000 + 1, partition)
                 for i in range(1_000)]
 
-    done = sink.commit_all([(rows("a", 0), [], {0: (None, 1_000, None)}),
-                            (rows("b", 1), [], {1: (None, 1_000, None)})])
+    done = sink.commit_all([({60: rows("a", 0)}, [], {0: (None, 1_000, None)}),
+                            ({60: rows("b", 1)}, [], {1: (None, 1_000, None)})])
     assert [type(r) for r in done] == [CommitStats, CommitStats]
     assert [r.rows["aggregates_1m"] for r in done if isinstance(r, CommitStats)] == [1_000] * 2
     # partition 1 moved on elsewhere: its job is fenced, partition 0's still commits
     other = Sink(db_url, consumer_group="g", topic="t")
     other.open()
     try:
-        other.commit([], [], {1: (1_000, 1_500, None)})
+        other.commit({}, [], {1: (1_000, 1_500, None)})
     finally:
         other.close()
-    done = sink.commit_all([(rows("a", 0), [], {0: (1_000, 2_000, None)}),
-                            (rows("b", 1), [], {1: (1_000, 2_000, None)})])
+    done = sink.commit_all([({60: rows("a", 0)}, [], {0: (1_000, 2_000, None)}),
+                            ({60: rows("b", 1)}, [], {1: (1_000, 2_000, None)})])
     assert isinstance(done[0], CommitStats)
     assert isinstance(done[1], FencedError)
     assert sink.load_positions([0, 1]) == {0: Position(2_000, None), 1: Position(1_500, None)}
@@ -174,40 +177,54 @@ def test_commit_all_writes_each_partition_group_on_its_own(db_url: str, sink: Si
     assert counts == {"a": 2_000, "b": 1_000}
     # a failure that is not a fence comes back as a DatabaseError, in its place
     bad = [("c", "r", 0, 0, 0.0, 0.0, 0.0, 0.0, 0, 2)]  # sample_count 0: division by zero
-    done = sink.commit_all([(rows("a", 0), [], {0: (2_000, 3_000, None)}),
-                            (bad, [], {2: (None, 1, None)})])
+    done = sink.commit_all([({60: rows("a", 0)}, [], {0: (2_000, 3_000, None)}),
+                            ({60: bad}, [], {2: (None, 1, None)})])
     assert isinstance(done[0], CommitStats)
     assert isinstance(done[1], DatabaseError)
 
 
 def test_an_encoded_payload_lands_as_its_rows(db_url: str, sink: Sink) -> None:
-    """The worker's path: numpy columns → binary COPY data (segs.pgcopy) → the tables."""
+    """The worker's path: numpy columns → binary COPY data (segs.pgcopy) → the tables, the
+    15-minute rows rolled up from the 1-minute partials on the way."""
     meters = TextFields(["enc-ä", "enc-b"])
-    regions = TextFields(["nörth", "south"])
+    region_names = Interner()
+    for name in ("south", "nörth"):  # slots out of name order: the rank decides
+        region_names.slot(name)
+    regions = TextFields(region_names.names)
     partials = Partials(
-        size_s=60, meter=np.array([0, 1], np.int32),
-        window_start_ms=np.array([60_000, 120_000], np.int64), count=np.array([3, 1], np.int64),
-        power_sum=np.array([7.5, -0.0]), power_max=np.array([4.0, 0.0]),
-        power_min=np.array([1.5, 0.0]), energy_sum=np.array([0.25, 1e-12]),
-        last_ts_ms=np.array([119_999, 120_001], np.int64), region=np.array([1, 0], np.int32),
-        partition=np.array([4, 4], np.int32))
+        size_s=60, meter=np.array([0, 1, 0], np.int32),
+        window_start_ms=np.array([60_000, 120_000, 180_000], np.int64),
+        count=np.array([3, 1, 2], np.int64), power_sum=np.array([7.5, -0.0, 2.0]),
+        power_max=np.array([4.0, 0.0, 1.5]), power_min=np.array([1.5, 0.0, 0.5]),
+        energy_sum=np.array([0.25, 1e-12, 0.5]),
+        last_ts_ms=np.array([119_999, 120_001, 239_000], np.int64),
+        region=np.array([0, 1, 1], np.int32), partition=np.array([4, 4, 4], np.int32))
     baselines = BaselineState(
         meter=np.array([1], np.int32), baseline=np.array([2.5]), samples=np.array([11]),
         last_outage_ms=np.array([-(2**62)]), last_spike_ms=np.array([5]),
         last_drop_ms=np.array([6]), partition=np.array([4], np.int32))
     payload = Payload(partials, baselines, {4: (None, 9, 120_000)})
-    sink.commit_all([payload.job(meters.fields(), regions.fields())])
+    done = sink.commit_all([payload.job(meters.fields(), regions.fields(),
+                                        region_ranks(region_names))])
+    assert isinstance(done[0], CommitStats)
+    assert done[0].rows == {"aggregates_1m": 3, "aggregates_15m": 2}
     with psycopg.connect(db_url) as conn:
-        got = conn.execute(
+        got = {table: conn.execute(
             "SELECT meter_id, region, (extract(epoch FROM window_start) * 1000)::int8, "
             "sample_count, power_sum, max_power, min_power, total_energy, "
             "(extract(epoch FROM last_reading_at) * 1000)::int8, source_partition "
-            "FROM aggregates_1m WHERE meter_id LIKE 'enc-%' ORDER BY meter_id").fetchall()
+            f"FROM {table} WHERE meter_id LIKE 'enc-%' ORDER BY meter_id, window_start"
+        ).fetchall() for table in ("aggregates_1m", "aggregates_15m")}
         base = conn.execute(
             "SELECT meter_id, source_partition, baseline, samples, last_outage_ms, "
             "last_spike_ms, last_drop_ms FROM meter_baselines WHERE meter_id LIKE 'enc-%'"
         ).fetchall()
-    assert got == [("enc-b", "nörth", 120_000, 1, 0.0, 0.0, 0.0, 1e-12, 120_001, 4),
-                   ("enc-ä", "south", 60_000, 3, 7.5, 4.0, 1.5, 0.25, 119_999, 4)]
+    assert got["aggregates_1m"] == [
+        ("enc-b", "nörth", 120_000, 1, 0.0, 0.0, 0.0, 1e-12, 120_001, 4),
+        ("enc-ä", "south", 60_000, 3, 7.5, 4.0, 1.5, 0.25, 119_999, 4),
+        ("enc-ä", "nörth", 180_000, 2, 2.0, 1.5, 0.5, 0.5, 239_000, 4)]
+    assert got["aggregates_15m"] == [
+        ("enc-b", "nörth", 0, 1, 0.0, 0.0, 0.0, 1e-12, 120_001, 4),
+        ("enc-ä", "nörth", 0, 5, 9.5, 4.0, 0.5, 0.75, 239_000, 4)]
     assert base == [("enc-b", 4, 2.5, 11, -(2**62), 5, 6)]
     assert sink.load_positions([4]) == {4: Position(9, 120_000)}
