@@ -83,15 +83,20 @@ def run(ctx: click.Context, workers: int | None, brokers: str | None, group_id: 
         "WORKERS": workers, "KAFKA_BROKERS": brokers, "KAFKA_GROUP_ID": group_id,
         "POSTGRES_URL": postgres_url, "PORT": port, "HOST": host, "LOG_LEVEL": log_level,
     })
-    from segs.supervisor import prepare_metrics_dir
+    from segs.supervisor import prepare_metrics_dir, remove_metrics_dir
 
-    prepare_metrics_dir()
+    folder, own = prepare_metrics_dir()
     from segs.logs import setup_logging
     from segs.supervisor import Supervisor
 
     setup_logging(settings.log_level,
                   json_lines={"json": True, "text": False}.get(settings.log_format))
-    sys.exit(Supervisor(settings).run())
+    try:
+        code = Supervisor(settings).run()
+    finally:
+        if own:
+            remove_metrics_dir(folder)
+    sys.exit(code)
 
 
 @main.command()

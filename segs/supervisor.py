@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
 import tempfile
 import time
@@ -224,10 +225,20 @@ def _kafka_answers(settings: Settings) -> bool:
         return False
 
 
-def prepare_metrics_dir() -> str:
-    """The Prometheus multiprocess folder: $RUNTIME_DIRECTORY under systemd, else a temp one."""
-    base = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.path.join(
-        os.environ.get("RUNTIME_DIRECTORY") or tempfile.gettempdir(),
-        f"segs-stream-metrics-{os.getpid()}")
+def prepare_metrics_dir() -> tuple[str, bool]:
+    """The Prometheus multiprocess folder, and whether it is this run's own to remove at exit.
+
+    ``PROMETHEUS_MULTIPROC_DIR`` when set (the operator's, kept); else a folder named by
+    this pid in ``$RUNTIME_DIRECTORY`` (systemd's, which systemd removes) or in the temp
+    folder (removed by :func:`remove_metrics_dir` when the run ends).
+    """
+    given = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    base = given or os.path.join(os.environ.get("RUNTIME_DIRECTORY") or tempfile.gettempdir(),
+                                 f"segs-stream-metrics-{os.getpid()}")
     metrics.prepare_multiprocess_dir(base)
-    return base
+    return base, not given
+
+
+def remove_metrics_dir(path: str) -> None:
+    """Remove this run's own metrics folder (its workers have exited: nothing writes it)."""
+    shutil.rmtree(path, ignore_errors=True)

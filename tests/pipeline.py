@@ -14,6 +14,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -76,10 +77,14 @@ class Service:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         try:
-            return self.proc.wait(timeout_s)
+            code = self.proc.wait(timeout_s)
         except subprocess.TimeoutExpired:
             self.kill()
             raise
+        if code >= 0:  # it ended itself, so it removed the metrics folder it made
+            own = Path(tempfile.gettempdir(), f"segs-stream-metrics-{self.proc.pid}")
+            assert not own.exists(), f"{own} left behind"
+        return code
 
     def kill(self) -> None:
         """SIGKILL the supervisor and all its workers (as a power cut would)."""

@@ -172,3 +172,28 @@ def test_forget_partition_single_process() -> None:
     metrics.forget_partition(9)
     s = _samples(metrics.render_latest()[0])
     assert ("stream_lag_seconds", (("partition", "9"),)) not in s
+
+
+def test_a_run_removes_only_the_metrics_folder_it_made(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without PROMETHEUS_MULTIPROC_DIR each run made a folder in the temp dir and left it
+    there: 1,425 of them after a day of tests."""
+    from segs.supervisor import prepare_metrics_dir, remove_metrics_dir
+
+    given = tmp_path / "given"
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(given))
+    try:
+        assert prepare_metrics_dir() == (str(given), False)  # the operator's: kept
+        monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR")
+        monkeypatch.delenv("RUNTIME_DIRECTORY", raising=False)
+        monkeypatch.setenv("TMPDIR", str(tmp_path))
+        monkeypatch.setattr("tempfile.tempdir", None)
+        folder, own = prepare_metrics_dir()
+        assert own
+        assert folder == str(tmp_path / f"segs-stream-metrics-{os.getpid()}")
+        assert Path(folder).is_dir()
+    finally:
+        metrics.disable_multiprocess()
+    remove_metrics_dir(folder)
+    assert not Path(folder).exists()
+    assert given.is_dir()
