@@ -8,16 +8,21 @@ the timed part is what the worker runs: the cut along partitions
 (:meth:`segs.payload.Payload.job`) and the transactions side by side
 (:meth:`segs.sink.Sink.commit_all`: binary COPY, merge, positions), as many as
 ``CHECKPOINT_WRITERS`` in the environment says (default 2), read as the service reads it.
+Up to 100,000 partials each size runs ``REPEATS`` times, each in a fresh database; the
+figures are the medians, and ``*_runs`` lists every run (they spread by ±20 % on the 2-core
+machine, where PostgreSQL shares the cores with everything else).
 The 15-minute partials are the roll-up of the 1-minute ones (in :meth:`Payload.job`, timed),
 one per meter here, so ``*_rows`` (rows written, both tables) is twice the partials."""
 
 from __future__ import annotations
 
 import os
+import statistics
 import time
 from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 from segs.anomaly import BaselineState
 from segs.bench.infra import Servers, fresh_database
@@ -30,6 +35,8 @@ from segs.sink import CommitStats, Positions, Sink
 
 _T0_MS = 1_795_759_200_000  # 2026-11-27T06:00:00Z
 PARTITIONS = 6
+REPEATS = 3  # runs per size up to REPEATED_UP_TO partials; larger sizes run once
+REPEATED_UP_TO = 100_000
 
 
 def _payload(n: int, salt: int, prev: dict[int, int | None]) -> Payload:
@@ -53,27 +60,39 @@ def run_checkpoint(srv: Servers, sizes: list[int]) -> list[dict[str, Any]]:
         region_names = Interner()
         region_names.slot("north")
         regions, rank = TextFields(region_names.names).fields(), region_ranks(region_names)
-        with fresh_database(srv.postgres_url) as db:
-            sink = Sink(db, consumer_group="segs-bench", topic="raw_readings", writers=writers)
-            sink.open()
-            try:
-                sink.ping()
-                row: dict[str, Any] = {"partials": n, "partitions": PARTITIONS,
-                                       "writers": writers}
-                prev: dict[int, int | None] = dict.fromkeys(range(PARTITIONS))
-                for phase, salt in (("new_s", 0), ("merge_s", 1)):
-                    payload = _payload(n, salt, prev)
-                    t0 = time.perf_counter()
-                    done = sink.commit_all([p.job(meters, regions, rank)
-                                            for p in payload.split(sink.writers)])
-                    row[phase] = time.perf_counter() - t0
-                    stats = [s for s in done if isinstance(s, CommitStats)]
-                    if len(stats) != len(done):
-                        raise RuntimeError(f"checkpoint failed: {done}")
-                    row[phase.replace("_s", "_rows")] = sum(sum(s.rows.values()) for s in stats)
-                    prev = {p: nxt for p, (_, nxt, _) in payload.positions.items()}
-                row["merge_rows_per_s"] = n / row["merge_s"]
-                results.append(row)
-            finally:
-                sink.close()
+        runs = [_run(srv, n, writers, meters, regions, rank)
+                for _ in range(REPEATS if n <= REPEATED_UP_TO else 1)]
+        row: dict[str, Any] = {"partials": n, "partitions": PARTITIONS, "writers": writers}
+        for phase in ("new", "merge"):
+            row[f"{phase}_s"] = statistics.median(r[f"{phase}_s"] for r in runs)
+            row[f"{phase}_runs"] = [r[f"{phase}_s"] for r in runs]
+            row[f"{phase}_rows"] = runs[0][f"{phase}_rows"]
+        row["merge_rows_per_s"] = n / row["merge_s"]
+        results.append(row)
     return results
+
+
+def _run(srv: Servers, n: int, writers: int, meters: list[bytes], regions: list[bytes],
+         rank: NDArray[np.int64]) -> dict[str, Any]:
+    """One checkpoint of ``n`` new partials, then one merging into them, in a fresh database."""
+    row: dict[str, Any] = {}
+    with fresh_database(srv.postgres_url) as db:
+        sink = Sink(db, consumer_group="segs-bench", topic="raw_readings", writers=writers)
+        sink.open()
+        try:
+            sink.ping()
+            prev: dict[int, int | None] = dict.fromkeys(range(PARTITIONS))
+            for phase, salt in (("new", 0), ("merge", 1)):
+                payload = _payload(n, salt, prev)
+                t0 = time.perf_counter()
+                done = sink.commit_all([p.job(meters, regions, rank)
+                                        for p in payload.split(sink.writers)])
+                row[f"{phase}_s"] = time.perf_counter() - t0
+                stats = [s for s in done if isinstance(s, CommitStats)]
+                if len(stats) != len(done):
+                    raise RuntimeError(f"checkpoint failed: {done}")
+                row[f"{phase}_rows"] = sum(sum(s.rows.values()) for s in stats)
+                prev = {p: nxt for p, (_, nxt, _) in payload.positions.items()}
+        finally:
+            sink.close()
+    return row

@@ -25,6 +25,11 @@ def _get(result: dict[str, Any], *path: Any) -> Any:
     return node
 
 
+def _slower(result: dict[str, Any], partials: int) -> float | None:
+    row = _get(result, "checkpoint", partials)
+    return max(row["new_s"], row["merge_s"]) if row else None
+
+
 def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     """The goals of issue 7, each with its measured value (None when not measured)."""
     def scaling_rss(meters: int) -> float | None:
@@ -47,11 +52,12 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
         ("alert latency p99 at half max rate, ms", "≤ 250",
          _get(result, "latency", "alert", "p99_ms"), lambda v: v <= 250),
         # A 1-minute partial writes two aggregate rows (its 1-minute row and its 15-minute
-        # roll-up): both readings of "100,000 aggregates", the stricter first.
-        ("checkpoint of 100,000 partials = 200,000 aggregate rows (merge), s", "≤ 1",
-         _get(result, "checkpoint", 100_000, "merge_s"), lambda v: v <= 1.0),
-        ("checkpoint of 50,000 partials = 100,000 aggregate rows (merge), s", "≤ 1",
-         _get(result, "checkpoint", 50_000, "merge_s"), lambda v: v <= 1.0),
+        # roll-up): both readings of "100,000 aggregates", the stricter first; the slower
+        # of the two checkpoints (new rows, merge into them), medians of the runs.
+        ("checkpoint of 100,000 partials = 200,000 aggregate rows, s", "≤ 1",
+         _slower(result, 100_000), lambda v: v <= 1.0),
+        ("checkpoint of 50,000 partials = 100,000 aggregate rows, s", "≤ 1",
+         _slower(result, 50_000), lambda v: v <= 1.0),
     ]
     return [{"target": name, "goal": goal, "value": value,
              "met": None if value is None else bool(ok(value))}

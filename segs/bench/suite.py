@@ -214,8 +214,10 @@ class Suite:
         rows = run_checkpoint(self.srv, list(self.plan.checkpoint_sizes))
         self.result["scenarios"]["checkpoint"] = rows
         for r in rows:
+            runs = len(r["new_runs"])
             self.progress.add("checkpoint", f"{r['partials']:,} partials",
-                              f"{r['new_s']:.3f} s / {r['merge_s']:.3f} s", "new / merge")
+                              f"{r['new_s']:.3f} s / {r['merge_s']:.3f} s",
+                              "new / merge" + (f", median of {runs}" if runs > 1 else ""))
 
     def _peer(self) -> None:
         runs: list[dict[str, Any]] = []
