@@ -9,14 +9,20 @@ Only 1-minute windows are kept in memory; at each checkpoint the drained 1-minut
 are rolled up into the 15-minute partials (:func:`segs.merge.roll_up`), and both are merged
 into their tables (see :mod:`segs.sink`).
 
-A checkpoint (:meth:`Worker.checkpoint`) runs in this order:
+A checkpoint is cut on the poll loop — the windows drained, the detector's changed baselines
+taken, the positions and watermarks fixed — and then written by a thread of its own while the
+loop goes on consuming, so alerts keep flowing during the database's seconds (at most one
+checkpoint is in flight; the loop books its outcome when it is done: :meth:`Worker._book`).
+Revokes and shutdown wait for it and write a last one on the loop itself
+(:meth:`Worker.checkpoint`). The written part runs in this order:
 
 0. flush the producer, so every alert and dead letter of the covered messages is delivered;
 1. the database transactions: partials of both window sizes merged, changed baselines, and
    the next position of every covered partition (compare-and-set, see :mod:`segs.sink`);
    cut along partitions into transactions that run side by side (:mod:`segs.payload`),
    each a complete checkpoint of its partitions;
-2. claim closed windows not yet published, produce them, flush, mark them published;
+2. claim closed windows not yet published, produce them, flush, mark them published (up to
+   the watermarks of the cut: readings consumed after it are not stored yet);
 3. commit the same offsets to Kafka, for lag monitoring only (the database is the truth).
 
 When step 1 fails for a database reason, the payloads not written are retried verbatim
@@ -35,6 +41,8 @@ import random
 import signal
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from itertools import repeat
 from operator import is_
 from typing import Any
@@ -50,6 +58,7 @@ from confluent_kafka import (
     Producer,
     TopicPartition,
 )
+from numpy.typing import NDArray
 
 from segs import metrics
 from segs.alerts import encode_alerts
@@ -115,6 +124,10 @@ class Worker:
         self.stored_wm: dict[int, int] = {}
         self.last_seen: dict[int, int] = {}  # wall ms of a partition's last message/position
         self.inflight: list[Payload] = []  # built, not yet written (kept for retries)
+        self.inflight_wms: dict[int, int] = {}  # the watermarks of their cut
+        self.job: Future[_Written] | None = None  # the checkpoint being written
+        self.job_cut: _Cut | None = None
+        self._checkpoints = ThreadPoolExecutor(1, thread_name_prefix="segs-checkpoint")
         self.meter_partitions = MeterPartitions()
         self.paused = False
         self.retry_at = 0.0
@@ -201,6 +214,8 @@ class Worker:
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         parts = [tp.partition for tp in partitions]
         log.warning("lost partitions %s: discarding unsaved state, rewinding", parts)
+        if self.job is not None:
+            self._settle()  # what it stored stays stored; the rewind re-reads the rest
         self._rewind()
         self._forget(parts)
         consumer.incremental_unassign(partitions)
@@ -257,6 +272,7 @@ class Worker:
     def _rewind(self) -> None:
         """Discard everything not yet stored; re-seek assigned partitions to stored positions."""
         self.inflight = []
+        self.inflight_wms = {}
         self._fresh_state()
         self.positioned.clear()
         self.stored.clear()
@@ -306,13 +322,14 @@ class Worker:
                 msgs = consume(batch_size, 0.1)
                 if msgs:
                     self.process(msgs)
-                if (monotonic() >= self.next_checkpoint or self.paused
+                if (monotonic() >= self.next_checkpoint or self.paused or self.job is not None
                         or len(self.positioned) != len(self.assigned)):
                     self.maybe_checkpoint()
                 if self.delivery_errors:
                     raise SegsError(f"{self.delivery_errors} messages could not be delivered")
             return self._shutdown()
         finally:
+            self._checkpoints.shutdown(wait=True)  # a checkpoint in flight ends first
             self.sink.close()
 
     def _request_stop(self, signum: int, frame: object) -> None:
@@ -427,7 +444,12 @@ class Worker:
     # ------------------------------------------------------------------ checkpoints
 
     def maybe_checkpoint(self) -> None:
-        """Position waiting partitions and checkpoint when due (not before a retry time)."""
+        """Book a written checkpoint; position waiting partitions; start the next checkpoint
+        on the checkpoint thread when due (not before a retry time)."""
+        if self.job is not None:
+            if not self.job.done():
+                return
+            self._settle()
         now = time.monotonic()
         if now < self.retry_at:
             return
@@ -435,68 +457,106 @@ class Worker:
             self.retry_at = now + 1.0 + random.random()  # jittered retry
             return
         if now >= self.next_checkpoint or self.paused:
-            self.checkpoint()
+            self.job_cut = self._cut()
+            self.job = self._checkpoints.submit(self._write, self.job_cut)
 
     def checkpoint(self) -> bool:
-        """Run one checkpoint (steps in the module docstring); False when it must retry."""
-        t0 = time.perf_counter()
-        now_ms = int(time.time() * 1000)
-        self.windows.advance_idle(now_ms)
+        """One whole checkpoint on this thread, after the one in flight if any; False when
+        it must retry (steps in the module docstring)."""
+        if self.job is not None and not self._settle():
+            return False
+        cut = self._cut()
+        return self._book(cut, self._write(cut))
+
+    def _settle(self) -> bool:
+        """Wait for the checkpoint in flight and book it."""
+        assert self.job is not None and self.job_cut is not None
+        job, cut = self.job, self.job_cut
+        try:
+            written = job.result()
+        finally:
+            self.job = self.job_cut = None
+        return self._book(cut, written)
+
+    def _cut(self) -> _Cut:
+        """Fix what the next checkpoint writes: the payloads not yet written (a retry) or
+        new ones, drained now."""
+        self.next_checkpoint = time.monotonic() + self.s.checkpoint_interval_ms / 1000
+        if not self.inflight:
+            self.windows.advance_idle(int(time.time() * 1000))
+            self.inflight_wms = self._watermarks()
+            self.inflight = self._build_payloads(self.inflight_wms)
+        return _Cut(self.inflight, self.meter_fields.fields(), self.region_fields.fields(),
+                    region_ranks(self.regions), self.inflight_wms, time.perf_counter())
+
+    def _write(self, cut: _Cut) -> _Written:
+        """Steps 0–2 of a checkpoint. Runs on the checkpoint thread (or, for revokes and
+        shutdown, on the loop): it uses only ``cut``, the producer and the sink, which are
+        thread-safe, and leaves all bookkeeping to :meth:`_book` on the loop."""
+        out = _Written()
         # 0. every alert and dead letter of the covered messages is delivered first
         if self.producer.flush(10) > 0:
-            self._fail("Kafka producer could not deliver within 10 s")
-            return False
+            out.failure = "Kafka producer could not deliver within 10 s"
+            return out
         # 1. the database transactions
-        if not self.inflight:
-            self.inflight = self._build_payloads()
-        if self.inflight:
-            names, regions = self.meter_fields.fields(), self.region_fields.fields()
-            rank = region_ranks(self.regions)
+        if cut.payloads:
             t_db = time.perf_counter()
-            results = self.sink.commit_all([p.job(names, regions, rank)
-                                            for p in self.inflight])
-            metrics.DB_WRITE_LATENCY_MS.observe((time.perf_counter() - t_db) * 1000)
-            failed = []
-            for payload, result in zip(self.inflight, results, strict=True):
-                if isinstance(result, CommitStats):
-                    self._stored(payload, result)
-                else:
-                    failed.append((payload, result))
-            self.inflight = [payload for payload, _ in failed]
-            fenced = [exc for _, exc in failed if isinstance(exc, FencedError)]
-            if fenced:
-                log.warning("%s: rewinding to stored positions", fenced[0])
-                self._rewind()
-                self._resume()
-                return False
-            if failed:
-                self._fail(f"checkpoint failed: {failed[0][1]}")
-                return False
-        metrics.TIMESCALEDB_CONNECTED.set(1)
+            out.results = self.sink.commit_all([p.job(cut.names, cut.regions, cut.rank)
+                                                for p in cut.payloads])
+            out.db_seconds = time.perf_counter() - t_db
+            if not all(isinstance(r, CommitStats) for r in out.results):
+                return out
         # 2. closed windows to the aggregates topics
         t_pub = time.perf_counter()
         try:
-            published = self.sink.claim_closed(self._watermarks(), self._deliver_closed)
-            for size, count in published.items():
-                if count:
-                    metrics.AGGREGATES_PUBLISHED.labels(GRANULARITY[size]).inc(count)
-        except (DatabaseError, SegsError) as exc:
-            log.warning("publishing closed windows postponed: %s", exc)
-        metrics.FLUSH_DURATION.observe(time.perf_counter() - t_pub)
+            out.published = self.sink.claim_closed(cut.watermarks, self._deliver_closed)
+        except SegsError as exc:
+            out.publish_error = str(exc)
+        out.publish_seconds = time.perf_counter() - t_pub
+        return out
+
+    def _book(self, cut: _Cut, out: _Written) -> bool:
+        """On the loop: what a written checkpoint changes; False when it must retry."""
+        if out.failure:
+            self._fail(out.failure)
+            return False
+        if cut.payloads:
+            metrics.DB_WRITE_LATENCY_MS.observe(out.db_seconds * 1000)
+        failed = []
+        for payload, result in zip(cut.payloads, out.results, strict=True):
+            if isinstance(result, CommitStats):
+                self._stored(payload, result)
+            else:
+                failed.append((payload, result))
+        self.inflight = [payload for payload, _ in failed]
+        fenced = [exc for _, exc in failed if isinstance(exc, FencedError)]
+        if fenced:
+            log.warning("%s: rewinding to stored positions", fenced[0])
+            self._rewind()
+            self._resume()
+            return False
+        if failed:
+            self._fail(f"checkpoint failed: {failed[0][1]}")
+            return False
+        metrics.TIMESCALEDB_CONNECTED.set(1)
+        if out.publish_error:
+            log.warning("publishing closed windows postponed: %s", out.publish_error)
+        for size, count in out.published.items():
+            if count:
+                metrics.AGGREGATES_PUBLISHED.labels(GRANULARITY[size]).inc(count)
+        metrics.FLUSH_DURATION.observe(out.publish_seconds)
         # 3. offsets to Kafka, for lag monitoring only
         self._commit_kafka_offsets()
         self._offset_lag()
         self._resume()
         metrics.WINDOWED_READINGS.set(self.windows.pending_readings())
         metrics.WINDOW_BUCKETS.set(self.windows.pending_windows())
-        metrics.CHECKPOINT_DURATION.observe(time.perf_counter() - t0)
-        self.next_checkpoint = time.monotonic() + self.s.checkpoint_interval_ms / 1000
+        metrics.CHECKPOINT_DURATION.observe(time.perf_counter() - cut.started)
         return True
 
-    def _build_payloads(self) -> list[Payload]:
+    def _build_payloads(self, wms: dict[int, int]) -> list[Payload]:
         """Everything to store, cut along partitions unless a meter's readings came from
         two partitions since the last checkpoint (then one transaction holds it all)."""
-        wms = self._watermarks()
         positions = {p: (self.stored.get(p), nxt, wms.get(p))
                      for p, nxt in self.consumed.items()
                      if p in self.positioned and nxt != self.stored.get(p)}
@@ -594,6 +654,8 @@ class Worker:
         """Final checkpoint, then close the clients; 0 when everything was stored."""
         self.report(STOPPING)
         deadline = time.monotonic() + self.s.shutdown_timeout_s * 0.8
+        if self.job is not None:
+            self._settle()  # a failure here is retried by the final checkpoint below
         ok = not self.positioned or self._checkpoint_until(deadline)
         try:
             self.consumer.close()
@@ -607,6 +669,30 @@ class Worker:
             return 1
         log.info("worker %d stopped after its final checkpoint", self.worker_id)
         return 0
+
+
+@dataclass(slots=True)
+class _Cut:
+    """One checkpoint as fixed on the loop: what the checkpoint thread may read."""
+
+    payloads: list[Payload]
+    names: list[bytes]  # encoded meter names by slot (append-only: safe to read)
+    regions: list[bytes]  # encoded region names by slot
+    rank: NDArray[np.int64]  # order of the region names (segs.merge.region_ranks)
+    watermarks: dict[int, int]  # closed windows up to these are published once stored
+    started: float  # perf_counter at the cut
+
+
+@dataclass(slots=True)
+class _Written:
+    """What the checkpoint thread reports back for :meth:`Worker._book`."""
+
+    failure: str | None = None  # why it stopped before the database (producer flush)
+    results: list[CommitStats | SegsError] = field(default_factory=list)  # per payload
+    db_seconds: float = 0.0
+    published: dict[int, int] = field(default_factory=dict)  # window size → rows
+    publish_error: str | None = None  # publishing is postponed, not failed
+    publish_seconds: float = 0.0
 
 
 def worker_main(settings: Settings, worker_id: int, status: Any) -> None:
