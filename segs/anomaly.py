@@ -50,7 +50,7 @@ from typing import Final
 import numpy as np
 from numpy.typing import NDArray
 
-from segs.columns import Readings
+from segs.columns import Readings, take_rows
 
 KINDS: Final = ("outage", "spike", "drop")
 OUTAGE: Final = 0
@@ -145,15 +145,7 @@ class BaselineState:
         )
 
     def take(self, index: NDArray[np.intp] | NDArray[np.bool_]) -> BaselineState:
-        return BaselineState(
-            meter=self.meter[index],
-            baseline=self.baseline[index],
-            samples=self.samples[index],
-            last_outage_ms=self.last_outage_ms[index],
-            last_spike_ms=self.last_spike_ms[index],
-            last_drop_ms=self.last_drop_ms[index],
-            partition=self.partition[index],
-        )
+        return take_rows(self, index)
 
 
 @dataclass(slots=True)

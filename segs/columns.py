@@ -8,6 +8,7 @@ hot path only ever touches integers and floats.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -15,6 +16,15 @@ import numpy as np
 from numpy.typing import NDArray
 
 _T = TypeVar("_T", bound=np.generic)
+_C = TypeVar("_C")
+
+
+def take_rows(columns: _C, index: NDArray[np.intp] | NDArray[np.bool_]) -> _C:
+    """A columns dataclass (one numpy array per field, scalars kept) with the rows selected
+    by an index array or boolean mask, order kept."""
+    picked = {f.name: value[index] for f in dataclasses.fields(columns)  # type: ignore[arg-type]
+              if isinstance(value := getattr(columns, f.name), np.ndarray)}
+    return dataclasses.replace(columns, **picked)  # type: ignore[type-var]
 
 
 def grown(old: NDArray[_T] | None, n: int, fill: Any, dtype: Any = None) -> NDArray[_T]:
@@ -78,13 +88,4 @@ class Readings:
 
     def take(self, index: NDArray[np.intp] | NDArray[np.bool_]) -> Readings:
         """The readings selected by an index array or boolean mask, order kept."""
-        return Readings(
-            meter=self.meter[index],
-            region=self.region[index],
-            ts_ms=self.ts_ms[index],
-            power=self.power[index],
-            energy=self.energy[index],
-            voltage=self.voltage[index],
-            partition=self.partition[index],
-            offset=self.offset[index],
-        )
+        return take_rows(self, index)

@@ -16,7 +16,7 @@ from typing import NamedTuple
 import numpy as np
 from numpy.typing import NDArray
 
-from segs.columns import Interner
+from segs.columns import Interner, take_rows
 
 
 class PartialRow(NamedTuple):
@@ -98,19 +98,7 @@ class Partials:
         )
 
     def take(self, index: NDArray[np.intp] | NDArray[np.bool_]) -> Partials:
-        return Partials(
-            size_s=self.size_s,
-            meter=self.meter[index],
-            window_start_ms=self.window_start_ms[index],
-            count=self.count[index],
-            power_sum=self.power_sum[index],
-            power_max=self.power_max[index],
-            power_min=self.power_min[index],
-            energy_sum=self.energy_sum[index],
-            last_ts_ms=self.last_ts_ms[index],
-            region=self.region[index],
-            partition=self.partition[index],
-        )
+        return take_rows(self, index)
 
     def row(self, i: int, regions: Interner) -> PartialRow:
         """Row ``i`` as a :class:`PartialRow` with the region name resolved."""

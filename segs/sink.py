@@ -93,6 +93,12 @@ RETURNING (xmax = 0) AS inserted)
 SELECT count(*) FILTER (WHERE inserted), count(*) FROM merged
 """
 
+# the merge statement per window size, reading that size's temporary table
+_MERGE_SQL = {size: _MERGE.format(
+    table=table, source=f"SELECT * FROM {_PARTIALS[size]}", merge_set=MERGE_SET,
+    start=_TS.format("window_start_ms"), end=_TS.format(f"(window_start_ms + {size * 1000})"),
+    last=_TS.format("last_ts_ms")).encode() for size, table in TABLES.items()}
+
 _CLAIM = """
 UPDATE {table} AS a SET published = true
 FROM unnest(%s::int4[], %s::int8[]) AS w(p, wm)
@@ -235,7 +241,7 @@ class Sink:
                     inserted = written = 0
                     if _copy(cur, _PARTIALS[size], partials.get(size, ()), PARTIAL_COLUMNS,
                              _PARTIAL_TYPES):
-                        cur.execute(self._merge_sql(size, table))
+                        cur.execute(_MERGE_SQL[size])
                         inserted, written = cur.fetchone() or (0, 0)
                     rows[table], new_rows[table] = int(written), int(inserted)
                 n_base = _copy(cur, "segs_baselines", baselines, BASELINE_COLUMNS,
@@ -271,16 +277,6 @@ class Sink:
             return self.commit(*job)
         except (DatabaseError, FencedError) as exc:
             return exc
-
-    @staticmethod
-    def _merge_sql(size: int, table: str) -> bytes:
-        query = _MERGE.format(
-            table=table, source=f"SELECT * FROM {_PARTIALS[size]}", merge_set=MERGE_SET,
-            start=_TS.format("window_start_ms"),
-            end=_TS.format(f"(window_start_ms + {size * 1000})"),
-            last=_TS.format("last_ts_ms"),
-        )
-        return query.encode()
 
     def _write_positions(self, cur: psycopg.Cursor[Any], positions: Positions) -> None:
         for partition, (prev, nxt, wm) in sorted(positions.items()):
@@ -372,19 +368,14 @@ def _create_temp_tables(conn: psycopg.Connection[Any]) -> None:
     checkpoint on it failed for good. A replacement connection, after the database
     restarted or a backend was terminated, gets them here too.
     """
+    tables: list[tuple[str, Sequence[str], Sequence[str]]] = [
+        (name, PARTIAL_COLUMNS, _PARTIAL_TYPES) for name in _PARTIALS.values()]
+    tables.append(("segs_baselines", BASELINE_COLUMNS, _BASELINE_TYPES))
     with conn.transaction():
-        for table in _PARTIALS.values():
-            conn.execute(
-                f"CREATE TEMP TABLE IF NOT EXISTS {table} (meter_id text, "
-                "region text, window_start_ms int8, sample_count int8, power_sum float8, "
-                "power_max float8, power_min float8, energy_sum float8, last_ts_ms int8, "
-                "source_partition int4) ON COMMIT DELETE ROWS".encode()
-            )
-        conn.execute(
-            "CREATE TEMP TABLE IF NOT EXISTS segs_baselines (meter_id text, "
-            "source_partition int4, baseline float8, samples int8, last_outage_ms int8, "
-            "last_spike_ms int8, last_drop_ms int8) ON COMMIT DELETE ROWS"
-        )
+        for name, columns, types in tables:
+            spec = ", ".join(f"{c} {t}" for c, t in zip(columns, types, strict=True))
+            conn.execute(f"CREATE TEMP TABLE IF NOT EXISTS {name} ({spec}) "
+                         "ON COMMIT DELETE ROWS".encode())
 
 
 def psycopg_pool_error() -> type[Exception]:

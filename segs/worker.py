@@ -126,7 +126,6 @@ class Worker:
         self.inflight: list[Payload] = []  # built, not yet written (kept for retries)
         self.inflight_wms: dict[int, int] = {}  # the watermarks of their cut
         self.job: Future[_Written] | None = None  # the checkpoint being written
-        self.job_cut: _Cut | None = None
         self._checkpoints = ThreadPoolExecutor(1, thread_name_prefix="segs-checkpoint")
         self.meter_partitions = MeterPartitions()
         self.paused = False
@@ -375,7 +374,8 @@ class Worker:
         if rejects:
             self._dead_letter(msgs, rejects)
         if len(readings):
-            self.meter_partitions.note(readings.meter, readings.partition)
+            if self.sink.writers > 1:  # only a cut checkpoint needs to know
+                self.meter_partitions.note(readings.meter, readings.partition)
             late = self.windows.add(readings, now_ms)
             if late:
                 metrics.LATE_READINGS.inc(late)
@@ -457,26 +457,20 @@ class Worker:
             self.retry_at = now + 1.0 + random.random()  # jittered retry
             return
         if now >= self.next_checkpoint or self.paused:
-            self.job_cut = self._cut()
-            self.job = self._checkpoints.submit(self._write, self.job_cut)
+            self.job = self._checkpoints.submit(self._write, self._cut())
 
     def checkpoint(self) -> bool:
         """One whole checkpoint on this thread, after the one in flight if any; False when
         it must retry (steps in the module docstring)."""
         if self.job is not None and not self._settle():
             return False
-        cut = self._cut()
-        return self._book(cut, self._write(cut))
+        return self._book(self._write(self._cut()))
 
     def _settle(self) -> bool:
         """Wait for the checkpoint in flight and book it."""
-        assert self.job is not None and self.job_cut is not None
-        job, cut = self.job, self.job_cut
-        try:
-            written = job.result()
-        finally:
-            self.job = self.job_cut = None
-        return self._book(cut, written)
+        assert self.job is not None
+        job, self.job = self.job, None
+        return self._book(job.result())
 
     def _cut(self) -> _Cut:
         """Fix what the next checkpoint writes: the payloads not yet written (a retry) or
@@ -493,7 +487,7 @@ class Worker:
         """Steps 0–2 of a checkpoint. Runs on the checkpoint thread (or, for revokes and
         shutdown, on the loop): it uses only ``cut``, the producer and the sink, which are
         thread-safe, and leaves all bookkeeping to :meth:`_book` on the loop."""
-        out = _Written()
+        out = _Written(cut)
         # 0. every alert and dead letter of the covered messages is delivered first
         if self.producer.flush(10) > 0:
             out.failure = "Kafka producer could not deliver within 10 s"
@@ -515,8 +509,9 @@ class Worker:
         out.publish_seconds = time.perf_counter() - t_pub
         return out
 
-    def _book(self, cut: _Cut, out: _Written) -> bool:
+    def _book(self, out: _Written) -> bool:
         """On the loop: what a written checkpoint changes; False when it must retry."""
+        cut = out.cut
         if out.failure:
             self._fail(out.failure)
             return False
@@ -687,6 +682,7 @@ class _Cut:
 class _Written:
     """What the checkpoint thread reports back for :meth:`Worker._book`."""
 
+    cut: _Cut  # what was written
     failure: str | None = None  # why it stopped before the database (producer flush)
     results: list[CommitStats | SegsError] = field(default_factory=list)  # per payload
     db_seconds: float = 0.0
