@@ -13,11 +13,17 @@ The cut is exact only when no partial or baseline mixes readings of partitions t
 in different parts. Readings are keyed by meter id, so a meter's readings come from one
 partition; :class:`MeterPartitions` watches for the exception (a producer that changed its
 partitioning) and such a payload is written whole, in one transaction.
+
+Rows the worker has never written are sent apart from the others, as *fresh*
+(:class:`WrittenWindows` tells them): the sink inserts them plainly, without the
+``ON CONFLICT`` probe and speculative insertion that a merge costs per row, and merges them
+only if one of them was there after all (another worker wrote it, or this one before a
+restart). Which way a row goes changes the time, never the result.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from numpy.typing import NDArray
@@ -39,6 +45,9 @@ class Payload:
     partials: Partials  # 1-minute partials
     baselines: BaselineState
     positions: Positions
+    # window size → per 1-minute partial, whether its window of that size is one this worker
+    # never wrote for the meter (WrittenWindows.fresh); a size missing here: none is
+    fresh: dict[int, NDArray[np.bool_]] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
         return bool(len(self.partials) or len(self.baselines) or self.positions)
@@ -46,21 +55,30 @@ class Payload:
     def job(self, meters: list[bytes], regions: list[bytes],
             region_rank: NDArray[np.int64]) -> CommitJob:
         """The arguments of :meth:`segs.sink.Sink.commit` for this payload: the 1-minute
-        partials and their roll-up into every coarser window size the sink stores.
+        partials and their roll-up into every coarser window size the sink stores, each
+        size as the rows that may be stored already and the fresh ones.
 
         ``meters`` and ``regions`` are the encoded names by slot
         (:class:`segs.pgcopy.TextFields`), ``region_rank`` the order of the region names
         (:func:`segs.merge.region_ranks`), which decides a merged window's region."""
         p, b = self.partials, self.baselines
-        partials = {size: _partials_copy(p if size == p.size_s else roll_up(p, size, region_rank),
-                                         meters, regions)
-                    for size in TABLES}
+        stored: dict[int, CopyData] = {}
+        fresh: dict[int, CopyData] = {}
+        for size in TABLES:
+            is_fresh = self.fresh.get(size)
+            # all of a coarse window's partials share its freshness: split, then roll up
+            split = [(stored, p)] if is_fresh is None else [(stored, p.take(~is_fresh)),
+                                                           (fresh, p.take(is_fresh))]
+            for into, part in split:
+                if len(part):
+                    rows = part if size == p.size_s else roll_up(part, size, region_rank)
+                    into[size] = _partials_copy(rows, meters, regions)
         baselines = copy_data(
             [("source_partition", b.partition), ("baseline", b.baseline),
              ("samples", b.samples), ("last_outage_ms", b.last_outage_ms),
              ("last_spike_ms", b.last_spike_ms), ("last_drop_ms", b.last_drop_ms)],
             [("meter_id", b.meter, meters)])
-        return partials, baselines, self.positions
+        return stored, baselines, self.positions, fresh
 
     def split(self, parts: int) -> list[Payload]:
         """This payload as at most ``parts`` payloads over disjoint sets of partitions,
@@ -87,10 +105,12 @@ class Payload:
             if not group:
                 continue
             keep = np.array(group, np.int32)
+            rows = np.isin(pp, keep)
             out.append(Payload(
-                self.partials.take(np.isin(pp, keep)),
+                self.partials.take(rows),
                 self.baselines.take(np.isin(bp, keep)),
                 {p: pos for p, pos in self.positions.items() if p in group},
+                {size: is_fresh[rows] for size, is_fresh in self.fresh.items()},
             ))
         return out
 
@@ -128,3 +148,36 @@ class MeterPartitions:
     def take_mixed(self) -> bool:
         mixed, self._mixed = self._mixed, False
         return mixed
+
+
+_NONE = -(2**62)  # no window written yet
+
+
+class WrittenWindows:
+    """Per meter slot and window size, the latest window this worker has drained to write:
+    which windows of a checkpoint are *fresh*, never written by this worker.
+
+    A fresh window is almost always a new row. It is not one when another worker wrote it
+    (partitions moved, or a producer spread a meter over partitions) or this worker did
+    before a restart; the sink then merges it, so a wrong guess costs time, not exactness.
+    A window older than the latest one is never called fresh, so one that really is new
+    is merged (a late reading for a window nothing was written for).
+    """
+
+    def __init__(self, sizes: tuple[int, ...] = tuple(TABLES)) -> None:
+        self._latest = {size: np.full(1024, _NONE, np.int64) for size in sizes}
+
+    def fresh(self, partials: Partials) -> dict[int, NDArray[np.bool_]]:
+        """Per size, which of ``partials`` (distinct (meter, window) keys of windows that
+        nest in each size) fall in a window of that size fresh for their meter; the
+        windows count as written from now on."""
+        meter = partials.meter
+        out: dict[int, NDArray[np.bool_]] = {}
+        for size, latest in self._latest.items():
+            if len(meter) and int(meter.max()) >= latest.shape[0]:
+                latest = grown(latest, max(int(meter.max()) + 1, 2 * latest.shape[0]), _NONE)
+                self._latest[size] = latest
+            window = partials.window_start_ms // (size * 1000)
+            out[size] = window > latest[meter]
+            np.maximum.at(latest, meter, window)
+        return out

@@ -8,7 +8,12 @@ One :meth:`Sink.commit` is one transaction:
    :func:`segs.merge.roll_up` merges them per 15-minute window before the commit);
 2. one ``INSERT … SELECT … ON CONFLICT (meter_id, window_start) DO UPDATE`` per aggregate
    table, merging partials into stored rows with the arithmetic of :mod:`segs.merge`
-   (:data:`MERGE_SET` is that arithmetic in SQL, written once);
+   (:data:`MERGE_SET` is that arithmetic in SQL, written once). Partials of windows the
+   worker never wrote (*fresh*, :class:`segs.payload.WrittenWindows`) come in a temporary
+   table of their own and are inserted plainly, in a savepoint: a plain insert skips the
+   conflict probe and speculative insertion that make a merge of new rows about a third
+   slower. Should one of them exist after all, the savepoint rolls back and they are
+   merged like the others;
 3. the detector's changed baselines, upserted;
 4. the next position of every covered partition, written with a compare-and-set on the
    position this worker last read or wrote — when any compare fails the partition moved to
@@ -44,6 +49,8 @@ log = logging.getLogger(__name__)
 TABLES = {60: "aggregates_1m", 900: "aggregates_15m"}
 # window size → the temporary table its partials are copied into
 _PARTIALS = {60: "segs_partials_1m", 900: "segs_partials_15m"}
+# … and the temporary table of its fresh partials
+_FRESH = {60: "segs_fresh_1m", 900: "segs_fresh_15m"}
 
 # One partial aggregate row as Python values; window times as epoch milliseconds.
 PARTIAL_COLUMNS = (
@@ -80,24 +87,35 @@ MERGE_SET = f"""
     updated_at = now()
 """
 
-_MERGE = """
-WITH merged AS (
+_INSERT = """
 INSERT INTO {table} AS a (meter_id, region, window_start, window_end, avg_power, max_power,
     min_power, total_energy, sample_count, power_sum, last_reading_at, source_partition,
     published)
 SELECT meter_id, region, {start}, {end}, power_sum / sample_count, power_max, power_min,
     energy_sum, sample_count, power_sum, {last}, source_partition, false
-FROM ({source}) AS p
+FROM {source} AS p
+"""
+_MERGE = """
+WITH merged AS ({insert}
 ON CONFLICT (meter_id, window_start) DO UPDATE SET {merge_set}
 RETURNING (xmax = 0) AS inserted)
 SELECT count(*) FILTER (WHERE inserted), count(*) FROM merged
 """
 
-# the merge statement per window size, reading that size's temporary table
-_MERGE_SQL = {size: _MERGE.format(
-    table=table, source=f"SELECT * FROM {_PARTIALS[size]}", merge_set=MERGE_SET,
-    start=_TS.format("window_start_ms"), end=_TS.format(f"(window_start_ms + {size * 1000})"),
-    last=_TS.format("last_ts_ms")).encode() for size, table in TABLES.items()}
+
+def _insert(size: int, source: str) -> str:
+    """The insert of one window size's partials from the temporary table ``source``."""
+    return _INSERT.format(
+        table=TABLES[size], source=source, start=_TS.format("window_start_ms"),
+        end=_TS.format(f"(window_start_ms + {size * 1000})"), last=_TS.format("last_ts_ms"))
+
+
+# per window size: the merge of a temporary table into the aggregate table, and the plain
+# insert of the fresh partials
+_MERGE_SQL = {size: {source: _MERGE.format(insert=_insert(size, source),
+                                           merge_set=MERGE_SET).encode()
+                     for source in (_PARTIALS[size], _FRESH[size])} for size in TABLES}
+_INSERT_FRESH_SQL = {size: _insert(size, _FRESH[size]).encode() for size in TABLES}
 
 _CLAIM = """
 UPDATE {table} AS a SET published = true
@@ -142,8 +160,9 @@ DEFAULT_WRITERS = 2
 Positions = dict[int, tuple[int | None, int, int | None]]
 # Partials to write, by window size (a key of TABLES); a missing size has none.
 PartialsBySize = Mapping[int, Rows]
-# One transaction of Sink.commit_all: (partials, baseline rows, positions), as commit().
-CommitJob = tuple[PartialsBySize, Rows, Positions]
+# One transaction of Sink.commit_all: (partials, baseline rows, positions, fresh partials),
+# as commit().
+CommitJob = tuple[PartialsBySize, Rows, Positions, PartialsBySize]
 
 
 class Sink:
@@ -213,8 +232,8 @@ class Sink:
 
     # ------------------------------------------------------------------ checkpoint
 
-    def commit(self, partials: PartialsBySize, baselines: Rows,
-               positions: Positions) -> CommitStats:
+    def commit(self, partials: PartialsBySize, baselines: Rows, positions: Positions,
+               fresh: PartialsBySize | None = None) -> CommitStats:
         """Write one checkpoint atomically (see the module docstring for the steps).
 
         ``partials`` maps a window size of :data:`TABLES` to its partials (distinct (meter,
@@ -222,7 +241,9 @@ class Sink:
         ``baselines`` are detector states: binary COPY data (:class:`segs.pgcopy.CopyData`),
         or Python rows of :data:`PARTIAL_COLUMNS` / :data:`BASELINE_COLUMNS`.
         ``positions`` maps partition → (previous stored offset or None when there was none,
-        next offset, watermark ms or None).
+        next offset, watermark ms or None). ``fresh`` holds more partials as ``partials``
+        does, of windows the worker never wrote, expected to be new rows (none may have the
+        key of a row in ``partials``).
         """
         t0 = time.perf_counter()
         try:
@@ -239,10 +260,14 @@ class Sink:
                 rows, new_rows = {}, {}
                 for size, table in TABLES.items():
                     inserted = written = 0
+                    if _copy(cur, _FRESH[size], (fresh or {}).get(size, ()), PARTIAL_COLUMNS,
+                             _PARTIAL_TYPES):
+                        inserted, written = _insert_fresh(conn, cur, size)
                     if _copy(cur, _PARTIALS[size], partials.get(size, ()), PARTIAL_COLUMNS,
                              _PARTIAL_TYPES):
-                        cur.execute(_MERGE_SQL[size])
-                        inserted, written = cur.fetchone() or (0, 0)
+                        cur.execute(_MERGE_SQL[size][_PARTIALS[size]])
+                        more_inserted, more_written = cur.fetchone() or (0, 0)
+                        inserted, written = inserted + more_inserted, written + more_written
                     rows[table], new_rows[table] = int(written), int(inserted)
                 n_base = _copy(cur, "segs_baselines", baselines, BASELINE_COLUMNS,
                                _BASELINE_TYPES)
@@ -342,6 +367,22 @@ ON CONFLICT (consumer_group, meter_id) DO UPDATE SET
 """
 
 
+def _insert_fresh(conn: psycopg.Connection[Any], cur: psycopg.Cursor[Any],
+                  size: int) -> tuple[int, int]:
+    """Insert the fresh partials of ``size`` plainly, or merge them if one of them is stored
+    already; returns (rows inserted, rows written)."""
+    try:
+        with conn.transaction():  # a savepoint
+            cur.execute(_INSERT_FRESH_SQL[size])
+            return max(cur.rowcount, 0), max(cur.rowcount, 0)
+    except psycopg.errors.UniqueViolation:
+        # written by another worker, or by this one before a restart: merge them all
+        log.debug("fresh %d s partials were stored already: merged instead", size)
+        cur.execute(_MERGE_SQL[size][_FRESH[size]])
+        inserted, written = cur.fetchone() or (0, 0)
+        return int(inserted), int(written)
+
+
 def _copy(cur: psycopg.Cursor[Any], table: str, data: Rows, columns: Sequence[str],
           types: Sequence[str]) -> int:
     """COPY binary data or Python rows (of ``columns``, ``types``) into a temporary table;
@@ -369,7 +410,8 @@ def _create_temp_tables(conn: psycopg.Connection[Any]) -> None:
     restarted or a backend was terminated, gets them here too.
     """
     tables: list[tuple[str, Sequence[str], Sequence[str]]] = [
-        (name, PARTIAL_COLUMNS, _PARTIAL_TYPES) for name in _PARTIALS.values()]
+        (name, PARTIAL_COLUMNS, _PARTIAL_TYPES)
+        for name in (*_PARTIALS.values(), *_FRESH.values())]
     tables.append(("segs_baselines", BASELINE_COLUMNS, _BASELINE_TYPES))
     with conn.transaction():
         for name, columns, types in tables:

@@ -69,7 +69,7 @@ from segs.decode import Decoder
 from segs.errors import DatabaseError, FencedError, SegsError
 from segs.merge import region_ranks
 from segs.outputs import GRANULARITY, dead_letter_headers, encode_aggregates
-from segs.payload import MeterPartitions, Payload
+from segs.payload import MeterPartitions, Payload, WrittenWindows
 from segs.pgcopy import TextFields
 from segs.sink import TABLES, ClosedRow, CommitStats, Position, Sink
 from segs.windows import WindowEngine
@@ -128,6 +128,7 @@ class Worker:
         self.job: Future[_Written] | None = None  # the checkpoint being written
         self._checkpoints = ThreadPoolExecutor(1, thread_name_prefix="segs-checkpoint")
         self.meter_partitions = MeterPartitions()
+        self.written = WrittenWindows()  # which drained windows are fresh (new rows)
         self.paused = False
         self.retry_at = 0.0
         self.backoff_s = 0.5
@@ -555,7 +556,9 @@ class Worker:
         positions = {p: (self.stored.get(p), nxt, wms.get(p))
                      for p, nxt in self.consumed.items()
                      if p in self.positioned and nxt != self.stored.get(p)}
-        payload = Payload(self.windows.drain(), self.detector.take_dirty(), positions)
+        partials = self.windows.drain()
+        payload = Payload(partials, self.detector.take_dirty(), positions,
+                          self.written.fresh(partials))
         parts = self.sink.writers
         if self.meter_partitions.take_mixed():
             log.debug("a meter's readings came from two partitions: one checkpoint transaction")

@@ -1,6 +1,8 @@
 """Checkpoint: time of the worker's database step for N partial aggregates (1-minute rows of
 N distinct meters spread over the 6 partitions of the topic, as one worker holds them with
-``--workers 1``), first as new rows, then merged into those same rows.
+``--workers 1``), first as new rows, then merged into those same rows, then merged once
+more as a restarted worker would: it takes every window for fresh, the plain insert meets a
+stored row, and the savepoint falls back to the merge (``replay``, the cost of a wrong guess).
 
 The payload is built before the clock starts, as the worker builds it before its commit;
 the timed part is what the worker runs: the cut along partitions
@@ -29,7 +31,7 @@ from segs.bench.infra import Servers, fresh_database
 from segs.columns import Interner
 from segs.config import load_settings
 from segs.merge import Partials, region_ranks
-from segs.payload import Payload
+from segs.payload import Payload, WrittenWindows
 from segs.pgcopy import TextFields
 from segs.sink import CommitStats, Positions, Sink
 
@@ -37,9 +39,11 @@ _T0_MS = 1_795_759_200_000  # 2026-11-27T06:00:00Z
 PARTITIONS = 6
 REPEATS = 3  # runs per size up to REPEATED_UP_TO partials; larger sizes run once
 REPEATED_UP_TO = 100_000
+PHASES = ("new", "merge", "replay")
 
 
-def _payload(n: int, salt: int, prev: dict[int, int | None]) -> Payload:
+def _payload(n: int, salt: int, prev: dict[int, int | None],
+             written: WrittenWindows) -> Payload:
     ones = np.ones(n)
     partials = Partials(
         size_s=60, meter=np.arange(n, dtype=np.int32),
@@ -48,7 +52,7 @@ def _payload(n: int, salt: int, prev: dict[int, int | None]) -> Payload:
         energy_sum=ones * 0.02, last_ts_ms=np.full(n, _T0_MS + 59_000, np.int64),
         region=np.zeros(n, np.int32), partition=(np.arange(n) % PARTITIONS).astype(np.int32))
     positions: Positions = {p: (prev[p], (prev[p] or 0) + n, None) for p in range(PARTITIONS)}
-    return Payload(partials, BaselineState.empty(), positions)
+    return Payload(partials, BaselineState.empty(), positions, written.fresh(partials))
 
 
 def run_checkpoint(srv: Servers, sizes: list[int]) -> list[dict[str, Any]]:
@@ -63,7 +67,7 @@ def run_checkpoint(srv: Servers, sizes: list[int]) -> list[dict[str, Any]]:
         runs = [_run(srv, n, writers, meters, regions, rank)
                 for _ in range(REPEATS if n <= REPEATED_UP_TO else 1)]
         row: dict[str, Any] = {"partials": n, "partitions": PARTITIONS, "writers": writers}
-        for phase in ("new", "merge"):
+        for phase in PHASES:
             row[f"{phase}_s"] = statistics.median(r[f"{phase}_s"] for r in runs)
             row[f"{phase}_runs"] = [r[f"{phase}_s"] for r in runs]
             row[f"{phase}_rows"] = runs[0][f"{phase}_rows"]
@@ -74,7 +78,8 @@ def run_checkpoint(srv: Servers, sizes: list[int]) -> list[dict[str, Any]]:
 
 def _run(srv: Servers, n: int, writers: int, meters: list[bytes], regions: list[bytes],
          rank: NDArray[np.int64]) -> dict[str, Any]:
-    """One checkpoint of ``n`` new partials, then one merging into them, in a fresh database."""
+    """One checkpoint of ``n`` new partials, then one merging into them and one replaying
+    them, in a fresh database."""
     row: dict[str, Any] = {}
     with fresh_database(srv.postgres_url) as db:
         sink = Sink(db, consumer_group="segs-bench", topic="raw_readings", writers=writers)
@@ -82,8 +87,11 @@ def _run(srv: Servers, n: int, writers: int, meters: list[bytes], regions: list[
         try:
             sink.ping()
             prev: dict[int, int | None] = dict.fromkeys(range(PARTITIONS))
-            for phase, salt in (("new", 0), ("merge", 1)):
-                payload = _payload(n, salt, prev)
+            written = WrittenWindows()
+            for salt, phase in enumerate(PHASES):
+                if phase == "replay":
+                    written = WrittenWindows()  # a restarted worker's
+                payload = _payload(n, salt, prev, written)
                 t0 = time.perf_counter()
                 done = sink.commit_all([p.job(meters, regions, rank)
                                         for p in payload.split(sink.writers)])

@@ -216,8 +216,10 @@ class Suite:
         for r in rows:
             runs = len(r["new_runs"])
             self.progress.add("checkpoint", f"{r['partials']:,} partials",
-                              f"{r['new_s']:.3f} s / {r['merge_s']:.3f} s",
-                              "new / merge" + (f", median of {runs}" if runs > 1 else ""))
+                              f"{r['new_s']:.3f} s / {r['merge_s']:.3f} s / "
+                              f"{r['replay_s']:.3f} s",
+                              "new / merge / replay"
+                              + (f", median of {runs}" if runs > 1 else ""))
 
     def _peer(self) -> None:
         runs: list[dict[str, Any]] = []

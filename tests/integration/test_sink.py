@@ -1,7 +1,8 @@
 """The checkpoint transaction against the real PostgreSQL server.
 
 The merge arithmetic exists twice, in Python (:func:`segs.merge.merge`) and in SQL
-(:data:`segs.sink.MERGE_SET`); these tests prove the two agree, that positions are fenced,
+(:data:`segs.sink.MERGE_SET`); these tests prove the two agree whichever way a row is sent
+(merged, or inserted as fresh and merged when it was not new after all), that positions are fenced,
 that publishing closed windows is all-or-nothing, and that transactions written side by side
 commit or fail each on their own.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import psycopg
@@ -80,26 +82,44 @@ def _read(url: str, table: str, meter: str, start_ms: int) -> PartialRow:
 
 @settings(max_examples=40, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(a=partial(), b=partial(), c=partial(), minutes=st.integers(1, 14))
+@given(a=partial(), b=partial(), c=partial(), minutes=st.integers(1, 14),
+       fresh=st.lists(st.booleans(), min_size=5, max_size=5))
 def test_sql_merge_equals_python_merge(migrated: str, a: PartialRow, b: PartialRow,
-                                       c: PartialRow, minutes: int) -> None:
+                                       c: PartialRow, minutes: int, fresh: list[bool]) -> None:
     """Stored row ⊕ incoming partial, in both tables (the 15-minute partial being the
-    worker's roll-up of the 1-minute ones)."""
+    worker's roll-up of the 1-minute ones). Each row goes in as a merge or as fresh; a
+    fresh row that is stored already (b, and merge(b, c)) makes the sink merge instead."""
     db_url = migrated
     meter = f"m{next(_ids)}"
     # a pool per example, closed before the next draw: its threads use `random`, which
     # hypothesis forbids while it generates data
     sink = Sink(db_url, consumer_group="g", topic="t")
     sink.open()
+    first = [(60, _row(meter, 0, a)), (900, _row(meter, 0, a))]
+    second = [(60, _row(meter, 0, b)), (60, _row(meter, minutes * 60_000, c)),
+              (900, _row(meter, 0, merge(b, c)))]
     try:
-        sink.commit({60: [_row(meter, 0, a)], 900: [_row(meter, 0, a)]}, [], {})
-        sink.commit({60: [_row(meter, 0, b), _row(meter, minutes * 60_000, c)],
-                     900: [_row(meter, 0, merge(b, c))]}, [], {})
+        done = [sink.commit(*_routed(rows, fresh[i:])) for rows, i in ((first, 0), (second, 2))]
     finally:
         sink.close()
+    assert [d.new_rows for d in done] == [{"aggregates_1m": 1, "aggregates_15m": 1},
+                                          {"aggregates_1m": 1, "aggregates_15m": 0}]
+    assert [d.rows for d in done] == [{"aggregates_1m": 1, "aggregates_15m": 1},
+                                      {"aggregates_1m": 2, "aggregates_15m": 1}]
     assert _read(db_url, "aggregates_1m", meter, 0) == merge(a, b)
     assert _read(db_url, "aggregates_1m", meter, minutes * 60_000) == c
     assert_same(_read(db_url, "aggregates_15m", meter, 0), merge(merge(a, b), c))
+
+
+def _routed(rows: list[tuple[int, tuple[object, ...]]], fresh: list[bool]
+            ) -> tuple[dict[int, list[tuple[object, ...]]], list[object], dict[int, Any],
+                       dict[int, list[tuple[object, ...]]]]:
+    """Arguments of Sink.commit with row i sent as fresh when fresh[i]."""
+    stored: dict[int, list[tuple[object, ...]]] = {}
+    new: dict[int, list[tuple[object, ...]]] = {}
+    for (size, row), is_fresh in zip(rows, fresh, strict=False):
+        (new if is_fresh else stored).setdefault(size, []).append(row)
+    return stored, [], {}, new
 
 
 def assert_same(got: PartialRow, want: PartialRow) -> None:
@@ -203,7 +223,9 @@ def test_an_encoded_payload_lands_as_its_rows(db_url: str, sink: Sink) -> None:
         meter=np.array([1], np.int32), baseline=np.array([2.5]), samples=np.array([11]),
         last_outage_ms=np.array([-(2**62)]), last_spike_ms=np.array([5]),
         last_drop_ms=np.array([6]), partition=np.array([4], np.int32))
-    payload = Payload(partials, baselines, {4: (None, 9, 120_000)})
+    # meter 0 (rows 0 and 2) fresh at one minute, meter 1 at fifteen: each set rolls up alone
+    fresh = {60: np.array([True, False, True]), 900: np.array([False, True, False])}
+    payload = Payload(partials, baselines, {4: (None, 9, 120_000)}, fresh)
     done = sink.commit_all([payload.job(meters.fields(), regions.fields(),
                                         region_ranks(region_names))])
     assert isinstance(done[0], CommitStats)

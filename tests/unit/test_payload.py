@@ -1,5 +1,6 @@
-"""A checkpoint cut along partitions loses, duplicates and mixes nothing, and a meter seen on
-two partitions is noticed whatever the batches look like."""
+"""A checkpoint cut along partitions loses, duplicates and mixes nothing, a meter seen on
+two partitions is noticed whatever the batches look like, and a window is called fresh only
+when it never was drained before."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from hypothesis import strategies as st
 from segs.anomaly import BaselineState
 from segs.columns import Interner, Readings
 from segs.merge import Partials
-from segs.payload import MeterPartitions, Payload
+from segs.payload import MeterPartitions, Payload, WrittenWindows
 from segs.windows import WindowEngine
 
 BASE = 1_795_759_200_000  # a multiple of 900 s
@@ -30,7 +31,9 @@ def _payload(partial_parts: list[int], baseline_parts: list[int],
         meter=slots.astype(np.int32), baseline=slots * 1.5, samples=slots,
         last_outage_ms=slots, last_spike_ms=slots, last_drop_ms=slots,
         partition=np.array(baseline_parts, np.int32))
-    return Payload(partials, baselines, {p: (None, nxt, None) for p, nxt in positions.items()})
+    fresh = {60: ids % 2 == 1, 900: ids % 3 == 0}
+    return Payload(partials, baselines, {p: (None, nxt, None) for p, nxt in positions.items()},
+                   fresh)
 
 
 def _partial_keys(p: Payload) -> list[tuple[int, int]]:
@@ -71,9 +74,12 @@ def test_split_is_a_partition_of_the_payload(partial_parts: list[int],
                 | set(p.baselines.partition.tolist()))
         for q in mine:
             assert owners.setdefault(q, i) == i
-    # rows keep their values: the partial of meter k still has count k + 1
+    # rows keep their values: the partial of meter k still has count k + 1, and its fresh
+    # flags (fresh at 1 minute: an odd meter; at 15 minutes: a meter divisible by 3)
     for p in pieces:
         assert (p.partials.count == p.partials.meter.astype(np.int64) + 1).all()
+        assert (p.fresh[60] == (p.partials.meter % 2 == 1)).all()
+        assert (p.fresh[900] == (p.partials.meter % 3 == 0)).all()
 
 
 def test_split_balances_partials_over_pieces() -> None:
@@ -159,3 +165,46 @@ def test_an_unmixed_checkpoint_has_every_partial_from_one_partition(
         assert all(owner[(m, w)] == p for m, w, p in every)
     if not strays:
         assert not seen.take_mixed()
+
+
+@settings(deadline=None, max_examples=300)
+@given(drains=st.lists(st.lists(st.tuples(st.integers(0, 4), st.integers(-20, 40)), max_size=10),
+                       max_size=6))
+def test_written_windows_calls_fresh_only_what_was_never_drained(
+        drains: list[list[tuple[int, int]]]) -> None:
+    """Reference: the set of (meter, window) drained so far, per window size. Fresh must
+    never be a window drained before (a wrong "fresh" costs a savepoint rollback), and must
+    be every window after the meter's latest one (so new rows, in order, skip the merge)."""
+    written = WrittenWindows()
+    seen: dict[int, set[tuple[int, int]]] = {60: set(), 900: set()}
+    for drain in drains:
+        keys = sorted({(meter, minute * 60_000) for meter, minute in drain})
+        partials = Partials(
+            size_s=60, meter=np.array([m for m, _ in keys], np.int32),
+            window_start_ms=np.array([w for _, w in keys], np.int64),
+            count=np.ones(len(keys), np.int64), power_sum=np.ones(len(keys)),
+            power_max=np.ones(len(keys)), power_min=np.ones(len(keys)),
+            energy_sum=np.ones(len(keys)), last_ts_ms=np.zeros(len(keys), np.int64),
+            region=np.zeros(len(keys), np.int32), partition=np.zeros(len(keys), np.int32))
+        fresh = written.fresh(partials)
+        for size, flags in fresh.items():
+            size_ms = size * 1000
+            for (meter, start), flag in zip(keys, flags.tolist(), strict=True):
+                key = (meter, start // size_ms)
+                latest = max((w for m, w in seen[size] if m == meter), default=None)
+                if flag:
+                    assert key not in seen[size]
+                if latest is None or key[1] > latest:
+                    assert flag
+            seen[size] |= {(m, w // size_ms) for m, w in keys}
+
+
+def test_written_windows_grow_with_new_slots() -> None:
+    written = WrittenWindows()
+    one = Partials(60, np.array([5_000], np.int32), np.array([BASE], np.int64),
+                   np.ones(1, np.int64), np.ones(1), np.ones(1), np.ones(1), np.ones(1),
+                   np.zeros(1, np.int64), np.zeros(1, np.int32), np.zeros(1, np.int32))
+    assert written.fresh(one)[60].tolist() == [True]
+    assert written.fresh(one)[60].tolist() == [False]
+    assert written.fresh(one)[900].tolist() == [False]
+
