@@ -26,13 +26,20 @@ from cli.main import handle_errors
 @click.option("--wait-quiet", type=float, default=0.0, show_default=True,
               help="First wait up to this many seconds for the 1-minute load average "
                    "to fall below 1.0.")
+@click.option("--latency-flush", type=click.FloatRange(min=0.1), default=None,
+              help="FLUSH_INTERVAL_1M of the latency scenario, in seconds [default: 5 (1 with "
+                   "--quick), "
+                   "so that window rows are stored often; the service's default is 60]. "
+                   "The scenario then runs for at least twice this plus 15 s.")
 @handle_errors
 def bench(quick: bool, out_dir: str, scenarios: str | None, readme: str | None,
-          wait_quiet: float) -> None:
+          wait_quiet: float, latency_flush: float | None) -> None:
     """Start real Kafka and PostgreSQL (or use SEGS_TEST_KAFKA / SEGS_TEST_POSTGRES_URL),
     pre-load a 6-partition topic with the simulator and measure: the read ceiling, the
     pipeline with 1 and 2 workers, scaling with meters, latency, checkpoints and Quix
     Streams on the same job. Writes JSON, a PNG chart and the README figures."""
+    import dataclasses
+
     from rich.console import Console
 
     from segs.bench import infra, report
@@ -47,6 +54,10 @@ def bench(quick: bool, out_dir: str, scenarios: str | None, readme: str | None,
     if wait_quiet > 0:
         infra.wait_for_quiet(1.0, wait_quiet, say=console.print)
     plan = QUICK if quick else FULL
+    if latency_flush is not None:
+        plan = dataclasses.replace(
+            plan, latency_flush_ms=round(latency_flush * 1000),
+            latency_duration_s=max(plan.latency_duration_s, 2 * latency_flush + 15))
     result = Suite(plan, chosen, console).run()
     result["command"] = "segs-stream bench " + " ".join(sys.argv[2:])
     result["targets"] = report.targets(result)
@@ -58,7 +69,7 @@ def bench(quick: bool, out_dir: str, scenarios: str | None, readme: str | None,
     report.write_json(result, json_path)
     # The README's figures link results/<date>.json: regenerate them by default only from a
     # complete full run written there (a subset or --quick would overwrite them with gaps).
-    complete = (not quick and set(chosen) == set(SCENARIOS)
+    complete = (not quick and set(chosen) == set(SCENARIOS) and plan == FULL
                 and out.resolve() == Path("benchmarks/results").resolve())
     readme_path = Path(readme) if readme else Path("benchmarks/README.md") if complete else None
     if readme_path is not None:
