@@ -110,11 +110,10 @@ def _insert(size: int, source: str) -> str:
         end=_TS.format(f"(window_start_ms + {size * 1000})"), last=_TS.format("last_ts_ms"))
 
 
-# per window size: the merge of a temporary table into the aggregate table, and the plain
-# insert of the fresh partials
-_MERGE_SQL = {size: {source: _MERGE.format(insert=_insert(size, source),
-                                           merge_set=MERGE_SET).encode()
-                     for source in (_PARTIALS[size], _FRESH[size])} for size in TABLES}
+# per temporary table: the merge of its partials into their aggregate table; per window
+# size: the plain insert of its fresh partials
+_MERGE_SQL = {source: _MERGE.format(insert=_insert(size, source), merge_set=MERGE_SET).encode()
+              for size in TABLES for source in (_PARTIALS[size], _FRESH[size])}
 _INSERT_FRESH_SQL = {size: _insert(size, _FRESH[size]).encode() for size in TABLES}
 
 _CLAIM = """
@@ -265,7 +264,7 @@ class Sink:
                         inserted, written = _insert_fresh(conn, cur, size)
                     if _copy(cur, _PARTIALS[size], partials.get(size, ()), PARTIAL_COLUMNS,
                              _PARTIAL_TYPES):
-                        cur.execute(_MERGE_SQL[size][_PARTIALS[size]])
+                        cur.execute(_MERGE_SQL[_PARTIALS[size]])
                         more_inserted, more_written = cur.fetchone() or (0, 0)
                         inserted, written = inserted + more_inserted, written + more_written
                     rows[table], new_rows[table] = int(written), int(inserted)
@@ -374,11 +373,12 @@ def _insert_fresh(conn: psycopg.Connection[Any], cur: psycopg.Cursor[Any],
     try:
         with conn.transaction():  # a savepoint
             cur.execute(_INSERT_FRESH_SQL[size])
-            return max(cur.rowcount, 0), max(cur.rowcount, 0)
+            inserted = max(cur.rowcount, 0)
+            return inserted, inserted
     except psycopg.errors.UniqueViolation:
         # written by another worker, or by this one before a restart: merge them all
         log.debug("fresh %d s partials were stored already: merged instead", size)
-        cur.execute(_MERGE_SQL[size][_FRESH[size]])
+        cur.execute(_MERGE_SQL[_FRESH[size]])
         inserted, written = cur.fetchone() or (0, 0)
         return int(inserted), int(written)
 

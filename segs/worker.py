@@ -42,7 +42,7 @@ import signal
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import repeat
 from operator import is_
 from typing import Any
@@ -123,8 +123,7 @@ class Worker:
         self.consumed: dict[int, int] = {}  # next offset after the last processed message
         self.stored_wm: dict[int, int] = {}
         self.last_seen: dict[int, int] = {}  # wall ms of a partition's last message/position
-        self.inflight: list[Payload] = []  # built, not yet written (kept for retries)
-        self.inflight_wms: dict[int, int] = {}  # the watermarks of their cut
+        self.unwritten: _Cut | None = None  # a cut not (all) written: retried verbatim
         self.job: Future[_Written] | None = None  # the checkpoint being written
         self._checkpoints = ThreadPoolExecutor(1, thread_name_prefix="segs-checkpoint")
         self.meter_partitions = MeterPartitions()
@@ -271,8 +270,7 @@ class Worker:
 
     def _rewind(self) -> None:
         """Discard everything not yet stored; re-seek assigned partitions to stored positions."""
-        self.inflight = []
-        self.inflight_wms = {}
+        self.unwritten = None
         self._fresh_state()
         self.positioned.clear()
         self.stored.clear()
@@ -474,15 +472,17 @@ class Worker:
         return self._book(job.result())
 
     def _cut(self) -> _Cut:
-        """Fix what the next checkpoint writes: the payloads not yet written (a retry) or
-        new ones, drained now."""
+        """Fix what the next checkpoint writes: the payloads of the cut not yet written, with
+        its watermarks (a retry), or new ones, drained now."""
         self.next_checkpoint = time.monotonic() + self.s.checkpoint_interval_ms / 1000
-        if not self.inflight:
-            self.windows.advance_idle(int(time.time() * 1000))
-            self.inflight_wms = self._watermarks()
-            self.inflight = self._build_payloads(self.inflight_wms)
-        return _Cut(self.inflight, self.meter_fields.fields(), self.region_fields.fields(),
-                    region_ranks(self.regions), self.inflight_wms, time.perf_counter())
+        names, regions = self.meter_fields.fields(), self.region_fields.fields()
+        rank, started = region_ranks(self.regions), time.perf_counter()
+        if self.unwritten is not None:
+            return replace(self.unwritten, names=names, regions=regions, rank=rank,
+                           started=started)
+        self.windows.advance_idle(int(time.time() * 1000))
+        wms = self._watermarks()
+        return _Cut(self._build_payloads(wms), names, regions, rank, wms, started)
 
     def _write(self, cut: _Cut) -> _Written:
         """Steps 0–2 of a checkpoint. Runs on the checkpoint thread (or, for revokes and
@@ -514,6 +514,7 @@ class Worker:
         """On the loop: what a written checkpoint changes; False when it must retry."""
         cut = out.cut
         if out.failure:
+            self.unwritten = cut
             self._fail(out.failure)
             return False
         if cut.payloads:
@@ -524,7 +525,7 @@ class Worker:
                 self._stored(payload, result)
             else:
                 failed.append((payload, result))
-        self.inflight = [payload for payload, _ in failed]
+        self.unwritten = replace(cut, payloads=[p for p, _ in failed]) if failed else None
         fenced = [exc for _, exc in failed if isinstance(exc, FencedError)]
         if fenced:
             log.warning("%s: rewinding to stored positions", fenced[0])
