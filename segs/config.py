@@ -192,6 +192,9 @@ SPECS: tuple[Spec, ...] = (
     Spec("KAFKA_TOPIC_ALERTS", "topic_alerts", "alerts", _text, "topic for anomaly alerts"),
     Spec("KAFKA_TOPIC_DLQ", "topic_dlq", "raw_readings.dlq", _text,
          "dead-letter topic for invalid messages"),
+    Spec("KAFKA_CREATE_TOPICS", "kafka_create_topics", "on", _switch,
+         "create missing output topics at start (partitions as the input topic, the "
+         "broker's replication factor); off: a missing one ends the start with exit code 2"),
     Spec("KAFKA_AUTO_OFFSET_RESET", "auto_offset_reset", "earliest", _choice(OFFSET_RESETS),
          "where a partition with no stored position starts"),
     Spec("KAFKA_SESSION_TIMEOUT", "kafka_session_timeout_ms", "15", _duration_ms("s"),
@@ -268,6 +271,7 @@ class Settings:
     topic_agg_15m: str
     topic_alerts: str
     topic_dlq: str
+    kafka_create_topics: bool
     auto_offset_reset: str
     kafka_session_timeout_ms: int
     kafka_max_poll_interval_ms: int

@@ -79,6 +79,15 @@ LATE_READINGS = Counter(
     "stream_late_readings_total", "Valid readings for a window that was already closed"
 )
 DLQ_PUBLISHED = Counter("stream_dlq_published_total", "Messages published to the dead-letter topic")
+PUBLISH_ERRORS = Counter(
+    "kafka_publish_errors_total",
+    "Messages Kafka refused for good (they are produced again; see stream_undelivered_messages)",
+    ["topic"],
+)
+DLQ_TRUNCATED = Counter(
+    "stream_dlq_truncated_total",
+    "Dead letters cut to fit the dead-letter topic's max.message.bytes",
+)
 WORKER_RESTARTS = Counter(
     "stream_worker_restarts_total", "Worker processes restarted by the supervisor"
 )
@@ -144,6 +153,12 @@ ASSIGNED_PARTITIONS = Gauge(
     "Input partitions assigned to the live workers",
     multiprocess_mode="livesum",
 )
+# livesum: each worker waits on its own undelivered messages.
+UNDELIVERED = Gauge(
+    "stream_undelivered_messages",
+    "Dead letters and alerts Kafka refused, held while intake is paused until delivered",
+    multiprocess_mode="livesum",
+)
 # livemin: 1 only when every live worker is connected, so one disconnected worker shows as 0.
 # The supervisor's own 0 placeholders are removed by prepare_multiprocess_dir, so the gauges
 # are absent (not 0) while no worker is alive: alert rules check absent() as well.
@@ -172,6 +187,8 @@ _ALL: Final[tuple[Counter | Gauge | Histogram, ...]] = (
     INVALID_MESSAGES,
     LATE_READINGS,
     DLQ_PUBLISHED,
+    PUBLISH_ERRORS,
+    DLQ_TRUNCATED,
     WORKER_RESTARTS,
     DB_WRITE_ROWS,
     FLUSH_DURATION,
@@ -184,6 +201,7 @@ _ALL: Final[tuple[Counter | Gauge | Histogram, ...]] = (
     WINDOWED_READINGS,
     WINDOW_BUCKETS,
     ASSIGNED_PARTITIONS,
+    UNDELIVERED,
     KAFKA_CONSUMER_CONNECTED,
     KAFKA_PRODUCER_CONNECTED,
     TIMESCALEDB_CONNECTED,

@@ -45,6 +45,33 @@ def encode_aggregates(
     return out
 
 
+# Room left in a record for Kafka's own framing (record batch and record headers, varints).
+_RECORD_OVERHEAD = 512
+_KEY_KEPT = 1024  # bytes of an oversize key kept in a cut dead letter
+
+
+def fit_dead_letter(key: bytes | None, value: bytes | None, headers: list[tuple[str, bytes]],
+                    limit: int) -> tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]:
+    """The dead letter itself, or, when it would exceed ``limit`` bytes, cut to fit.
+
+    A cut keeps the first 1,024 bytes of the key and as much of the value as fits, and adds
+    the header ``segs.truncated`` = ``key=<bytes>,value=<bytes>`` with the original sizes;
+    ``segs.source`` still points at the whole message in the input topic. Cutting an already
+    cut letter keeps its first sizes, so a letter is never larger than the first cut.
+    """
+    k, v = key or b"", value or b""
+    budget = limit - _RECORD_OVERHEAD - sum(len(n) + len(b) for n, b in headers) - 64
+    if len(k) + len(v) <= budget:
+        return key, value, headers
+    known = dict(headers).get("segs.truncated")
+    sizes = known or f"key={len(k) if key is not None else -1},value={len(v)}".encode()
+    k = k[:min(_KEY_KEPT, max(0, budget))]
+    v = v[:max(0, budget - len(k))]
+    kept = [(n, b) for n, b in headers if n != "segs.truncated"]
+    return (k if key is not None else None, v if value is not None else None,
+            [*kept, ("segs.truncated", sizes)])
+
+
 def dead_letter_headers(reason: str, detail: str, topic: str, partition: int,
                         offset: int) -> list[tuple[str, bytes]]:
     return [

@@ -31,6 +31,7 @@ from segs.decode import NATIVE
 from segs.errors import DatabaseError
 from segs.http import HttpServer
 from segs.migrate import migrate
+from segs.topics import ensure_topics
 from segs.worker import RUNNING, STATE_NAMES, worker_main
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,8 @@ class Supervisor:
     def run(self) -> int:
         self._install_signals()
         self._migrate_with_retry()
+        if not self.stop_requested:
+            ensure_topics(self.s, should_stop=lambda: bool(self.stop_requested))
         if self.stop_requested:
             return 0
         self.http = HttpServer(self.s.http_host, self.s.http_port, self.readiness)

@@ -39,6 +39,7 @@ import logging
 import os
 import random
 import signal
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -68,10 +69,11 @@ from segs.config import Settings
 from segs.decode import Decoder
 from segs.errors import DatabaseError, FencedError, SegsError
 from segs.merge import region_ranks
-from segs.outputs import GRANULARITY, dead_letter_headers, encode_aggregates
+from segs.outputs import GRANULARITY, dead_letter_headers, encode_aggregates, fit_dead_letter
 from segs.payload import MeterPartitions, Payload, WrittenWindows
 from segs.pgcopy import TextFields
 from segs.sink import TABLES, ClosedRow, CommitStats, Position, Sink
+from segs.topics import DEFAULT_RECORD_LIMIT, admin_client, output_topics, record_limit
 from segs.windows import WindowEngine
 
 log = logging.getLogger(__name__)
@@ -94,6 +96,19 @@ PREFETCH: dict[str, int] = {
 }
 
 _NEVER = -(2**62)  # "no watermark yet"
+_PRODUCER_MAX_BYTES = 1_000_000  # librdkafka's default message.max.bytes
+_SAY_EVERY_S = 60.0  # a lasting failure is logged once a minute
+
+
+@dataclass(frozen=True, slots=True)
+class _Refused:
+    """A dead letter or alert Kafka refused for good: produced again until delivered."""
+
+    topic: str
+    key: bytes | None
+    value: bytes | None
+    headers: list[tuple[str, bytes]]
+    reason: str
 
 
 class Worker:
@@ -132,8 +147,14 @@ class Worker:
         self.retry_at = 0.0
         self.backoff_s = 0.5
         self.next_checkpoint = time.monotonic() + settings.checkpoint_interval_ms / 1000
-        self.delivery_errors = 0
+        self._refused: list[_Refused] = []  # appended by delivery callbacks on any thread
+        self._refused_lock = threading.Lock()
+        self.refused_closed = 0  # closed windows Kafka refused (their rows stay unpublished)
+        self._closed_topics = {settings.topic_agg_1m, settings.topic_agg_15m}
+        self._said_at = -_SAY_EVERY_S
         common = settings.kafka_common()  # the user's settings override our tuning below
+        self.admin = admin_client(settings)
+        dlq_limit = self._topic_limit(settings.topic_dlq, DEFAULT_RECORD_LIMIT)
         self.consumer = Consumer({
             **PREFETCH,
             **common,
@@ -150,10 +171,12 @@ class Worker:
             "error_cb": self._on_kafka_error,
             "logger": _KAFKA_LOG,  # librdkafka's own lines, as JSON like ours
         })
-        self.producer = Producer({
+        producer_conf: dict[str, Any] = {
             "linger.ms": 5,
             "compression.type": "lz4",
             "queue.buffering.max.messages": 100_000,
+            # a dead letter is as large as the topic allows (then cut: fit_dead_letter)
+            "message.max.bytes": max(_PRODUCER_MAX_BYTES, dlq_limit),
             **common,
             "client.id": f"segs-stream-{os.getpid()}",
             "enable.idempotence": True,
@@ -162,7 +185,10 @@ class Worker:
             "on_delivery": self._on_delivery,
             "error_cb": self._on_kafka_error,
             "logger": _KAFKA_LOG,
-        })
+        }
+        self.producer = Producer(producer_conf)
+        self.producer_max_bytes = int(producer_conf["message.max.bytes"])
+        self.dlq_limit = min(dlq_limit, self.producer_max_bytes)
 
     def _fresh_state(self) -> None:
         lateness, idle = self.s.allowed_lateness_ms, self.s.idle_advance_ms
@@ -179,9 +205,22 @@ class Worker:
         log.warning("kafka: %s", err.str())
 
     def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
+        """Closed windows' delivery reports (errors only: librdkafka retries the rest
+        forever); dead letters and alerts carry their own (:meth:`_produce`)."""
         if err is not None:
-            self.delivery_errors += 1
-            log.error("delivery to %s failed: %s", msg.topic(), err.str())
+            self._refuse(msg.topic() or "", msg.key(), msg.value(), [], err.str())
+
+    def _refuse(self, topic: str, key: bytes | None, value: bytes | None,
+                headers: list[tuple[str, bytes]], reason: str) -> None:
+        """Keep a message Kafka refused. Dead letters and alerts are produced again before
+        the next checkpoint may store positions (:meth:`_deliver_refused`); a closed window
+        stays unpublished in the database and is claimed again."""
+        metrics.PUBLISH_ERRORS.labels(topic).inc()
+        if topic in self._closed_topics:
+            self.refused_closed += 1
+            return
+        with self._refused_lock:
+            self._refused.append(_Refused(topic, key, value, list(headers), reason))
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         parts = [tp.partition for tp in partitions]
@@ -271,6 +310,8 @@ class Worker:
     def _rewind(self) -> None:
         """Discard everything not yet stored; re-seek assigned partitions to stored positions."""
         self.unwritten = None
+        with self._refused_lock:  # re-read, so produced again
+            self._refused.clear()
         self._fresh_state()
         self.positioned.clear()
         self.stored.clear()
@@ -323,8 +364,6 @@ class Worker:
                 if (monotonic() >= self.next_checkpoint or self.paused or self.job is not None
                         or len(self.positioned) != len(self.assigned)):
                     self.maybe_checkpoint()
-                if self.delivery_errors:
-                    raise SegsError(f"{self.delivery_errors} messages could not be delivered")
             return self._shutdown()
         finally:
             self._checkpoints.shutdown(wait=True)  # a checkpoint in flight ends first
@@ -403,12 +442,12 @@ class Worker:
         log.warning("consume: %s", err.str())
 
     def _dead_letter(self, msgs: list[Message], rejects: Sequence[Any]) -> None:
-        dlq, topic = self.s.topic_dlq, self.topic
+        dlq, topic, limit = self.s.topic_dlq, self.topic, self.dlq_limit
         by_reason: dict[str, int] = {}
         for index, reason, detail in rejects:
             m = msgs[index]
             headers = dead_letter_headers(reason, detail, topic, m.partition(), m.offset())
-            self._produce(dlq, m.key(), m.value(), headers)
+            self._produce(dlq, *fit_dead_letter(m.key(), m.value(), headers, limit))
             by_reason[reason] = by_reason.get(reason, 0) + 1
         for reason, count in by_reason.items():
             metrics.INVALID_MESSAGES.labels(reason).inc(count)
@@ -432,13 +471,73 @@ class Worker:
             metrics.LAG_SECONDS.labels(str(p)).set(max(0.0, (now_ms - ts) / 1000))
 
     def _produce(self, topic: str, key: bytes | None, value: bytes | None,
-                 headers: Any) -> None:
+                 headers: list[tuple[str, bytes]]) -> None:
+        report = None
+        if topic not in self._closed_topics:  # a delivery report carries no headers
+
+            def report(err: KafkaError | None, msg: Message) -> None:
+                if err is not None:
+                    self._refuse(topic, key, value, headers, err.str())
+
         while True:
             try:
-                self.producer.produce(topic, value, key, headers=headers)
+                self.producer.produce(topic, value, key, headers=headers,  # type: ignore[arg-type]
+                                      on_delivery=report)
                 return
             except BufferError:  # queue full: serve it, never drop
                 self.producer.poll(0.05)
+            except KafkaException as exc:  # refused at once (e.g. MSG_SIZE_TOO_LARGE)
+                self._refuse(topic, key, value, headers, exc.args[0].str())
+                return
+
+    def _deliver_refused(self) -> str | None:
+        """Produce again what Kafka refused, dead letters cut to the topic's current limit
+        (the operator may have changed it); why not all arrived, or None."""
+        with self._refused_lock:
+            taken, self._refused = self._refused, []
+        if taken:
+            log.warning("Kafka refused %d messages for %s (%s); producing them again",
+                        len(taken), ", ".join(sorted({r.topic for r in taken})),
+                        taken[0].reason)
+            if any(r.topic == self.s.topic_dlq for r in taken):
+                self.dlq_limit = min(self._topic_limit(self.s.topic_dlq, self.dlq_limit),
+                                     self.producer_max_bytes)
+            for r in taken:
+                fit = r.topic == self.s.topic_dlq
+                self._produce(r.topic, *(fit_dead_letter(r.key, r.value, r.headers,
+                                                         self.dlq_limit)
+                                         if fit else (r.key, r.value, r.headers)))
+            if self.producer.flush(10) > 0:
+                return self._stuck()
+        with self._refused_lock:
+            left = list(self._refused)
+        metrics.UNDELIVERED.set(len(left))
+        if not left:
+            return None
+        topics = sorted({r.topic for r in left})
+        return (f"Kafka refused {len(left)} messages for {', '.join(topics)} "
+                f"({left[0].reason}); their positions are not stored until they are "
+                "delivered: check that the topic exists and its max.message.bytes")
+
+    def _stuck(self) -> str:
+        """Why the producer could not deliver in time, as far as metadata tells: a missing
+        output topic (librdkafka waits for a deleted topic to come back), or Kafka away."""
+        why = "Kafka producer could not deliver within 10 s"
+        try:
+            present = self.producer.list_topics(timeout=5).topics
+        except KafkaException as exc:
+            return f"{why} ({exc.args[0].str()})"
+        missing = [t for t in output_topics(self.s).values() if t not in present]
+        if missing:
+            return f"{why}: topic {', '.join(missing)} does not exist; create it"
+        return why
+
+    def _topic_limit(self, topic: str, fallback: int) -> int:
+        try:
+            return record_limit(self.admin, topic)
+        except SegsError as exc:
+            log.warning("%s; assuming %d bytes", exc, fallback)
+            return fallback
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -489,9 +588,13 @@ class Worker:
         shutdown, on the loop): it uses only ``cut``, the producer and the sink, which are
         thread-safe, and leaves all bookkeeping to :meth:`_book` on the loop."""
         out = _Written(cut)
-        # 0. every alert and dead letter of the covered messages is delivered first
+        # 0. every alert and dead letter of the covered messages is delivered first,
+        #    including any Kafka refused before (produced again)
         if self.producer.flush(10) > 0:
-            out.failure = "Kafka producer could not deliver within 10 s"
+            out.failure = self._stuck()
+            return out
+        out.failure = self._deliver_refused()
+        if out.failure:
             return out
         # 1. the database transactions
         if cut.payloads:
@@ -515,7 +618,7 @@ class Worker:
         cut = out.cut
         if out.failure:
             self.unwritten = cut
-            self._fail(out.failure)
+            self._fail(out.failure, database=False)
             return False
         if cut.payloads:
             metrics.DB_WRITE_LATENCY_MS.observe(out.db_seconds * 1000)
@@ -594,10 +697,14 @@ class Worker:
 
     def _deliver_closed(self, size_s: int, rows: list[ClosedRow]) -> None:
         topic = self.s.topic_agg_1m if size_s == 60 else self.s.topic_agg_15m
+        refused = self.refused_closed
         for key, value, headers in encode_aggregates(size_s, rows):
             self._produce(topic, key, value, headers)
         if self.producer.flush(10) > 0:
-            raise SegsError("Kafka producer could not deliver closed windows within 10 s")
+            raise SegsError(f"closed windows: {self._stuck()}")
+        if self.refused_closed != refused:
+            raise SegsError(f"Kafka refused closed windows for {topic}: check that the "
+                            "topic exists")
 
     def _commit_kafka_offsets(self) -> None:
         tps = [TopicPartition(self.topic, p, off) for p, off in self.stored.items()
@@ -619,12 +726,18 @@ class Worker:
             if high >= 0:
                 metrics.CONSUMER_OFFSET_LAG.labels(str(p)).set(max(0, high - nxt))
 
-    def _fail(self, why: str) -> None:
-        """Pause intake and schedule a retry with jittered exponential back-off."""
+    def _fail(self, why: str, *, database: bool = True) -> None:
+        """Pause intake and schedule a retry with jittered exponential back-off; say why
+        when it starts and once a minute while it lasts."""
+        now = time.monotonic()
+        if not self.paused or now - self._said_at >= _SAY_EVERY_S:
+            log.warning("%s; %s", why, "intake stays paused, retrying" if self.paused
+                        else "pausing intake, retrying")
+            self._said_at = now
         if not self.paused:
-            log.warning("%s; pausing intake, retrying", why)
             self.report(DEGRADED)
-            metrics.TIMESCALEDB_CONNECTED.set(0)
+            if database:
+                metrics.TIMESCALEDB_CONNECTED.set(0)
             self.consumer.pause(self._tps(self.assigned))
             self.paused = True
         self.retry_at = time.monotonic() + self.backoff_s * random.uniform(0.5, 1.5)
