@@ -23,7 +23,7 @@ from segs.errors import InfraError
 from segs.local_servers import LocalPostgres, timescaledb_installed
 from segs.migrate import migration_files, storage_mode
 from segs.sink import Sink
-from tests.conftest import KafkaServer, Topics
+from tests.conftest import KafkaServer, PostgresServer, Topics
 from tests.pipeline import (
     SEGS,
     Service,
@@ -43,11 +43,9 @@ def _installed() -> bool:
         return False
 
 
-pytestmark = [
-    pytest.mark.fault,
-    pytest.mark.skipif(not _installed(),
-                       reason="timescaledb is not installed for the local PostgreSQL"),
-]
+pytestmark = pytest.mark.fault
+needs_timescaledb = pytest.mark.skipif(
+    not _installed(), reason="timescaledb is not installed for the local PostgreSQL")
 
 PRELOAD = "shared_preload_libraries"
 MINUTE_MS = 60_000
@@ -103,6 +101,7 @@ def _partials(meters: int, windows: int, size_s: int) -> list[tuple[object, ...]
             for m in range(meters) for w in range(windows)]
 
 
+@needs_timescaledb
 def test_installed_but_not_preloaded_keeps_plain_tables_and_warns_once(
         cluster: LocalPostgres, kafka_server: KafkaServer, topics: Topics,
         tmp_path: Path) -> None:
@@ -152,6 +151,7 @@ def _migrated_before_timescaledb_was_installed(url: str) -> None:
                 conn.execute("INSERT INTO schema_migrations (version) VALUES (%s)", (version,))
 
 
+@needs_timescaledb
 @pytest.mark.parametrize("history", ["migrated without preload", "migrated before install"])
 def test_plain_tables_become_hypertables_once_timescaledb_is_preloaded(
         cluster: LocalPostgres, history: str) -> None:
@@ -224,3 +224,30 @@ def test_plain_tables_become_hypertables_once_timescaledb_is_preloaded(
     assert len(after["aggregates_1m"]) == 18
     assert {r[3] for r in after["aggregates_1m"][:5]} == {4}  # merged: 2 + 2 readings
     assert {r[3] for r in after["aggregates_15m"]} == {4}
+
+
+def test_run_does_not_retry_a_migration_the_server_refused(
+        postgres_server: PostgresServer, db_url: str, tmp_path: Path) -> None:
+    """Retrying helps while the database is away, not when it answered no: a role that
+    may not create tables gets one error line and exit 1 at once."""
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        try:
+            conn.execute("DROP ROLE IF EXISTS segs_no_create")
+            conn.execute("CREATE ROLE segs_no_create LOGIN")
+            conn.execute("REVOKE CREATE ON SCHEMA public FROM PUBLIC")
+        except psycopg.errors.InsufficientPrivilege:
+            pytest.skip("the test server's user may not create roles")
+    scheme, _, rest = db_url.partition("://")
+    url = f"{scheme}://segs_no_create@{rest.partition('@')[2]}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("KAFKA_", "POSTGRES_"))}
+    env.update(POSTGRES_URL=url, LOG_FORMAT="text", PORT="0")
+    t0 = time.monotonic()
+    res = subprocess.run([SEGS, "--env-file", "/dev/null", "run", "--workers", "1"], env=env,
+                         capture_output=True, text=True, timeout=30, check=False)
+    took = time.monotonic() - t0
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "permission denied" in res.stderr and "database not ready" not in res.stderr
+    assert took < 15, f"run took {took:.0f} s to give up"
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("DROP OWNED BY segs_no_create")
+        conn.execute("DROP ROLE segs_no_create")
