@@ -104,10 +104,16 @@ def run(ctx: click.Context, workers: int | None, brokers: str | None, group_id: 
 @click.pass_context
 @handle_errors
 def migrate(ctx: click.Context, postgres_url: str | None) -> None:
-    """Create or upgrade the schema (idempotent) and say which storage mode is in use."""
+    """Create or upgrade the schema (idempotent) and say which storage mode is in use.
+
+    With TimescaleDB installed and preloaded, aggregate tables that are not hypertables yet
+    are converted (each is locked while its rows move into chunks)."""
+    from segs.logs import setup_logging
     from segs.migrate import migrate as apply
 
     settings = settings_from(ctx, {"POSTGRES_URL": postgres_url})
+    setup_logging(settings.log_level,
+                  json_lines={"json": True, "text": False}.get(settings.log_format))
     result = apply(settings.postgres_url.get())
     applied = ", ".join(result.applied) or "none (already up to date)"
     click.echo(f"schema versions applied: {applied}")

@@ -25,6 +25,10 @@ class DatabaseError(SegsError):
     """PostgreSQL is unreachable or refused an operation."""
 
 
+class SchemaError(DatabaseError):
+    """PostgreSQL answered and refused a migration: trying again gives the same answer."""
+
+
 class KafkaError(SegsError):
     """The Kafka cluster is unreachable or refused an operation."""
 

@@ -298,11 +298,26 @@ def postgres_bindir(install: bool = True) -> Path:
     )
 
 
+def timescaledb_installed(bindir: Path | None = None) -> bool:
+    """Whether the timescaledb library is installed for the server of ``bindir``."""
+    bindir = bindir or postgres_bindir(install=False)
+    pkglib = subprocess.run([str(bindir / "pg_config"), "--pkglibdir"],
+                            capture_output=True, text=True, check=False).stdout.strip()
+    if not pkglib:
+        pkglib = f"/usr/lib/postgresql/{bindir.parent.name}/lib"
+    return bool(glob.glob(f"{pkglib}/timescaledb*.so"))
+
+
 class LocalPostgres:
     """A throwaway PostgreSQL cluster on a free loopback port."""
 
-    def __init__(self, workdir: Path | None = None, *, database: str = "segs") -> None:
+    def __init__(self, workdir: Path | None = None, *, database: str = "segs",
+                 preload: bool | None = None) -> None:
+        """``preload``: timescaledb in ``shared_preload_libraries`` when it is installed
+        (None), always (True: an error when it is not installed), never (False). It is read
+        by each :meth:`start`, so a test can restart the same cluster the other way."""
         self.bindir = postgres_bindir()
+        self.preload = preload
         self._own_dir = workdir is None
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="segs-pg-"))
         self.data = self.workdir / "data"
@@ -336,12 +351,14 @@ class LocalPostgres:
         return res
 
     def _preload(self) -> str:
-        pkglib = subprocess.run([str(self.bindir / "pg_config"), "--pkglibdir"],
-                                capture_output=True, text=True, check=False).stdout.strip()
-        if not pkglib:
-            version = self.bindir.parent.name
-            pkglib = f"/usr/lib/postgresql/{version}/lib"
-        return "timescaledb" if glob.glob(f"{pkglib}/timescaledb*.so") else ""
+        if self.preload is False:
+            return ""
+        if timescaledb_installed(self.bindir):
+            return "timescaledb"
+        if self.preload:
+            raise InfraError("timescaledb is not installed for this PostgreSQL: cannot "
+                             "preload it")
+        return ""
 
     def start(self) -> Self:
         self.workdir.mkdir(parents=True, exist_ok=True)

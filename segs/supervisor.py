@@ -28,7 +28,7 @@ from typing import Any
 from segs import metrics, systemd
 from segs.config import Settings
 from segs.decode import NATIVE
-from segs.errors import DatabaseError
+from segs.errors import DatabaseError, SchemaError
 from segs.http import HttpServer
 from segs.migrate import migrate
 from segs.topics import ensure_topics
@@ -96,6 +96,8 @@ class Supervisor:
         signal.signal(signal.SIGINT, on_signal)
 
     def _migrate_with_retry(self, budget_s: float = 60.0) -> None:
+        """Migrate, retrying only while the database cannot be reached: a migration the
+        server refused (:class:`SchemaError`) ends the start at once with its line."""
         deadline = time.monotonic() + budget_s
         delay = 0.5
         while True:
@@ -105,7 +107,8 @@ class Supervisor:
                          ", ".join(result.applied) or "nothing new")
                 return
             except DatabaseError as exc:
-                if time.monotonic() + delay > deadline or self.stop_requested:
+                if (isinstance(exc, SchemaError) or time.monotonic() + delay > deadline
+                        or self.stop_requested):
                     raise
                 log.warning("database not ready (%s); retrying in %.1f s", exc, delay)
                 time.sleep(delay)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import psycopg
 import pytest
 
-from segs.migrate import migrate, migration_files
+from segs.migrate import migrate, migration_files, timescale
 
 pytestmark = pytest.mark.integration
 
@@ -40,3 +40,20 @@ def test_migrate_concurrently_applies_each_version_once(db_url: str) -> None:
         results = list(pool.map(lambda _: migrate(db_url), range(4)))
     applied = [v for r in results for v in r.applied]
     assert sorted(applied) == [v for v, _ in migration_files()]
+    converted = sorted(t for r in results for t in r.converted)  # each table once, if at all
+    assert converted in ([], ["aggregates_15m", "aggregates_1m"])
+
+
+def test_migrate_makes_hypertables_where_timescaledb_is_preloaded(db_url: str) -> None:
+    first = migrate(db_url)
+    with psycopg.connect(db_url) as conn:
+        ts = timescale(conn)
+    if ts.available is None or not ts.preloaded:
+        assert first.hypertables == [] and first.converted == []
+        pytest.skip("the test server does not preload timescaledb")
+    tables = ["aggregates_1m", "aggregates_15m"]
+    assert first.converted == tables and first.hypertables == tables
+    assert first.mode.startswith(f"timescaledb {ts.created} on PostgreSQL ")
+    assert first.mode.endswith(": hypertables aggregates_1m, aggregates_15m")
+    again = migrate(db_url)
+    assert again.converted == [] and again.hypertables == tables and again.mode == first.mode
