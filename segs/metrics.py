@@ -41,6 +41,12 @@ from prometheus_client import (
 
 ENV_MULTIPROC_DIR: Final = "PROMETHEUS_MULTIPROC_DIR"
 
+# An empty PROMETHEUS_MULTIPROC_DIR means unset: prometheus_client would take it for
+# multiprocess mode in the working directory and leave its files there.
+if os.environ.get(ENV_MULTIPROC_DIR) == "":
+    del os.environ[ENV_MULTIPROC_DIR]
+    values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
+
 # In multiprocess mode the metrics below open their files as soon as they are defined: make
 # sure a folder named by the environment (e.g. a systemd unit's) exists rather than crash.
 if os.environ.get(ENV_MULTIPROC_DIR):
