@@ -16,6 +16,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from pathlib import Path
 
 import pytest
 from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry
@@ -197,10 +198,11 @@ def _reading(meter: str, i: int) -> bytes:
 # --------------------------------------------------------------------------- start-up
 
 
-def _run_until_exit(env: dict[str, str], timeout_s: float = 90) -> subprocess.CompletedProcess[str]:
+def _run_until_exit(env: dict[str, str], cwd: Path,
+                    timeout_s: float = 90) -> subprocess.CompletedProcess[str]:
     return subprocess.run([SEGS, "--env-file", "/dev/null", "run", "--workers", "1"],
                           env=env, capture_output=True, text=True, timeout=timeout_s,
-                          check=False)
+                          check=False, cwd=cwd)
 
 
 def _bare_topics(bootstrap: str) -> Topics:
@@ -243,7 +245,7 @@ def test_a_missing_topic_that_may_not_be_created_ends_the_start(fault: Fault) ->
     for name in (t.agg_1m, t.agg_15m, t.alerts):
         create_topics(fault.kafka.bootstrap, {name: 3})
     env = service_env(fault.kafka.bootstrap, fault.db_url, t.env(), KAFKA_CREATE_TOPICS="off")
-    res = _run_until_exit(env)
+    res = _run_until_exit(env, fault.tmp)
     assert res.returncode == 2, res.stderr[-2000:]
     errors = [line for line in res.stderr.splitlines() if "KAFKA_TOPIC_DLQ" in line]
     assert len(errors) == 1 and t.dlq in errors[0] and "KAFKA_CREATE_TOPICS" in errors[0]
@@ -251,7 +253,7 @@ def test_a_missing_topic_that_may_not_be_created_ends_the_start(fault: Fault) ->
 
     env = service_env(fault.kafka.bootstrap, fault.db_url,
                       {**t.env(), "KAFKA_TOPIC_DLQ": "no such/topic"})
-    res = _run_until_exit(env)
+    res = _run_until_exit(env, fault.tmp)
     assert res.returncode == 2, res.stderr[-2000:]
     errors = [line for line in res.stderr.splitlines() if "KAFKA_TOPIC_DLQ" in line]
     assert len(errors) == 1 and "could not be created" in errors[0], res.stderr[-2000:]
