@@ -151,7 +151,7 @@ class Worker:
         self._refused_lock = threading.Lock()
         self.refused_closed = 0  # closed windows Kafka refused (their rows stay unpublished)
         self._closed_topics = {settings.topic_agg_1m, settings.topic_agg_15m}
-        self._said_at = -_SAY_EVERY_S
+        self._said_at = self._refusals_said_at = -_SAY_EVERY_S  # when said last (monotonic)
         common = settings.kafka_common()  # the user's settings override our tuning below
         self.admin = admin_client(settings)
         dlq_limit = self._topic_limit(settings.topic_dlq, DEFAULT_RECORD_LIMIT)
@@ -496,9 +496,11 @@ class Worker:
         with self._refused_lock:
             taken, self._refused = self._refused, []
         if taken:
-            log.warning("Kafka refused %d messages for %s (%s); producing them again",
-                        len(taken), ", ".join(sorted({r.topic for r in taken})),
-                        taken[0].reason)
+            if time.monotonic() - self._refusals_said_at >= _SAY_EVERY_S:
+                log.warning("Kafka refused %d messages for %s (%s); producing them again",
+                            len(taken), ", ".join(sorted({r.topic for r in taken})),
+                            taken[0].reason)
+                self._refusals_said_at = time.monotonic()
             if any(r.topic == self.s.topic_dlq for r in taken):
                 self.dlq_limit = min(self._topic_limit(self.s.topic_dlq, self.dlq_limit),
                                      self.producer_max_bytes)
