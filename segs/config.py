@@ -261,7 +261,8 @@ SPECS: tuple[Spec, ...] = (
     Spec("IDLE_ADVANCE", "idle_advance_ms", "10", _duration_ms("s"),
          "a partition silent this long has its watermark moved by wall clock"),
     Spec("MAX_FUTURE_SKEW", "max_future_skew_ms", "300", _duration_ms("s"),
-         "readings further ahead of wall clock than this are dead-lettered"),
+         "readings further ahead of their message's Kafka timestamp (CreateTime or "
+         "LogAppendTime) than this are dead-lettered; never compared with the wall clock"),
     Spec("MAX_MESSAGE_BYTES", "max_message_bytes", "65536", _int(64),
          "larger messages are dead-lettered"),
     Spec("SPIKE_THRESHOLD", "spike_threshold", "1.0", _float(0.0),
