@@ -19,9 +19,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+
+from psycopg import ProgrammingError
+from psycopg.conninfo import conninfo_to_dict
 
 from segs.errors import ConfigError
+from segs.secrets import MASK, is_secret_key, mask_pairs, mask_secrets, mask_url
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 LOG_FORMATS = ("auto", "json", "text")
@@ -53,11 +56,6 @@ class Secret:
         return "Secret('***')" if self._value else "Secret('')"
 
     __str__ = __repr__
-
-
-def mask_url(url: str) -> str:
-    """The URL with any password replaced by ``***``."""
-    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
 
 
 def _duration_ms(bare_unit: str) -> Callable[[str, str], int]:
@@ -146,25 +144,64 @@ def _brokers(name: str, raw: str) -> str:
     return value
 
 
+def mask_dsn(dsn: str) -> str:
+    """A PostgreSQL URL or libpq ``key=value`` string with its secrets masked."""
+    return mask_url(dsn) if "://" in dsn else mask_pairs(dsn)
+
+
 def _postgres_url(name: str, raw: str) -> Secret:
+    """A libpq connection string: a URL (one host or several: ``h1:5432,h2:5432``, or
+    ``?host=…``) or ``key=value`` pairs, parsed by libpq itself. No error line echoes a
+    secret: libpq's own message is given without its quoted parts (they may hold the
+    password) and the value only masked."""
     value = raw.strip()
+    shown = mask_dsn(value)
+    is_url = "://" in value
+    scheme, _, rest = value.partition("://")
+    if is_url and (scheme not in ("postgres", "postgresql") or not rest):
+        raise ConfigError(name, f"expected postgresql://user:password@host:port/db, got {shown!r}")
     try:
-        parts = urlsplit(value)
-        parts.port  # noqa: B018 - raises ValueError on a bad port
-    except ValueError as exc:
-        raise ConfigError(name, f"unparseable URL {mask_url(value)!r}: {exc}") from None
-    if parts.scheme not in ("postgres", "postgresql") or not (parts.hostname or parts.path):
-        raise ConfigError(
-            name, f"expected postgresql://user:password@host:port/db, got {mask_url(value)!r}"
-        )
+        params = conninfo_to_dict(value)
+    except ProgrammingError as exc:
+        first = (str(exc).strip().splitlines() or ["invalid"])[0]
+        problem = re.sub(r'"([^"]*)"', lambda m: m[0] if m[1] == "=" else '"…"', first)
+        raise ConfigError(name, f"libpq cannot parse {shown!r}: {problem}") from None
+    if is_url and "user" not in params and "password" not in params \
+            and "@" in value.split("?", 1)[0]:
+        raise ConfigError(name, f"'/' or '@' in the user name or password must be written "
+                                f"as %2F or %40 ({shown!r})")
+    hosts = str(params.get("host", "")).split(",")
+    ports = str(params.get("port", "")).split(",")
+    for i, host in enumerate(hosts, 1):
+        if "@" in host and not host.startswith("/"):
+            raise ConfigError(name, f"host {i} contains '@': write '@' in the user name or "
+                                    f"password as %40 ({shown!r})")
+    for i, port in enumerate(ports, 1):  # libpq checks ports only when connecting
+        if port and not (port.isdigit() and 0 < int(port) < 65536):
+            raise ConfigError(name, f"port {i} is not a number 1-65535 ({shown!r})")
+    if len(ports) not in (1, len(hosts)):
+        raise ConfigError(name, f"{len(ports)} ports for {len(hosts)} hosts ({shown!r})")
     return Secret(value)
 
 
+_KAFKA_KEY = re.compile(r"[a-z][a-z0-9._-]*")  # how librdkafka names its properties
+
+
+def _kafka_pairs(raw: str, name: str = "KAFKA_EXTRA_CONFIG") -> list[tuple[str, str]]:
+    """``key=value[,key=value…]`` as pairs; no error echoes an item (it may be a secret)."""
+    items = [p.strip() for p in raw.split(",")]
+    pairs = []
+    for i, item in enumerate(filter(None, items), 1):
+        key, sep, value = (x.strip() for x in item.partition("="))
+        if not sep or not _KAFKA_KEY.fullmatch(key):  # a piece of a value split at a comma
+            raise ConfigError(name, f"item {i} is not key=value with a librdkafka property "
+                                    "name (a value cannot hold a comma)")
+        pairs.append((key, value))
+    return pairs
+
+
 def _kafka_extra(name: str, raw: str) -> str:
-    for item in filter(None, (p.strip() for p in raw.split(","))):
-        key, sep, _ = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(name, f"expected key=value[,key=value…], got {item!r}")
+    _kafka_pairs(raw, name)
     return raw.strip()
 
 
@@ -227,7 +264,8 @@ SPECS: tuple[Spec, ...] = (
     Spec("IDLE_ADVANCE", "idle_advance_ms", "10", _duration_ms("s"),
          "a partition silent this long has its watermark moved by wall clock"),
     Spec("MAX_FUTURE_SKEW", "max_future_skew_ms", "300", _duration_ms("s"),
-         "readings further ahead of wall clock than this are dead-lettered"),
+         "readings further ahead of their message's Kafka timestamp (CreateTime or "
+         "LogAppendTime) than this are dead-lettered; never compared with the wall clock"),
     Spec("MAX_MESSAGE_BYTES", "max_message_bytes", "65536", _int(64),
          "larger messages are dead-lettered"),
     Spec("SPIKE_THRESHOLD", "spike_threshold", "1.0", _float(0.0),
@@ -319,22 +357,25 @@ class Settings:
             conf["sasl.password"] = self.kafka_sasl_password.get()
         if self.kafka_ssl_ca_location:
             conf["ssl.ca.location"] = self.kafka_ssl_ca_location
-        for item in filter(None, (p.strip() for p in self.kafka_extra_config.split(","))):
-            key, _, value = item.partition("=")
-            conf[key.strip()] = value.strip()
+        conf.update(_kafka_pairs(self.kafka_extra_config))
         return conf
 
     def describe(self) -> list[tuple[str, str]]:
-        """(environment name, shown value) pairs with secrets masked."""
+        """(environment name, shown value) pairs with secrets masked (:mod:`segs.secrets`):
+        the database URL's password and secret parameters, the value of every secret
+        librdkafka key in ``KAFKA_EXTRA_CONFIG``, and whatever looks like one elsewhere."""
         out = []
         for f in fields(self):
             value = getattr(self, f.name)
             if f.name == "postgres_url":
-                shown = mask_url(value.get())
+                shown = mask_dsn(value.get())
+            elif f.name == "kafka_extra_config":
+                shown = ",".join(f"{k}={MASK if is_secret_key(k) else mask_secrets(v)}"
+                                 for k, v in _kafka_pairs(value))
             elif isinstance(value, Secret):
-                shown = "***" if value else ""
+                shown = MASK if value else ""
             else:
-                shown = str(value)
+                shown = mask_secrets(str(value))
             out.append((_BY_FIELD[f.name].env, shown))
         return out
 
@@ -356,7 +397,8 @@ def read_env_file(path: Path) -> dict[str, str]:
             line = line[len("export "):]
         key, sep, value = line.partition("=")
         if not sep:
-            raise ConfigError(f"{path}:{lineno}", f"expected KEY=VALUE, got {line!r}")
+            # not echoed: a line without "=" may be part of a secret
+            raise ConfigError(f"{path}:{lineno}", "expected KEY=VALUE")
         value = value.strip()
         if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
             value = value[1:-1]

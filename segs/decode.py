@@ -26,7 +26,13 @@ Timestamp rules: ``YYYY-MM-DDTHH:MM:SS[.f+](Z|±HH:MM)`` (ASCII digits, upper-ca
 and ``Z``, seconds required, no leap second, any number of fraction digits). Fractions
 are *truncated* to milliseconds, which is the floor of the instant because zone offsets
 are whole minutes. Instants before 2000-01-01T00:00:00Z are ``bad_timestamp``; instants
-more than ``max_future_skew_ms`` after ``now_ms`` are ``future_timestamp``.
+more than ``max_future_skew_ms`` after the message's own Kafka timestamp (CreateTime or
+LogAppendTime) are ``future_timestamp``.
+
+Every rule is a function of the message alone, never of the worker's clock, so a message
+read again after a crash or rebalance is decided the same way. A message without a Kafka
+timestamp (:data:`NO_TIMESTAMP`: only the pre-0.10 message format has none) has nothing to
+be ahead of: the future rule does not apply to it, the others do.
 """
 
 from __future__ import annotations
@@ -80,6 +86,8 @@ REASONS: tuple[str, ...] = (
 )
 
 MIN_TS_MS = 946_684_800_000  # 2000-01-01T00:00:00Z
+NO_TIMESTAMP = -1  # what confluent-kafka's Message.timestamp() gives for "not available"
+_NO_LIMIT = np.iinfo(np.int64).max
 # Readings are 0 or within [VALUE_MIN, VALUE_MAX] (1 nW … 1 PW): beyond them no meter
 # reports, and sums or averages of such values overflow or underflow PostgreSQL's float8
 # arithmetic, which raises instead of giving inf or 0. Outside: bad_value.
@@ -277,8 +285,18 @@ def _in_range(a: NDArray[np.float64]) -> NDArray[np.bool_]:
     return inside
 
 
-def _exact(value: bytes, now_ms: int, max_future_skew_ms: int) -> tuple[str, str] | _Parsed:
-    """Validate one message the slow, plain way: the parsed fields or (reason, detail)."""
+def future_limits(kafka_ts_ms: NDArray[np.int64], max_future_skew_ms: int) -> NDArray[np.int64]:
+    """The newest event time each message may carry: its Kafka timestamp + the skew, or no
+    limit for a message without a timestamp (negative)."""
+    kts = np.asarray(kafka_ts_ms, np.int64)
+    ahead = np.minimum(kts, _NO_LIMIT - max_future_skew_ms) + max_future_skew_ms
+    limits: NDArray[np.int64] = np.where(kts < 0, _NO_LIMIT, ahead)
+    return limits
+
+
+def _exact(value: bytes, max_ts_ms: int, max_future_skew_ms: int) -> tuple[str, str] | _Parsed:
+    """Validate one message the slow, plain way: the parsed fields or (reason, detail).
+    ``max_ts_ms`` is the message's :func:`future_limits` entry."""
     try:
         text = value.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -305,8 +323,10 @@ def _exact(value: bytes, now_ms: int, max_future_skew_ms: int) -> tuple[str, str
         return BAD_TIMESTAMP, f"timestamp {ts[:40]!r} is not ISO-8601 with zone"
     if ts_ms < MIN_TS_MS:
         return BAD_TIMESTAMP, f"timestamp {ts[:40]!r} is before 2000-01-01"
-    if ts_ms > now_ms + max_future_skew_ms:
-        return FUTURE_TIMESTAMP, f"timestamp {ts[:40]!r} is {ts_ms - now_ms} ms ahead"
+    if ts_ms > max_ts_ms:
+        ahead = ts_ms - (max_ts_ms - max_future_skew_ms)
+        return FUTURE_TIMESTAMP, (f"timestamp {ts[:40]!r} is {ahead} ms ahead of the "
+                                  "message's Kafka timestamp")
     power = _number_field(obj, "powerKw", None)
     if isinstance(power, tuple):
         return power
@@ -386,13 +406,18 @@ class Decoder:
         values: Sequence[bytes | None],
         partitions: NDArray[np.int32],
         offsets: NDArray[np.int64],
-        now_ms: int,
+        kafka_ts_ms: NDArray[np.int64] | int,
     ) -> tuple[Readings, list[Reject]]:
-        """Valid readings in input order, and one :class:`Reject` per invalid value."""
+        """Valid readings in input order, and one :class:`Reject` per invalid value.
+
+        ``kafka_ts_ms``: each message's Kafka timestamp (:data:`NO_TIMESTAMP` for none), or
+        one for the whole batch."""
+        kts = np.broadcast_to(np.asarray(kafka_ts_ms, np.int64), (len(values),))
+        limits = future_limits(kts, self.max_future_skew_ms)
         if self._native:
-            index, cols, rejects = self._decode_native(values, now_ms)
+            index, cols, rejects = self._decode_native(values, limits)
         else:
-            index, cols, rejects = self._decode_python(values, now_ms)
+            index, cols, rejects = self._decode_python(values, limits)
         meter, region, ts, power, energy, voltage = cols
         readings = Readings(
             meter=meter,
@@ -407,17 +432,19 @@ class Decoder:
         return readings, rejects
 
     def _decode_native(
-        self, values: Sequence[bytes | None], now_ms: int
+        self, values: Sequence[bytes | None], limits: NDArray[np.int64]
     ) -> tuple[NDArray[np.intp] | None, _Columns, list[Reject]]:
-        """The C pass, then the Python paths for the values it declined."""
+        """The C pass, then the Python paths for the values it declined. The C pass takes
+        one bound for the batch (the loosest); each message's own is applied after it."""
         accepted, cols = native_scan(values, self.max_message_bytes, MIN_TS_MS,
-                                     now_ms + self.max_future_skew_ms, self.meters,
+                                     int(limits.max(initial=MIN_TS_MS)), self.meters,
                                      self.regions)
+        accepted &= cols[2] <= limits
         if accepted.all():
             return None, cols, []
         rest = np.flatnonzero(~accepted)
         sub_index, sub_cols, sub_rejects = self._decode_python(
-            [values[i] for i in rest.tolist()], now_ms)
+            [values[i] for i in rest.tolist()], limits[rest])
         rejects = [Reject(int(rest[r.index]), r.reason, r.detail) for r in sub_rejects]
         keep = np.flatnonzero(accepted)
         kept = cast(_Columns, tuple(c[keep] for c in cols))
@@ -426,7 +453,7 @@ class Decoder:
         return index, merged, rejects
 
     def _decode_python(
-        self, values: Sequence[bytes | None], now_ms: int
+        self, values: Sequence[bytes | None], limits: NDArray[np.int64]
     ) -> tuple[NDArray[np.intp] | None, _Columns, list[Reject]]:
         """msgspec per value, then the exact path: (indices of the valid values or None for
         all, their columns, rejects in input order)."""
@@ -439,7 +466,7 @@ class Decoder:
             idx, msgs = self._decode_each(values, rejects, slow)
             index = np.array(idx, np.intp)
 
-        ok, meter, region, ts = self._columns(msgs, now_ms)
+        ok, meter, region, ts = self._columns(msgs, _pick(limits, index))
         power = np.fromiter(map(_POWER, msgs), np.float64, len(msgs))
         energy = np.array(list(map(_ENERGY, msgs)), np.float64)  # None → NaN
         voltage = np.array(list(map(_VOLTAGE, msgs)), np.float64)
@@ -455,7 +482,7 @@ class Decoder:
         energy[np.isnan(energy)] = 0.0
 
         if slow:
-            extra = self._exact_batch(values, sorted(slow), now_ms, rejects)
+            extra = self._exact_batch(values, sorted(slow), limits, rejects)
             if extra is not None:
                 assert index is not None  # set wherever `slow` was filled
                 index, (meter, region, ts, power, energy, voltage) = _interleave(
@@ -555,7 +582,7 @@ class Decoder:
         return slots, bad
 
     def _columns(
-        self, msgs: list[_Msg], now_ms: int
+        self, msgs: list[_Msg], limits: NDArray[np.int64]
     ) -> tuple[NDArray[np.bool_], NDArray[np.int32], NDArray[np.int32], NDArray[np.int64]]:
         """Intern ids and parse timestamps; ``ok`` is False where the exact path must judge."""
         n = len(msgs)
@@ -593,14 +620,14 @@ class Decoder:
                     ok[j] = False
                 else:
                     ts[j] = t
-        ok &= (ts >= MIN_TS_MS) & (ts <= now_ms + self.max_future_skew_ms)
+        ok &= (ts >= MIN_TS_MS) & (ts <= limits)
         return ok, meter, region, ts
 
     def _exact_batch(
         self,
         values: Sequence[bytes | None],
         slow: list[int],
-        now_ms: int,
+        limits: NDArray[np.int64],
         rejects: list[Reject],
     ) -> tuple[NDArray[Any], ...] | None:
         """Run the exact path on ``slow`` indices: append rejects, return valid columns."""
@@ -608,7 +635,7 @@ class Decoder:
         for i in slow:
             v = values[i]
             assert v is not None
-            r = _exact(v, now_ms, self.max_future_skew_ms)
+            r = _exact(v, int(limits[i]), self.max_future_skew_ms)
             if len(r) == 2:
                 rejects.append(Reject(i, r[0], r[1]))  # type: ignore[misc]
                 continue

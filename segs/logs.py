@@ -10,38 +10,20 @@ its own root logger). Output goes to stderr:
 Every handler installed here carries :class:`SecretFilter`: values of secret-looking keys
 (``password``, ``sasl.password``, ``ssl.key.password``, tokens …), in ``extra`` fields and in
 ``key=value`` text, and the password of ``user:pass@`` URLs are replaced by ``***`` before
-anything is formatted.
+anything is formatted, by the same rules as ``config show`` (:mod:`segs.secrets`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import re
 import sys
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Final, TextIO
 
 from segs.errors import ConfigError
-
-MASK: Final = "***"
-
-_SECRET_KEY: Final = re.compile(
-    r"pass(?:word|wd)|pwd|secret|token|api[_.-]?key|private[_.-]?key|credentials?",
-    re.IGNORECASE,
-)
-_URL_USERINFO: Final = re.compile(
-    r"(?P<head>\b[a-zA-Z][a-zA-Z0-9+.\-]*://[^:/@\s]*):(?P<pw>[^@/\s]*)@"
-)
-_KEY_VALUE: Final = re.compile(
-    r"(?P<key>[\w.\-]*(?:pass(?:word|wd)|pwd|secret|token|api[_.-]?key|private[_.-]?key"
-    r"|credentials?)[\w.\-]*)"
-    r"(?P<sep>[\"']?\s*[:=]\s*)"
-    r"(?!Secret\()"
-    r"(?:(?P<q>[\"'])(?P<qv>.*?)(?P=q)|(?P<val>[^\s,;&}\])\"']+))",
-    re.IGNORECASE,
-)
+from segs.secrets import MASK, is_secret_key, mask_secrets
 
 # Attributes every LogRecord has; anything else on a record came from ``extra=``.
 _RECORD_ATTRS: Final = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {
@@ -51,23 +33,6 @@ _RECORD_ATTRS: Final = frozenset(logging.LogRecord("", 0, "", 0, "", None, None)
 }
 
 _HANDLER_MARK: Final = "_segs_handler"
-
-
-def mask_secrets(text: str) -> str:
-    """``text`` with URL passwords and values of secret-looking ``key=value`` pairs masked."""
-    text = _URL_USERINFO.sub(lambda m: f"{m['head']}:{MASK}@", text)
-
-    def _kv(m: re.Match[str]) -> str:
-        if m["q"]:
-            return f"{m['key']}{m['sep']}{m['q']}{MASK}{m['q']}"
-        return f"{m['key']}{m['sep']}{MASK}"
-
-    return _KEY_VALUE.sub(_kv, text)
-
-
-def is_secret_key(key: str) -> bool:
-    """True for keys like ``password``, ``sasl.password``, ``ssl.key.password``, ``api_key``."""
-    return _SECRET_KEY.search(key) is not None
 
 
 def mask_value(key: str, value: object) -> object:

@@ -45,7 +45,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from itertools import repeat
-from operator import is_
+from operator import is_, itemgetter
 from typing import Any
 
 import numpy as np
@@ -96,6 +96,7 @@ PREFETCH: dict[str, int] = {
 }
 
 _NEVER = -(2**62)  # "no watermark yet"
+_MS = itemgetter(1)  # of Message.timestamp(): -1 when the message has none
 _PRODUCER_MAX_BYTES = 1_000_000  # librdkafka's default message.max.bytes
 _SAY_EVERY_S = 60.0  # a lasting failure is logged once a minute
 
@@ -386,8 +387,8 @@ class Worker:
         """Decode, validate, window and check one consumed batch.
 
         Per-message Python work is limited to reading each message's error, partition,
-        offset and value once (``map`` over the unbound methods, no per-message bytecode);
-        everything after that is per batch.
+        offset, value and Kafka timestamp once (``map`` over the unbound methods, no
+        per-message bytecode); everything after that is per batch.
         """
         t0 = time.perf_counter()
         # `is`, never `==`: KafkaError's == raises on None (list.count(None) killed a worker)
@@ -405,10 +406,12 @@ class Worker:
             return
         off_arr = np.fromiter(map(Message.offset, msgs), np.int64, len(msgs))
         values = list(map(Message.value, msgs))
+        # validity is judged against each message's own timestamp, never the wall clock
+        kafka_ts = np.fromiter(map(_MS, map(Message.timestamp, msgs)), np.int64, len(msgs))
         metrics.MESSAGES.inc(len(msgs))
         metrics.BATCH_SIZE.observe(len(msgs))
         now_ms = int(time.time() * 1000)
-        readings, rejects = self.decoder.decode(values, part_arr, off_arr, now_ms)
+        readings, rejects = self.decoder.decode(values, part_arr, off_arr, kafka_ts)
         if rejects:
             self._dead_letter(msgs, rejects)
         if len(readings):

@@ -90,11 +90,14 @@ def _number(obj: dict[str, Any], name: str, absent: float | None) -> float | tup
 
 def parse_reading(
     value: bytes | None,
-    now_ms: int,
+    kafka_ts_ms: int | None,
     max_future_skew_ms: int = 300_000,
     max_message_bytes: int = 65536,
 ) -> dict[str, Any] | str:
-    """A dict (meter_id, region, ts_ms, power, energy, voltage) or a reason code."""
+    """A dict (meter_id, region, ts_ms, power, energy, voltage) or a reason code.
+
+    ``kafka_ts_ms`` is the message's Kafka timestamp (None or negative: it has none, and
+    the future rule does not apply): a function of the message alone, like every rule."""
     if not value:
         return "empty"
     if len(value) > max_message_bytes:
@@ -118,7 +121,7 @@ def parse_reading(
     ts = timestamp_ms(obj["timestamp"])
     if ts is None or ts < MIN_TS_MS:
         return "bad_timestamp"
-    if ts > now_ms + max_future_skew_ms:
+    if kafka_ts_ms is not None and kafka_ts_ms >= 0 and ts > kafka_ts_ms + max_future_skew_ms:
         return "future_timestamp"
     fields: dict[str, Any] = {"meter_id": meter, "region": region, "ts_ms": ts}
     for key, name, absent in (

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from segs.config import SPECS, Secret, load_settings, mask_url
+from segs.config import SPECS, Secret, load_settings
 from segs.errors import ConfigError
+from segs.secrets import mask_url
 
 
 def test_defaults_are_the_original_services() -> None:

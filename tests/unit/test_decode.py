@@ -17,6 +17,7 @@ from segs.columns import Interner
 from segs.decode import (
     MIN_TS_MS,
     NATIVE,
+    NO_TIMESTAMP,
     REASONS,
     Decoder,
     _exact,
@@ -117,16 +118,18 @@ def valid_readings(draw: st.DrawFn) -> tuple[bytes, dict[str, Any]]:
     return text.encode("utf-8"), expected
 
 
-def decode(values: list[bytes | None]) -> tuple[Decoder, Any, Any]:
+def decode(values: list[bytes | None],
+           kafka_ts: list[int] | int = NOW) -> tuple[Decoder, Any, Any]:
     """Decode with the native path (when built) and with the Python paths alone; both must
     give the same readings and rejects. Returns the first."""
+    kts = np.array(kafka_ts, np.int64) if isinstance(kafka_ts, list) else kafka_ts
     results = []
     for native in (True, False):
         dec = Decoder(Interner(), Interner(), max_future_skew_ms=SKEW, native=native)
         n = len(values)
         parts = np.arange(n, dtype=np.int32) % 3
         offs = np.arange(n, dtype=np.int64) + 100
-        readings, rejects = dec.decode(values, parts, offs, NOW)
+        readings, rejects = dec.decode(values, parts, offs, kts)
         results.append((dec, readings, rejects))
     (d1, r1, j1), (d2, r2, j2) = results
     assert j1 == j2
@@ -159,11 +162,13 @@ def same(a: dict[str, Any], b: dict[str, Any]) -> bool:
     )
 
 
-def check_against_reference(values: list[bytes | None]) -> None:
+def check_against_reference(values: list[bytes | None],
+                            kafka_ts: list[int] | None = None) -> None:
     """Decoder output == reference, index by index; rejects sorted and reasons equal."""
-    dec, r, rejects = decode(values)
+    kts = [NOW] * len(values) if kafka_ts is None else kafka_ts
+    dec, r, rejects = decode(values, kts)
     assert [x.index for x in rejects] == sorted(x.index for x in rejects)
-    expected = [parse_reading(v, NOW, SKEW) for v in values]
+    expected = [parse_reading(v, t, SKEW) for v, t in zip(values, kts, strict=True)]
     want_rejects = [(i, e) for i, e in enumerate(expected) if isinstance(e, str)]
     assert [(x.index, x.reason) for x in rejects] == want_rejects
     assert all(x.reason in REASONS and len(x.detail) <= 200 for x in rejects)
@@ -186,6 +191,35 @@ def test_valid_readings_decode_like_reference(batch: list[tuple[bytes, dict[str,
     for g, (_, e) in zip(rows(dec, r), batch, strict=True):
         assert same(g, e), (g, e)
     check_against_reference(values)
+
+
+# Kafka timestamps around a reading's own time: behind, equal, ahead, none at all.
+kafka_stamps = st.one_of(st.sampled_from([NO_TIMESTAMP, NOW, NOW - 7_200_000, NOW + 7_200_000,
+                                          NOW - SKEW, NOW - SKEW - 1, 0]),
+                         st.integers(0, 2**63 - 1))
+
+
+@SETTINGS
+@given(st.lists(st.tuples(valid_readings(), kafka_stamps), min_size=1, max_size=30))
+def test_the_future_rule_is_a_function_of_the_message(
+        batch: list[tuple[tuple[bytes, dict[str, Any]], int]]) -> None:
+    """Each message is judged against its own Kafka timestamp (none: not judged), on both
+    paths, as the reference says; no wall clock is involved."""
+    values: list[bytes | None] = [v for (v, _), _ in batch]
+    check_against_reference(values, [t for _, t in batch])
+
+
+def test_a_reading_ahead_of_its_kafka_timestamp_is_rejected_whatever_the_clock() -> None:
+    text = mutate({"timestamp": "2026-11-27T08:00:17.123Z"})  # NOW + 2 h
+    values: list[bytes | None] = [text] * 5
+    kts = [NOW, NOW + 7_200_000 - SKEW - 1, NOW + 7_200_000 - SKEW, NO_TIMESTAMP, NOW + 9**15]
+    _, r, rejects = decode(values, kts)
+    assert [(x.index, x.reason) for x in rejects] == [(0, "future_timestamp"),
+                                                     (1, "future_timestamp")]
+    assert "ahead of the message's Kafka timestamp" in rejects[0].detail
+    assert "7200000 ms" in rejects[0].detail
+    assert r.offset.tolist() == [102, 103, 104]
+    check_against_reference(values, kts)
 
 
 BASE = {
@@ -411,7 +445,7 @@ def check_native_against_exact(values: list[bytes | None]) -> None:
     for i, (meter, region, ts, power, energy, voltage) in scan(values):
         v = values[i]
         assert v is not None
-        want = _exact(v, NOW, SKEW)
+        want = _exact(v, NOW + SKEW, SKEW)
         assert len(want) == 6, (v, want)
         assert (meter, region, ts) == want[:3], v
         assert [bits(power), bits(energy), bits(voltage)] == [bits(x) for x in want[3:]], v

@@ -11,7 +11,8 @@ from collections.abc import Iterator
 import pytest
 
 from segs.errors import ConfigError
-from segs.logs import mask_secrets, setup_logging
+from segs.logs import setup_logging
+from segs.secrets import mask_secrets
 
 
 class Tty(io.StringIO):
