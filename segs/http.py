@@ -144,6 +144,7 @@ class _Listener:
         self.readiness = readiness
         self.server_address = sock.getsockname()
         self._stop = threading.Event()
+        self._accept_warned = -60.0
         self._waiting: collections.OrderedDict[int, _Conn] = collections.OrderedDict()
         self._queue: queue.Queue[_Conn | None] = queue.Queue(MAX_QUEUED)
         self._sel = selectors.DefaultSelector()
@@ -175,12 +176,16 @@ class _Listener:
     def _accept_loop(self) -> None:
         try:
             while not self._stop.is_set():
-                for key, _ in self._sel.select(_POLL_S):
-                    if key.data is None:
-                        self._accept()
-                    else:
-                        self._read(key.data)
-                self._expire(time.monotonic())
+                try:
+                    for key, _ in self._sel.select(_POLL_S):
+                        if key.data is None:
+                            self._accept()
+                        else:
+                            self._read(key.data)
+                    self._expire(time.monotonic())
+                except Exception:  # a bug must not end the endpoint nor spin
+                    log.exception("http endpoint: unexpected error; serving on")
+                    time.sleep(_POLL_S)
         finally:
             for conn in list(self._waiting.values()):
                 self._drop(conn, "server stopping")
@@ -193,8 +198,13 @@ class _Listener:
                 sock, addr = self.sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as exc:  # e.g. out of file descriptors: retry on the next pass
-                log.warning("http endpoint cannot accept a connection: %s", exc)
+            except OSError as exc:  # e.g. out of file descriptors: retry after a pause
+                now = time.monotonic()
+                if now - self._accept_warned > 60:
+                    self._accept_warned = now
+                    log.warning("http endpoint cannot accept connections: %s",
+                                exc.strerror or exc)
+                time.sleep(_POLL_S)
                 return
             sock.setblocking(False)
             conn = _Conn(sock, addr, time.monotonic())
