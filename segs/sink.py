@@ -32,9 +32,10 @@ never zero times.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -55,12 +56,15 @@ _PARTIALS = {60: "segs_partials_1m", 900: "segs_partials_15m"}
 _FRESH = {60: "segs_fresh_1m", 900: "segs_fresh_15m"}
 
 # One partial aggregate row as Python values; window times as epoch milliseconds.
+# Python rows may stop before the voltage columns: then no reading had a voltage.
 PARTIAL_COLUMNS = (
     "meter_id", "region", "window_start_ms", "sample_count", "power_sum", "power_max",
-    "power_min", "energy_sum", "last_ts_ms", "source_partition",
+    "power_min", "energy_sum", "last_ts_ms", "source_partition", "voltage_sum",
+    "voltage_count",
 )
 _PARTIAL_TYPES = ("text", "text", "int8", "int8", "float8", "float8", "float8", "float8",
-                  "int8", "int4")
+                  "int8", "int4", "float8", "int8")
+_PARTIAL_DEFAULTS = {"voltage_sum": "0", "voltage_count": "0"}
 BASELINE_COLUMNS = ("meter_id", "source_partition", "baseline", "samples", "last_outage_ms",
                     "last_spike_ms", "last_drop_ms")
 _BASELINE_TYPES = ("text", "int4", "float8", "int8", "int8", "int8", "int8")
@@ -74,13 +78,27 @@ _TS = "('epoch'::timestamptz + {} * interval '1 millisecond')"
 _NEWER = ("ROW(EXCLUDED.last_reading_at, EXCLUDED.region COLLATE \"C\", "
           "EXCLUDED.source_partition) > ROW(a.last_reading_at, a.region COLLATE \"C\", "
           "a.source_partition)")
+# The original stack's names (schema/V006) are written in the same statement as the
+# contract's, from the same expressions.
+_AVG = "(a.power_sum + EXCLUDED.power_sum) / (a.sample_count + EXCLUDED.sample_count)"
+_COUNT = "a.sample_count + EXCLUDED.sample_count"
 MERGE_SET = f"""
-    sample_count = a.sample_count + EXCLUDED.sample_count,
+    sample_count = {_COUNT},
     power_sum = a.power_sum + EXCLUDED.power_sum,
-    avg_power = (a.power_sum + EXCLUDED.power_sum) / (a.sample_count + EXCLUDED.sample_count),
+    avg_power = {_AVG},
     max_power = GREATEST(a.max_power, EXCLUDED.max_power),
     min_power = LEAST(a.min_power, EXCLUDED.min_power),
     total_energy = a.total_energy + EXCLUDED.total_energy,
+    avg_power_kw = {_AVG},
+    max_power_kw = GREATEST(a.max_power, EXCLUDED.max_power),
+    min_power_kw = LEAST(a.min_power, EXCLUDED.min_power),
+    energy_kwh_sum = a.total_energy + EXCLUDED.total_energy,
+    reading_count = {_COUNT},
+    "count" = {_COUNT},
+    voltage_sum = a.voltage_sum + EXCLUDED.voltage_sum,
+    voltage_count = a.voltage_count + EXCLUDED.voltage_count,
+    voltage_avg = (a.voltage_sum + EXCLUDED.voltage_sum)
+                  / NULLIF(a.voltage_count + EXCLUDED.voltage_count, 0),
     region = CASE WHEN {_NEWER} THEN EXCLUDED.region ELSE a.region END,
     source_partition = CASE WHEN {_NEWER} THEN EXCLUDED.source_partition
                             ELSE a.source_partition END,
@@ -92,9 +110,12 @@ MERGE_SET = f"""
 _INSERT = """
 INSERT INTO {table} AS a (meter_id, region, window_start, window_end, avg_power, max_power,
     min_power, total_energy, sample_count, power_sum, last_reading_at, source_partition,
-    published)
+    published, avg_power_kw, max_power_kw, min_power_kw, energy_kwh_sum, reading_count,
+    "count", voltage_sum, voltage_count, voltage_avg)
 SELECT meter_id, region, {start}, {end}, power_sum / sample_count, power_max, power_min,
-    energy_sum, sample_count, power_sum, {last}, source_partition, false
+    energy_sum, sample_count, power_sum, {last}, source_partition, false,
+    power_sum / sample_count, power_max, power_min, energy_sum, sample_count, sample_count,
+    voltage_sum, voltage_count, voltage_sum / NULLIF(voltage_count, 0)
 FROM {source} AS p
 """
 _MERGE = """
@@ -469,7 +490,16 @@ def _copy(cur: psycopg.Cursor[Any], table: str, data: Rows, columns: Sequence[st
           types: Sequence[str]) -> int:
     """COPY binary data or Python rows (of ``columns``, ``types``) into a temporary table;
     returns the rows copied."""
-    names = data.columns if isinstance(data, CopyData) else columns
+    rows: Iterator[Sequence[Any]] = iter(())
+    if isinstance(data, CopyData):
+        names: Sequence[str] = data.columns
+    else:  # Python rows name the leading columns they have
+        rows = iter(data)
+        first = next(rows, None)
+        if first is None:
+            return 0
+        rows = itertools.chain([first], rows)
+        names, types = columns[:len(first)], types[:len(first)]
     statement = f"COPY {table} ({', '.join(names)}) FROM STDIN (FORMAT BINARY)"
     with cur.copy(statement.encode()) as copy:
         if isinstance(data, CopyData):
@@ -477,7 +507,7 @@ def _copy(cur: psycopg.Cursor[Any], table: str, data: Rows, columns: Sequence[st
                 copy.write(chunk)
         else:
             copy.set_types(types)
-            for row in data:
+            for row in rows:
                 copy.write_row(row)
     return max(cur.rowcount, 0)
 
@@ -497,7 +527,9 @@ def _create_temp_tables(conn: psycopg.Connection[Any]) -> None:
     tables.append(("segs_baselines", BASELINE_COLUMNS, _BASELINE_TYPES))
     with conn.transaction():
         for name, columns, types in tables:
-            spec = ", ".join(f"{c} {t}" for c, t in zip(columns, types, strict=True))
+            spec = ", ".join(f"{c} {t}" + (f" DEFAULT {_PARTIAL_DEFAULTS[c]}"
+                                           if c in _PARTIAL_DEFAULTS else "")
+                             for c, t in zip(columns, types, strict=True))
             conn.execute(f"CREATE TEMP TABLE IF NOT EXISTS {name} ({spec}) "
                          "ON COMMIT DELETE ROWS".encode())
 

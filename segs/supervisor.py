@@ -106,7 +106,7 @@ class Supervisor:
         delay = 0.5
         while True:
             try:
-                result = migrate(self.s.postgres_url.get())
+                result = migrate(self.s.postgres_url.get(), self.s.policies())
                 log.info("schema ready (%s); applied %s", result.mode,
                          ", ".join(result.applied) or "nothing new")
                 return
