@@ -12,11 +12,15 @@ chunks compressed, retention policies (30 / 365 days), and the continuous aggreg
 
 from __future__ import annotations
 
+import time
+
 import psycopg
 
 DAY_MS = 86_400_000
 DUPLICATE_AVG = 9.0
-T_MS = 1_796_083_200_000 - 20 * DAY_MS  # 2026-11-11T00:00Z: history ends 20 days before Dec 1
+# history ends 20 days ago, whatever the date: within the original's 30-day retention (whose
+# job TimescaleDB runs as soon as migrate adds it) and past its 7-day compression
+T_MS = (int(time.time() * 1000) // DAY_MS - 20) * DAY_MS
 
 _TABLE = """
 CREATE TABLE {name} (

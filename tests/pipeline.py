@@ -32,6 +32,12 @@ SEGS = str(Path(sys.executable).with_name("segs-stream"))
 TABLES = {60: "aggregates_1m", 900: "aggregates_15m"}
 
 
+# TimescaleDB runs a new retention job at once: with the defaults (30 / 365 days) it would
+# drop the chunks of any test data older than that while the test reads them.
+NO_POLICIES = {"TIMESCALEDB_RETENTION_1M": "off", "TIMESCALEDB_RETENTION_15M": "off",
+               "TIMESCALEDB_COMPRESS_AFTER_1M": "off", "TIMESCALEDB_COMPRESS_AFTER_15M": "off"}
+
+
 def service_env(bootstrap: str, db_url: str, topics_env: dict[str, str],
                 **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("KAFKA_", "POSTGRES_"))}
@@ -40,6 +46,7 @@ def service_env(bootstrap: str, db_url: str, topics_env: dict[str, str],
         "KAFKA_BROKERS": bootstrap, "POSTGRES_URL": db_url, "FLUSH_INTERVAL_1M": "1000",
         "PORT": "0", "LOG_LEVEL": "info", "LOG_FORMAT": "json", "IDLE_ADVANCE": "2",
         "SHUTDOWN_TIMEOUT": "20", "PROMETHEUS_MULTIPROC_DIR": "",
+        **NO_POLICIES,
     })
     env.update(extra)
     return env

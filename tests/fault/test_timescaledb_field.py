@@ -25,6 +25,7 @@ from segs.migrate import migration_files, storage_mode
 from segs.sink import Sink
 from tests.conftest import KafkaServer, PostgresServer, Topics
 from tests.pipeline import (
+    NO_POLICIES,
     SEGS,
     Service,
     assert_exact,
@@ -65,7 +66,7 @@ def cluster() -> Iterator[LocalPostgres]:
 def _migrate(url: str) -> subprocess.CompletedProcess[str]:
     """`segs-stream migrate`, as an operator runs it."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("KAFKA_", "POSTGRES_"))}
-    env.update(POSTGRES_URL=url, LOG_FORMAT="text", LOG_LEVEL="info")
+    env.update(POSTGRES_URL=url, LOG_FORMAT="text", LOG_LEVEL="info", **NO_POLICIES)
     return subprocess.run([SEGS, "--env-file", "/dev/null", "migrate"], env=env,
                           capture_output=True, text=True, timeout=120, check=False)
 

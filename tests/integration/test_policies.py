@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 
 import psycopg
@@ -15,7 +16,7 @@ from segs.sink import Sink
 pytestmark = pytest.mark.integration
 
 DAY_MS = 86_400_000
-OLD_MS = 1_796_083_200_000 - 10 * DAY_MS  # 2026-11-21T00:00Z, older than 7 days
+OLD_MS = (int(time.time() * 1000) // DAY_MS - 10) * DAY_MS  # older than 7 days, not 30
 
 
 def _jobs(url: str) -> dict[tuple[str, str], str]:
