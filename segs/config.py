@@ -177,8 +177,10 @@ def _postgres_url(name: str, raw: str) -> Secret:
     try:
         params = conninfo_to_dict(value)
     except ProgrammingError as exc:
+        # libpq quotes parts of the value, which may hold the password (with quotes of its
+        # own): only the words before its first quote are shown
         first = (str(exc).strip().splitlines() or ["invalid"])[0]
-        problem = re.sub(r'"([^"]*)"', lambda m: m[0] if m[1] == "=" else '"…"', first)
+        problem = first.split('"', 1)[0].rstrip(" :") or "invalid connection string"
         raise ConfigError(name, f"libpq cannot parse {shown!r}: {problem}") from None
     if is_url and "user" not in params and "password" not in params \
             and "@" in value.split("?", 1)[0]:

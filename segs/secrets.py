@@ -80,7 +80,7 @@ def mask_url(url: str) -> str:
     base, qmark, query = rest.partition("?")
     if qmark:
         tail = "?" + _mask_query(query)
-    return mask_pairs(head + base) + tail
+    return head + base + tail  # host, port and path hold no key=value pairs
 
 
 def mask_secrets(text: str) -> str:
