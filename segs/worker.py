@@ -160,7 +160,6 @@ class Worker:
             **PREFETCH,
             **common,
             "group.id": settings.kafka_group_id,
-            "client.id": f"segs-stream-{os.getpid()}",
             "enable.auto.commit": False,
             "enable.auto.offset.store": False,
             "partition.assignment.strategy": "cooperative-sticky",
@@ -174,12 +173,13 @@ class Worker:
         })
         producer_conf: dict[str, Any] = {
             "linger.ms": 5,
-            "compression.type": "lz4",
+            # none by default: the grid system's kafkajs consumers decode no lz4, snappy or
+            # zstd batches (README, "Output compression")
+            "compression.type": settings.kafka_compression,
             "queue.buffering.max.messages": 100_000,
             # a dead letter is as large as the topic allows (then cut: fit_dead_letter)
             "message.max.bytes": max(_PRODUCER_MAX_BYTES, dlq_limit),
             **common,
-            "client.id": f"segs-stream-{os.getpid()}",
             "enable.idempotence": True,
             "message.timeout.ms": 0,  # never give up on a message: outages are waited out
             "delivery.report.only.error": True,
@@ -281,6 +281,10 @@ class Worker:
             log.warning("cannot load positions (%s): partitions %s wait", exc, list(parts))
             metrics.TIMESCALEDB_CONNECTED.set(0)
             return None
+        unstored = [p for p in parts if p not in stored]
+        committed = self._committed(unstored) if unstored else {}
+        if committed is None:
+            return None
         self._load_baselines(baselines)
         default = OFFSET_BEGINNING if self.s.auto_offset_reset == "earliest" else OFFSET_END
         tps = []
@@ -291,8 +295,33 @@ class Worker:
                 self.consumed[p] = pos.next_offset
                 if pos.watermark_ms is not None:
                     self.stored_wm[p] = pos.watermark_ms
-            tps.append(TopicPartition(self.topic, p, pos.next_offset if pos else default))
+            start = pos.next_offset if pos else committed.get(p, default)
+            tps.append(TopicPartition(self.topic, p, start))
         return tps
+
+    def _committed(self, parts: Sequence[int]) -> dict[int, int] | None:
+        """The group's committed Kafka offsets of partitions without a stored position, with
+        START_FROM_COMMITTED (a cut-over from a service that kept its positions in Kafka);
+        None when the coordinator does not answer: the partitions wait rather than start
+        from KAFKA_AUTO_OFFSET_RESET, which would re-read (and re-alert) what was done."""
+        if not self.s.start_from_committed:
+            return {}
+        try:
+            tps = self.consumer.committed([TopicPartition(self.topic, p) for p in parts],
+                                          timeout=10)
+            failed = next((tp.error for tp in tps if tp.error is not None), None)
+            if failed is not None:
+                raise KafkaException(failed)
+        except KafkaException as exc:
+            log.warning("cannot read the group's committed offsets (%s): partitions %s "
+                        "wait (START_FROM_COMMITTED=off starts them without)",
+                        exc.args[0].str(), list(parts))
+            return None
+        found = {tp.partition: tp.offset for tp in tps if tp.offset >= 0}
+        if found:
+            log.info("partitions %s start at the group's committed offsets %s (no stored "
+                     "position)", sorted(found), [found[p] for p in sorted(found)])
+        return found
 
     def _load_baselines(self, rows: list[tuple[Any, ...]]) -> None:
         if not rows:
