@@ -29,6 +29,8 @@ from segs.errors import ConfigError
 from segs.secrets import MASK, is_secret_key, mask_pairs, mask_secrets, mask_url
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+# the TypeScript service's (pino) level names, as its .env files hold them
+_PINO_LEVELS = {"trace": "debug", "warn": "warning", "fatal": "critical"}
 LOG_FORMATS = ("auto", "json", "text")
 OFFSET_RESETS = ("earliest", "latest")
 # what librdkafka can write; kafkajs (the grid system's other services) reads none and gzip
@@ -115,6 +117,11 @@ def _choice(options: tuple[str, ...]) -> Callable[[str, str], str]:
         return value
 
     return parse
+
+
+def _log_level(name: str, raw: str) -> str:
+    value = raw.strip().lower()
+    return _choice(LOG_LEVELS)(name, _PINO_LEVELS.get(value, value))
 
 
 def _switch(name: str, raw: str) -> bool:
@@ -306,7 +313,9 @@ SPECS: tuple[Spec, ...] = (
     Spec("HOST", "http_host", "0.0.0.0", _text,
          "address of the HTTP server (/metrics, /health, /ready); 127.0.0.1 for local only"),
     Spec("PORT", "http_port", "3002", _int(0, 65535), "port of the HTTP server"),
-    Spec("LOG_LEVEL", "log_level", "info", _choice(LOG_LEVELS), "log level"),
+    Spec("LOG_LEVEL", "log_level", "info", _log_level,
+         "log level; the TypeScript service's trace, warn and fatal mean debug, warning, "
+         "critical"),
     Spec("LOG_FORMAT", "log_format", "auto", _choice(LOG_FORMATS),
          "json, text, or auto (text on a terminal, JSON lines otherwise)"),
 )

@@ -741,6 +741,9 @@ class Worker:
                             "topic exists")
 
     def _commit_kafka_offsets(self) -> None:
+        """The stored positions as the group's Kafka offsets: for lag monitoring, and so
+        that a service keeping its positions only in Kafka (the TypeScript one, rolled back
+        to) continues where this one stopped (the consumer's close delivers the last)."""
         tps = [TopicPartition(self.topic, p, off) for p, off in self.stored.items()
                if off is not None and p in self.positioned]
         if tps:

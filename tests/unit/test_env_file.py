@@ -74,3 +74,9 @@ def test_a_key_without_value_is_unset_and_a_missing_file_is_empty(tmp_path: Path
     assert read_env_file(path) == {"PORT": "4000"}
     assert read_env_file(tmp_path / "absent") == {}
     assert load_settings(env={}, env_file=path).log_level == "info"
+
+
+@pytest.mark.parametrize(("old", "ours"), [("trace", "debug"), ("warn", "warning"),
+                                           ("fatal", "critical"), ("INFO", "info")])
+def test_the_old_services_log_levels_are_understood(old: str, ours: str) -> None:
+    assert load_settings(env={"LOG_LEVEL": old}, env_file=None).log_level == ours
