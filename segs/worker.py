@@ -188,8 +188,15 @@ class Worker:
             "logger": _KAFKA_LOG,
         }
         self.producer = Producer(producer_conf)
+        metrics.start_series(tuple(output_topics(settings).values()))
         self.producer_max_bytes = int(producer_conf["message.max.bytes"])
         self.dlq_limit = min(dlq_limit, self.producer_max_bytes)
+
+    def _pool_gauges(self) -> None:
+        total, idle, waiting = self.sink.pool_stats()
+        metrics.DB_POOL_SIZE.labels("total").set(total)
+        metrics.DB_POOL_SIZE.labels("idle").set(idle)
+        metrics.DB_POOL_SIZE.labels("waiting").set(waiting)
 
     def _fresh_state(self) -> None:
         lateness, idle = self.s.allowed_lateness_ms, self.s.idle_advance_ms
@@ -278,6 +285,7 @@ class Worker:
             stored = self.sink.load_positions(parts)
             baselines = self.sink.load_baselines(parts)
         except DatabaseError as exc:
+            metrics.DB_WRITE_ERRORS.labels("load_positions").inc()
             log.warning("cannot load positions (%s): partitions %s wait", exc, list(parts))
             metrics.TIMESCALEDB_CONNECTED.set(0)
             return None
@@ -406,6 +414,7 @@ class Worker:
 
     def _open_sink(self) -> None:
         self.sink.open()
+        self._pool_gauges()
         if self.sink.ping():
             metrics.TIMESCALEDB_CONNECTED.set(1)
         else:
@@ -457,7 +466,9 @@ class Worker:
         for p in present:
             self.consumed[p] = int(off_arr[part_arr == p].max()) + 1
             self.last_seen[p] = now_ms
-        metrics.PROCESSING_SECONDS.observe(time.perf_counter() - t0)
+        seconds = time.perf_counter() - t0
+        metrics.PROCESSING_SECONDS.observe(seconds)
+        metrics.observe_each(metrics.MESSAGE_PROCESSING_MS, seconds * 1000 / len(msgs), len(msgs))
 
     def _without_errors(self, msgs: list[Message]) -> list[Message]:
         for m in msgs:
@@ -631,8 +642,8 @@ class Worker:
         if out.failure:
             return out
         # 1. the database transactions
+        t_db = time.perf_counter()
         if cut.payloads:
-            t_db = time.perf_counter()
             out.results = self.sink.commit_all([p.job(cut.names, cut.regions, cut.rank)
                                                 for p in cut.payloads])
             out.db_seconds = time.perf_counter() - t_db
@@ -640,11 +651,22 @@ class Worker:
                 return out
         # 2. closed windows to the aggregates topics
         t_pub = time.perf_counter()
+        published_at: dict[int, float] = {}
+
+        def deliver(size_s: int, rows: list[ClosedRow]) -> None:
+            self._deliver_closed(size_s, rows)
+            published_at[size_s] = time.perf_counter()
+
         try:
-            out.published = self.sink.claim_closed(cut.watermarks, self._deliver_closed)
+            out.published = self.sink.claim_closed(cut.watermarks, deliver)
         except SegsError as exc:
             out.publish_error = str(exc)
-        out.publish_seconds = time.perf_counter() - t_pub
+            if isinstance(exc, DatabaseError):
+                metrics.DB_WRITE_ERRORS.labels("publish").inc()
+        done = time.perf_counter()
+        out.publish_seconds = done - t_pub
+        if not out.publish_error:  # the original's flush: written, then published, per size
+            out.flushed = {size: published_at.get(size, done) - t_db for size in TABLES}
         return out
 
     def _book(self, out: _Written) -> bool:
@@ -670,15 +692,20 @@ class Worker:
             self._resume()
             return False
         if failed:
+            metrics.DB_WRITE_ERRORS.labels("checkpoint").inc(len(failed))
             self._fail(f"checkpoint failed: {failed[0][1]}")
             return False
         metrics.TIMESCALEDB_CONNECTED.set(1)
+        self._pool_gauges()
         if out.publish_error:
             log.warning("publishing closed windows postponed: %s", out.publish_error)
         for size, count in out.published.items():
             if count:
-                metrics.AGGREGATES_PUBLISHED.labels(GRANULARITY[size]).inc(count)
+                metrics.AGGREGATES_PUBLISHED.labels(GRANULARITY[size], GRANULARITY[size]).inc(
+                    count)
         metrics.FLUSH_DURATION.observe(out.publish_seconds)
+        for size, seconds in out.flushed.items():
+            metrics.FLUSH_DURATION_MS.labels(GRANULARITY[size]).observe(seconds * 1000)
         # 3. offsets to Kafka, for lag monitoring only
         self._commit_kafka_offsets()
         self._offset_lag()
@@ -708,7 +735,9 @@ class Worker:
         for p, (_, nxt, _) in payload.positions.items():
             self.stored[p] = nxt
         for size, table in TABLES.items():
-            metrics.AGGREGATES_WRITTEN.labels(GRANULARITY[size]).inc(stats.new_rows[table])
+            granularity = GRANULARITY[size]
+            metrics.AGGREGATES_WRITTEN.labels(granularity, granularity).inc(
+                stats.new_rows[table])
             metrics.DB_WRITE_ROWS.labels(table).inc(stats.rows[table])
         metrics.DB_WRITE_ROWS.labels("meter_baselines").inc(stats.baselines)
         log.debug("checkpoint: %s rows, %d baselines, %d positions in %.3f s",
@@ -843,6 +872,7 @@ class _Written:
     published: dict[int, int] = field(default_factory=dict)  # window size → rows
     publish_error: str | None = None  # publishing is postponed, not failed
     publish_seconds: float = 0.0
+    flushed: dict[int, float] = field(default_factory=dict)  # window size → s, write+publish
 
 
 def worker_main(settings: Settings, worker_id: int, status: Any) -> None:
