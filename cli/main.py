@@ -136,7 +136,7 @@ def migrate(ctx: click.Context, postgres_url: str | None) -> None:
     setup_logging(settings.log_level,
                   json_lines={"json": True, "text": False}.get(settings.log_format))
     log_ignored(ctx)
-    result = apply(settings.postgres_url.get())
+    result = apply(settings.postgres_url.get(), settings.policies())
     applied = ", ".join(result.applied) or "none (already up to date)"
     click.echo(f"schema versions applied: {applied}")
     click.echo(f"storage mode: {result.mode}")

@@ -19,7 +19,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dotenv import dotenv_values
 from psycopg import ProgrammingError
@@ -27,6 +27,9 @@ from psycopg.conninfo import conninfo_to_dict
 
 from segs.errors import ConfigError
 from segs.secrets import MASK, is_secret_key, mask_pairs, mask_secrets, mask_url
+
+if TYPE_CHECKING:
+    from segs.migrate import Policies
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 # the TypeScript service's (pino) level names, as its .env files hold them
@@ -131,6 +134,17 @@ def _switch(name: str, raw: str) -> bool:
     if value in ("off", "false", "no", "0"):
         return False
     raise ConfigError(name, f"expected on or off, got {raw!r}")
+
+
+def _days(name: str, raw: str) -> int:
+    """Whole days (bare number or ``…d``); 0 or ``off``: none."""
+    value = raw.strip().lower()
+    if value == "off":
+        return 0
+    m = re.fullmatch(r"(\d+)\s*d?", value)
+    if not m:
+        raise ConfigError(name, f"expected a number of days like 30 or 30d, or off, got {raw!r}")
+    return int(m.group(1))
 
 
 def _text(name: str, raw: str) -> str:
@@ -275,6 +289,16 @@ SPECS: tuple[Spec, ...] = (
     Spec("POSTGRES_URL", "postgres_url", "postgresql://segs:segs@localhost:5432/segs",
          _postgres_url,
          "PostgreSQL/TimescaleDB URL; TLS via ?sslmode=…&sslrootcert=… (password never logged)"),
+    Spec("TIMESCALEDB_RETENTION_1M", "retention_1m_days", "30", _days,
+         "TimescaleDB: chunks of aggregates_1m older than this many days are dropped; 0 = "
+         "keep all (set by migrate and at start; plain PostgreSQL ignores it)"),
+    Spec("TIMESCALEDB_RETENTION_15M", "retention_15m_days", "365", _days,
+         "TimescaleDB: the same for aggregates_15m"),
+    Spec("TIMESCALEDB_COMPRESS_AFTER_1M", "compress_after_1m_days", "7", _days,
+         "TimescaleDB: chunks of aggregates_1m older than this many days are compressed, "
+         "segmented by meter; 0 = none. Late readings still merge into them"),
+    Spec("TIMESCALEDB_COMPRESS_AFTER_15M", "compress_after_15m_days", "30", _days,
+         "TimescaleDB: the same for aggregates_15m"),
     Spec("FLUSH_INTERVAL_1M", "flush_interval_1m_ms", "60000", _duration_ms("ms"),
          "checkpoint interval: partials of both window sizes and positions are written "
          "together at least this often (bare number = ms)"),
@@ -347,6 +371,10 @@ class Settings:
     kafka_ssl_ca_location: str
     kafka_extra_config: str
     postgres_url: Secret
+    retention_1m_days: int
+    retention_15m_days: int
+    compress_after_1m_days: int
+    compress_after_15m_days: int
     flush_interval_1m_ms: int
     flush_interval_15m_ms: int
     allowed_lateness_ms: int
@@ -366,6 +394,15 @@ class Settings:
     http_port: int
     log_level: str
     log_format: str
+
+    def policies(self) -> Policies:
+        """The TimescaleDB policies of the aggregate tables (:mod:`segs.migrate`)."""
+        from segs.migrate import Policies
+
+        return Policies(
+            {"aggregates_1m": self.retention_1m_days, "aggregates_15m": self.retention_15m_days},
+            {"aggregates_1m": self.compress_after_1m_days,
+             "aggregates_15m": self.compress_after_15m_days})
 
     @property
     def checkpoint_interval_ms(self) -> int:

@@ -1,8 +1,9 @@
 """Mergeable partial aggregates: the one arithmetic shared by memory and the database.
 
 A partial is (count, power_sum, power_max, power_min, energy_sum, last_ts_ms, region,
-partition). Two partials of the same (meter, window) merge by adding counts and sums and
-taking max/min; region and partition come from the partial that is greatest by the tuple
+partition, voltage_sum, voltage_count): the voltage sum and count cover the readings that
+carried a voltage. Two partials of the same (meter, window) merge by adding counts and sums
+and taking max/min; region and partition come from the partial that is greatest by the tuple
 ``(last_ts_ms, region compared by code point, partition)``. Every rule is commutative and
 associative, so any split of a window's readings, merged in any order, gives the same row.
 The SQL upsert does the same with ``(last_reading_at, region COLLATE "C", source_partition)``.
@@ -10,7 +11,7 @@ The SQL upsert does the same with ``(last_reading_at, region COLLATE "C", source
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import numpy as np
@@ -30,10 +31,16 @@ class PartialRow(NamedTuple):
     last_ts_ms: int
     region: str
     partition: int
+    voltage_sum: float = 0.0  # of the readings that carried a voltage
+    voltage_count: int = 0
 
     @property
     def avg(self) -> float:
         return self.power_sum / self.count
+
+    @property
+    def voltage_avg(self) -> float | None:
+        return self.voltage_sum / self.voltage_count if self.voltage_count else None
 
 
 def merge(a: PartialRow, b: PartialRow) -> PartialRow:
@@ -50,7 +57,13 @@ def merge(a: PartialRow, b: PartialRow) -> PartialRow:
         last_ts_ms=later.last_ts_ms,
         region=later.region,
         partition=later.partition,
+        voltage_sum=a.voltage_sum + b.voltage_sum,
+        voltage_count=a.voltage_count + b.voltage_count,
     )
+
+
+_NO_VOLTAGE: NDArray[np.float64] = np.zeros(0, np.float64)  # sentinels: "not given"
+_NO_VOLTAGE_COUNT: NDArray[np.int64] = np.zeros(0, np.int64)
 
 
 @dataclass(slots=True)
@@ -68,6 +81,16 @@ class Partials:
     last_ts_ms: NDArray[np.int64]
     region: NDArray[np.int32]
     partition: NDArray[np.int32]
+    # of the readings that carried a voltage; left out: none did (zeros are filled in)
+    voltage_sum: NDArray[np.float64] = field(default_factory=lambda: _NO_VOLTAGE)
+    voltage_count: NDArray[np.int64] = field(default_factory=lambda: _NO_VOLTAGE_COUNT)
+
+    def __post_init__(self) -> None:
+        n = len(self.meter)
+        if self.voltage_sum is _NO_VOLTAGE:
+            self.voltage_sum = np.zeros(n, np.float64)
+        if self.voltage_count is _NO_VOLTAGE_COUNT:
+            self.voltage_count = np.zeros(n, np.int64)
 
     def __len__(self) -> int:
         return int(self.meter.shape[0])
@@ -95,6 +118,8 @@ class Partials:
             last_ts_ms=col("last_ts_ms", np.int64),  # type: ignore[arg-type]
             region=col("region", np.int32),  # type: ignore[arg-type]
             partition=col("partition", np.int32),  # type: ignore[arg-type]
+            voltage_sum=col("voltage_sum", np.float64),  # type: ignore[arg-type]
+            voltage_count=col("voltage_count", np.int64),  # type: ignore[arg-type]
         )
 
     def take(self, index: NDArray[np.intp] | NDArray[np.bool_]) -> Partials:
@@ -111,6 +136,8 @@ class Partials:
             last_ts_ms=int(self.last_ts_ms[i]),
             region=regions.names[int(self.region[i])],
             partition=int(self.partition[i]),
+            voltage_sum=float(self.voltage_sum[i]),
+            voltage_count=int(self.voltage_count[i]),
         )
 
 
@@ -156,6 +183,8 @@ def combine(partials: Partials, region_rank: NDArray[np.int64]) -> Partials:
         last_ts_ms=s.last_ts_ms[ends],
         region=s.region[ends],
         partition=s.partition[ends],
+        voltage_sum=np.add.reduceat(s.voltage_sum, starts),
+        voltage_count=np.add.reduceat(s.voltage_count, starts),
     )
 
 
@@ -172,5 +201,5 @@ def roll_up(partials: Partials, size_s: int, region_rank: NDArray[np.int64]) -> 
     p = partials
     coarse = Partials(size_s, p.meter, p.window_start_ms // size_ms * size_ms, p.count,
                       p.power_sum, p.power_max, p.power_min, p.energy_sum, p.last_ts_ms,
-                      p.region, p.partition)
+                      p.region, p.partition, p.voltage_sum, p.voltage_count)
     return combine(coarse, region_rank)

@@ -11,7 +11,13 @@ migration looks at the server and converts whichever aggregate table is not a hy
 yet (:func:`ensure_hypertables`). It never tries ``CREATE EXTENSION timescaledb`` on a
 server that does not preload the library: that ends the session with a FATAL no exception
 handler can catch. Such a server keeps plain tables and gets one warning line naming
-``shared_preload_libraries``.
+``shared_preload_libraries``. Hypertables are made without TimescaleDB's default index on
+``window_start`` (``schema/V007`` says why).
+
+A database made by the original stack is adopted by ``schema/V000``; what it found is logged
+in one line per table (:func:`adoption_lines`). Last, the TimescaleDB policies of
+:class:`Policies` are made to match the settings on every hypertable; plain PostgreSQL
+ignores them with one info line.
 """
 
 from __future__ import annotations
@@ -45,6 +51,18 @@ class MigrationResult:
     mode: str  # what :func:`storage_mode` found after the migration
     hypertables: list[str] = field(default_factory=list)  # aggregate tables that are ones
     converted: list[str] = field(default_factory=list)  # … made so by this migration
+    adopted: list[str] = field(default_factory=list)  # one line per adopted table
+
+
+@dataclass(frozen=True, slots=True)
+class Policies:
+    """TimescaleDB policies per aggregate table, in days; 0 = none (an existing one is
+    removed). Defaults: the original stack's values."""
+
+    retention_days: dict[str, int] = field(default_factory=lambda: {
+        "aggregates_1m": 30, "aggregates_15m": 365})
+    compress_after_days: dict[str, int] = field(default_factory=lambda: {
+        "aggregates_1m": 7, "aggregates_15m": 30})
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,8 +180,8 @@ def ensure_hypertables(conn: Conn) -> list[str]:
         ts = timescale(conn)
     converted = []
     create = sql.SQL("SELECT {}.create_hypertable(%s::regclass, 'window_start',"
-                     " chunk_time_interval => %s::interval,"
-                     " if_not_exists => true, migrate_data => true)"
+                     " chunk_time_interval => %s::interval, if_not_exists => true,"
+                     " migrate_data => true, create_default_indexes => false)"
                      ).format(sql.Identifier(ts.schema or "public"))
     for table, chunk in HYPERTABLES.items():
         with conn.transaction():
@@ -181,8 +199,86 @@ def ensure_hypertables(conn: Conn) -> list[str]:
     return converted
 
 
-def migrate(url: str) -> MigrationResult:
-    """Bring the database at ``url`` to the newest schema version.
+def adoption_lines(conn: Conn) -> list[str]:
+    """What ``schema/V000`` did to each table of the original stack it adopted, a line each."""
+    if conn.execute("SELECT to_regclass('segs_adoption')").fetchone() == (None,):
+        return []
+    rows = conn.execute("SELECT table_name, adopted_rows, duplicates, without_sums"
+                        " FROM segs_adoption ORDER BY table_name").fetchall()
+    return [f"adopted {table} of the original stack: {rows_} rows kept, their power sums "
+            f"taken as avg_power_kw x reading_count (exact to the decimals stored); "
+            f"{dups} duplicate (meter_id, window_start) rows moved to "
+            f"{table}_adopted_duplicates; {empty} rows without avg_power_kw or "
+            f"reading_count merge as empty history"
+            for table, rows_, dups, empty in rows]
+
+
+def ensure_policies(conn: Conn, policies: Policies) -> list[str]:
+    """Make the retention and compression policies of every aggregate hypertable match
+    ``policies``; returns a line per change. Compression segments by ``meter_id`` (a table
+    that has compression set up already keeps its own segmenting). A late reading for a
+    window in a compressed chunk is still merged: TimescaleDB decompresses the rows an
+    upsert conflicts with. ``conn`` must be in autocommit mode."""
+    ts = timescale(conn)
+    hyper = hypertables(conn, ts)
+    wanted = any(policies.retention_days.values()) or any(policies.compress_after_days.values())
+    if not hyper:
+        if wanted:
+            log.info("TIMESCALEDB_RETENTION_* and TIMESCALEDB_COMPRESS_AFTER_* are ignored: "
+                     "%s are not hypertables", " and ".join(HYPERTABLES))
+        return []
+    schema = sql.Identifier(ts.schema or "public")
+    changes = []
+    for table in hyper:
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
+            jobs: dict[str, Any] = dict(conn.execute(
+                "SELECT proc_name, config FROM timescaledb_information.jobs"
+                " WHERE hypertable_name = %s AND proc_name IN"
+                " ('policy_retention', 'policy_compression')", (table,)).fetchall())
+            for proc, key, days, add, remove in (
+                    ("policy_retention", "drop_after", policies.retention_days.get(table, 0),
+                     "add_retention_policy", "remove_retention_policy"),
+                    ("policy_compression", "compress_after",
+                     policies.compress_after_days.get(table, 0),
+                     "add_compression_policy", "remove_compression_policy")):
+                have = jobs.get(proc)
+                current = None if have is None else conn.execute(
+                    "SELECT %s::interval", (have.get(key),)).fetchone()
+                want = None if days == 0 else conn.execute(
+                    "SELECT make_interval(days => %s)", (days,)).fetchone()
+                if current == want:
+                    continue
+                if have is not None:
+                    conn.execute(sql.SQL("SELECT {}.{}(%s::regclass)").format(
+                        schema, sql.Identifier(remove)), (table,))
+                if days:
+                    if proc == "policy_compression":
+                        _enable_compression(conn, table)
+                    conn.execute(sql.SQL("SELECT {}.{}(%s::regclass, make_interval(days => %s))"
+                                         ).format(schema, sql.Identifier(add)), (table, days))
+                what = "retention" if proc == "policy_retention" else "compression"
+                line = (f"{table}: {what} policy " + (f"{days} days" if days else "removed"))
+                log.info("%s", line)
+                changes.append(line)
+    return changes
+
+
+def _enable_compression(conn: Conn, table: str) -> None:
+    on = conn.execute(
+        "SELECT compression_enabled FROM timescaledb_information.hypertables"
+        " WHERE to_regclass(quote_ident(hypertable_schema) || '.'"
+        " || quote_ident(hypertable_name)) = to_regclass(%s)", (table,)).fetchone()
+    if on and not on[0]:
+        conn.execute(sql.SQL("ALTER TABLE {} SET (timescaledb.compress,"
+                             " timescaledb.compress_segmentby = 'meter_id',"
+                             " timescaledb.compress_orderby = 'window_start DESC')"
+                             ).format(sql.Identifier(table)))
+
+
+def migrate(url: str, policies: Policies | None = None) -> MigrationResult:
+    """Bring the database at ``url`` to the newest schema version; then, when ``policies``
+    is given, make the TimescaleDB policies match it (None leaves them as they are).
 
     Raises :class:`~segs.errors.DatabaseError` when the server cannot be reached or the
     connection broke (worth retrying), :class:`~segs.errors.SchemaError` when it answered
@@ -212,14 +308,19 @@ def migrate(url: str) -> MigrationResult:
                                  (version,))
                     applied.append(version)
                     log.info("applied schema version %s", version)
+            adopted = adoption_lines(conn) if any(v.startswith("V000") for v in applied) else []
+            for line in adopted:
+                log.info("%s", line)
             converted = ensure_hypertables(conn)
+            if policies is not None:
+                ensure_policies(conn, policies)
             mode = storage_mode(conn)
             hyper = hypertables(conn, timescale(conn))
     except psycopg.OperationalError as exc:
         raise DatabaseError(f"migration failed: {_one_line(exc)}") from exc
     except psycopg.Error as exc:
         raise SchemaError(f"migration failed: {_one_line(exc)}") from exc
-    return MigrationResult(applied, already, mode, hyper, converted)
+    return MigrationResult(applied, already, mode, hyper, converted, adopted)
 
 
 def _one_line(exc: BaseException) -> str:

@@ -120,7 +120,8 @@ def _partials_copy(p: Partials, meters: list[bytes], regions: list[bytes]) -> Co
         [("window_start_ms", p.window_start_ms), ("sample_count", p.count),
          ("power_sum", p.power_sum), ("power_max", p.power_max), ("power_min", p.power_min),
          ("energy_sum", p.energy_sum), ("last_ts_ms", p.last_ts_ms),
-         ("source_partition", p.partition)],
+         ("source_partition", p.partition), ("voltage_sum", p.voltage_sum),
+         ("voltage_count", p.voltage_count)],
         [("meter_id", p.meter, meters), ("region", p.region, regions)])
 
 

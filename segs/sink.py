@@ -23,16 +23,19 @@ One :meth:`Sink.commit` is one transaction:
 the worker cuts a checkpoint along partitions (:mod:`segs.payload`) so that each transaction
 is a complete checkpoint of its own partitions, and PostgreSQL runs them on separate cores.
 
-Publishing closed windows is a second, separate step (:meth:`Sink.claim_closed`): rows are
-marked ``published`` in a transaction that commits only after the caller has delivered them
-to Kafka, so a crash in between publishes them again (at-least-once), never zero times.
+Publishing closed windows is a second, separate step (:meth:`Sink.claim_closed`), chunk by
+chunk and never inside a transaction: a chunk of closed, unpublished rows is read, the caller
+delivers it to Kafka, and only then are exactly those rows marked ``published`` — each only if
+it is the version that was read. A crash in between publishes them again (at-least-once),
+never zero times.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -53,12 +56,15 @@ _PARTIALS = {60: "segs_partials_1m", 900: "segs_partials_15m"}
 _FRESH = {60: "segs_fresh_1m", 900: "segs_fresh_15m"}
 
 # One partial aggregate row as Python values; window times as epoch milliseconds.
+# Python rows may stop before the voltage columns: then no reading had a voltage.
 PARTIAL_COLUMNS = (
     "meter_id", "region", "window_start_ms", "sample_count", "power_sum", "power_max",
-    "power_min", "energy_sum", "last_ts_ms", "source_partition",
+    "power_min", "energy_sum", "last_ts_ms", "source_partition", "voltage_sum",
+    "voltage_count",
 )
 _PARTIAL_TYPES = ("text", "text", "int8", "int8", "float8", "float8", "float8", "float8",
-                  "int8", "int4")
+                  "int8", "int4", "float8", "int8")
+_PARTIAL_DEFAULTS = {"voltage_sum": "0", "voltage_count": "0"}
 BASELINE_COLUMNS = ("meter_id", "source_partition", "baseline", "samples", "last_outage_ms",
                     "last_spike_ms", "last_drop_ms")
 _BASELINE_TYPES = ("text", "int4", "float8", "int8", "int8", "int8", "int8")
@@ -72,13 +78,27 @@ _TS = "('epoch'::timestamptz + {} * interval '1 millisecond')"
 _NEWER = ("ROW(EXCLUDED.last_reading_at, EXCLUDED.region COLLATE \"C\", "
           "EXCLUDED.source_partition) > ROW(a.last_reading_at, a.region COLLATE \"C\", "
           "a.source_partition)")
+# The original stack's names (schema/V006) are written in the same statement as the
+# contract's, from the same expressions.
+_AVG = "(a.power_sum + EXCLUDED.power_sum) / (a.sample_count + EXCLUDED.sample_count)"
+_COUNT = "a.sample_count + EXCLUDED.sample_count"
 MERGE_SET = f"""
-    sample_count = a.sample_count + EXCLUDED.sample_count,
+    sample_count = {_COUNT},
     power_sum = a.power_sum + EXCLUDED.power_sum,
-    avg_power = (a.power_sum + EXCLUDED.power_sum) / (a.sample_count + EXCLUDED.sample_count),
+    avg_power = {_AVG},
     max_power = GREATEST(a.max_power, EXCLUDED.max_power),
     min_power = LEAST(a.min_power, EXCLUDED.min_power),
     total_energy = a.total_energy + EXCLUDED.total_energy,
+    avg_power_kw = {_AVG},
+    max_power_kw = GREATEST(a.max_power, EXCLUDED.max_power),
+    min_power_kw = LEAST(a.min_power, EXCLUDED.min_power),
+    energy_kwh_sum = a.total_energy + EXCLUDED.total_energy,
+    reading_count = {_COUNT},
+    "count" = {_COUNT},
+    voltage_sum = a.voltage_sum + EXCLUDED.voltage_sum,
+    voltage_count = a.voltage_count + EXCLUDED.voltage_count,
+    voltage_avg = (a.voltage_sum + EXCLUDED.voltage_sum)
+                  / NULLIF(a.voltage_count + EXCLUDED.voltage_count, 0),
     region = CASE WHEN {_NEWER} THEN EXCLUDED.region ELSE a.region END,
     source_partition = CASE WHEN {_NEWER} THEN EXCLUDED.source_partition
                             ELSE a.source_partition END,
@@ -90,9 +110,12 @@ MERGE_SET = f"""
 _INSERT = """
 INSERT INTO {table} AS a (meter_id, region, window_start, window_end, avg_power, max_power,
     min_power, total_energy, sample_count, power_sum, last_reading_at, source_partition,
-    published)
+    published, avg_power_kw, max_power_kw, min_power_kw, energy_kwh_sum, reading_count,
+    "count", voltage_sum, voltage_count, voltage_avg)
 SELECT meter_id, region, {start}, {end}, power_sum / sample_count, power_max, power_min,
-    energy_sum, sample_count, power_sum, {last}, source_partition, false
+    energy_sum, sample_count, power_sum, {last}, source_partition, false,
+    power_sum / sample_count, power_max, power_min, energy_sum, sample_count, sample_count,
+    voltage_sum, voltage_count, voltage_sum / NULLIF(voltage_count, 0)
 FROM {source} AS p
 """
 _MERGE = """
@@ -116,14 +139,42 @@ _MERGE_SQL = {source: _MERGE.format(insert=_insert(size, source), merge_set=MERG
               for size in TABLES for source in (_PARTIALS[size], _FRESH[size])}
 _INSERT_FRESH_SQL = {size: _insert(size, _FRESH[size]).encode() for size in TABLES}
 
-_CLAIM = """
-UPDATE {table} AS a SET published = true
-FROM unnest(%s::int4[], %s::int8[]) AS w(p, wm)
-WHERE NOT a.published AND a.source_partition = w.p
-  AND a.window_end <= ('epoch'::timestamptz + w.wm * interval '1 millisecond')
-RETURNING a.meter_id, a.region, (extract(epoch FROM a.window_start) * 1000)::int8,
-    a.avg_power, a.max_power, a.min_power, a.total_energy, a.sample_count
+# One chunk of closed, unpublished rows: per partition (w.p) at most %s rows of windows ending
+# by its watermark (w.wm), after its keyset position (w.after_end, w.after_meter; NULL at the
+# start), in the order of the index of V005 (source_partition, window_end, meter_id).
+_CLAIM_READ = """
+SELECT w.p, c.window_end, c.version, c.meter_id, c.region, c.start_ms, c.avg_power,
+    c.max_power, c.min_power, c.total_energy, c.sample_count
+FROM unnest(%s::int4[], %s::int8[], %s::timestamptz[], %s::text[])
+    AS w(p, wm, after_end, after_meter)
+CROSS JOIN LATERAL (
+    SELECT a.xmin::text AS version, a.window_end, a.meter_id, a.region,
+        (extract(epoch FROM a.window_start) * 1000)::int8 AS start_ms, a.avg_power,
+        a.max_power, a.min_power, a.total_energy, a.sample_count
+    FROM {table} AS a
+    WHERE NOT a.published AND a.source_partition = w.p
+      AND a.window_end <= ('epoch'::timestamptz + w.wm * interval '1 millisecond')
+      AND (a.window_end, a.meter_id)
+          > (COALESCE(w.after_end, '-infinity'), COALESCE(w.after_meter, ''))
+    ORDER BY a.window_end, a.meter_id
+    LIMIT %s) AS c
+ORDER BY w.p, c.window_end, c.meter_id
 """
+# After delivery: a row still at the version read (xmin) is published; a row written since
+# (a merge, or another worker's claim) is left unpublished, written once more so that any
+# other claim of it in flight fails its own check too (Sink.claim_closed says why).
+_CLAIM_MARK = """
+WITH marked AS (
+    UPDATE {table} AS a SET published = (a.xmin::text = k.version)
+    FROM unnest(%s::text[], %s::int8[], %s::text[]) AS k(meter_id, start_ms, version)
+    WHERE a.meter_id = k.meter_id
+      AND a.window_start = ('epoch'::timestamptz + k.start_ms * interval '1 millisecond')
+    RETURNING a.published)
+SELECT count(*) FILTER (WHERE published) FROM marked
+"""
+_CLAIM_SQL = {size: (sql.SQL(_CLAIM_READ).format(table=sql.Identifier(table)),
+                     sql.SQL(_CLAIM_MARK).format(table=sql.Identifier(table)))
+              for size, table in TABLES.items()}
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,12 +194,12 @@ class CommitStats:
 
 
 ClosedRow = tuple[str, str, int, float, float, float, float, int]
-# A worker that stalls (SIGSTOP, a paused VM) inside a transaction keeps its row locks — the
-# positions it updates, the rows claim_closed marks while it delivers them to Kafka — and the
-# worker that took its partitions over would wait on them until the stalled one resumed.
-# PostgreSQL ends such a session after this long idle in a transaction; the longest idle gap
-# of a healthy worker is one chunk delivered by claim_closed (produce + a flush of ≤ 10 s).
+# A worker that stalls (SIGSTOP, a paused VM) inside a transaction keeps its row locks (the
+# positions it updates), and the worker that took its partitions over would wait on them
+# until the stalled one resumed. PostgreSQL ends such a session after this long idle in a
+# transaction. A healthy worker is never idle in one: no transaction spans a Kafka delivery.
 IDLE_IN_TXN_MS = 20_000
+# Rows per chunk of claim_closed: read, delivered (produce + flush) and marked as one.
 _CLAIM_CHUNK = 10_000
 # Checkpoint transactions of one worker that run side by side (Sink.commit_all), the default
 # of CHECKPOINT_WRITERS. Two cut the checkpoint of 100,000 partials on the 2-core benchmark
@@ -333,30 +384,82 @@ class Sink:
     # ------------------------------------------------------------------ publishing
 
     def claim_closed(self, watermarks: dict[int, int],
-                     deliver: Callable[[int, list[ClosedRow]], None]) -> dict[int, int]:
-        """Mark closed, unpublished rows published once ``deliver`` returned for them.
+                     deliver: Callable[[int, list[ClosedRow]], None], *,
+                     stop: Callable[[], bool] = lambda: False) -> dict[int, int]:
+        """Deliver closed, unpublished rows in chunks and mark each chunk published after it.
 
-        ``deliver(size_s, rows)`` is called with chunks of rows and must have handed them
-        to Kafka durably (produce + flush) before it returns; if it raises, nothing is marked
-        and the rows stay pending. Returns size → rows delivered.
+        ``watermarks`` maps partition → watermark ms: rows of that source partition whose
+        window ended by it are closed. ``deliver(size_s, rows)`` is called with chunks of at
+        most :data:`_CLAIM_CHUNK` rows and must have handed them to Kafka durably (produce
+        + flush) before it returns. Each chunk is read in a short transaction of its own,
+        delivered with no transaction open (none can outlast the server's idle timeout or
+        hold locks that merges wait on), then marked in a second short one; a chunk marked
+        stays marked whatever happens to the next. If ``deliver`` raises, its chunk stays
+        pending and the error propagates. ``stop()`` is asked before every chunk: when it
+        says so the claim ends there, and the next one takes up what is left. Window sizes
+        take turns chunk by chunk, partitions share each chunk, and each partition is read
+        in key order (keyset pagination), so a claim reads each row at most once. Returns
+        size → rows delivered.
+
+        A row is marked only if it is still the version that was read, compared by
+        ``xmin`` (the transaction that wrote that version): every write of a row, a merge by
+        any worker or another claim's mark, makes a new version with a new ``xmin``, while
+        VACUUM, freezing and row locks keep it. ``updated_at`` would not do (two writers can
+        share a transaction start time), nor would the values: a row changed since the read
+        is also written once more, keeping ``published = false``, which only a new version
+        can signal to other claims. That write is needed because the message just flushed
+        carries older values than the row and may have landed after a newer message of it
+        from another producer (after a rebalance, or for a meter whose readings came on two
+        partitions); every claim of the row still in flight now fails its check too, so the
+        row is published again by a claim that reads it after all those messages are on
+        the topic, and the newest value is the last one there.
         """
         if not watermarks:
             return {}
-        parts = sorted(watermarks)
-        wms = [watermarks[p] for p in parts]
-        done: dict[int, int] = {}
+        done = dict.fromkeys(TABLES, 0)
+        # per window size: partition → (watermark ms, keyset position or None)
+        todo: dict[int, dict[int, tuple[int, tuple[Any, str] | None]]] = {
+            size: {p: (watermarks[p], None) for p in sorted(watermarks)} for size in TABLES}
         try:
-            with self._pool.connection() as conn, conn.transaction():
-                for size, table in TABLES.items():
-                    query = sql.SQL(_CLAIM).format(table=sql.Identifier(table))
-                    cur = conn.execute(query, (parts, wms))
-                    done[size] = 0
-                    while rows := cur.fetchmany(_CLAIM_CHUNK):  # bounded Python memory
-                        deliver(size, rows)
-                        done[size] += len(rows)
+            while any(todo.values()):
+                for size, parts in todo.items():
+                    if parts and not stop():
+                        done[size] += self._claim_chunk(size, parts, deliver)
+                if stop():
+                    break
         except (psycopg.Error, psycopg_pool_error()) as exc:
             raise DatabaseError(_one_line(exc)) from exc
         return done
+
+    def _claim_chunk(self, size: int, parts: dict[int, tuple[int, tuple[Any, str] | None]],
+                     deliver: Callable[[int, list[ClosedRow]], None]) -> int:
+        """Read, deliver and mark one chunk of ``size``'s closed rows of ``parts``; moves
+        each partition's keyset position on, or drops the partition when it has no more.
+        Returns the rows delivered."""
+        read, mark = _CLAIM_SQL[size]
+        order = sorted(parts)
+        per_part = max(1, _CLAIM_CHUNK // len(order))
+        after = [parts[p][1] for p in order]
+        with self._pool.connection() as conn:  # commits (ends the read) on leaving
+            got = conn.execute(read, (
+                order, [parts[p][0] for p in order], [a and a[0] for a in after],
+                [a and a[1] for a in after], per_part)).fetchall()
+        counts: dict[int, int] = {}
+        for p, end, _, meter, *_rest in got:  # ordered by partition, then key
+            counts[p] = counts.get(p, 0) + 1
+            parts[p] = (parts[p][0], (end, meter))
+        for p in order:
+            if counts.get(p, 0) < per_part:
+                del parts[p]  # read to its end
+        if got:
+            deliver(size, [tuple(r[3:]) for r in got])  # type: ignore[misc]
+            with self._pool.connection() as conn:
+                marked = conn.execute(mark, ([r[3] for r in got], [r[5] for r in got],
+                                             [r[2] for r in got])).fetchone()
+            if marked and marked[0] < len(got):
+                log.debug("%d closed %d s windows changed while delivered: they are "
+                          "published again", len(got) - marked[0], size)
+        return len(got)
 
 
 _UPSERT_BASELINES = b"""
@@ -393,7 +496,16 @@ def _copy(cur: psycopg.Cursor[Any], table: str, data: Rows, columns: Sequence[st
           types: Sequence[str]) -> int:
     """COPY binary data or Python rows (of ``columns``, ``types``) into a temporary table;
     returns the rows copied."""
-    names = data.columns if isinstance(data, CopyData) else columns
+    rows: Iterator[Sequence[Any]] = iter(())
+    if isinstance(data, CopyData):
+        names: Sequence[str] = data.columns
+    else:  # Python rows name the leading columns they have
+        rows = iter(data)
+        first = next(rows, None)
+        if first is None:
+            return 0
+        rows = itertools.chain([first], rows)
+        names, types = columns[:len(first)], types[:len(first)]
     statement = f"COPY {table} ({', '.join(names)}) FROM STDIN (FORMAT BINARY)"
     with cur.copy(statement.encode()) as copy:
         if isinstance(data, CopyData):
@@ -401,7 +513,7 @@ def _copy(cur: psycopg.Cursor[Any], table: str, data: Rows, columns: Sequence[st
                 copy.write(chunk)
         else:
             copy.set_types(types)
-            for row in data:
+            for row in rows:
                 copy.write_row(row)
     return max(cur.rowcount, 0)
 
@@ -421,7 +533,9 @@ def _create_temp_tables(conn: psycopg.Connection[Any]) -> None:
     tables.append(("segs_baselines", BASELINE_COLUMNS, _BASELINE_TYPES))
     with conn.transaction():
         for name, columns, types in tables:
-            spec = ", ".join(f"{c} {t}" for c, t in zip(columns, types, strict=True))
+            spec = ", ".join(f"{c} {t}" + (f" DEFAULT {_PARTIAL_DEFAULTS[c]}"
+                                           if c in _PARTIAL_DEFAULTS else "")
+                             for c, t in zip(columns, types, strict=True))
             conn.execute(f"CREATE TEMP TABLE IF NOT EXISTS {name} ({spec}) "
                          "ON COMMIT DELETE ROWS".encode())
 

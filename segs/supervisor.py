@@ -31,6 +31,7 @@ from segs.decode import NATIVE
 from segs.errors import DatabaseError, SchemaError
 from segs.http import HttpServer
 from segs.migrate import migrate
+from segs.readiness import ServerCheck
 from segs.topics import ensure_topics
 from segs.worker import RUNNING, STATE_NAMES, worker_main
 
@@ -59,6 +60,7 @@ class Supervisor:
         self.slots = [Slot(i) for i in range(self.n)]
         self.stop_requested = 0
         self.http: HttpServer | None = None
+        self.servers = ServerCheck(settings)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -69,6 +71,7 @@ class Supervisor:
             ensure_topics(self.s, should_stop=lambda: bool(self.stop_requested))
         if self.stop_requested:
             return 0
+        self.servers.start()
         self.http = HttpServer(self.s.http_host, self.s.http_port, self.readiness)
         self.http.start()
         log.info("serving /metrics, /health, /ready on %s:%d", self.s.http_host,
@@ -82,6 +85,7 @@ class Supervisor:
             return self._watch()
         finally:
             self.http.stop()
+            self.servers.stop()
 
     def _install_signals(self) -> None:
         def on_signal(signum: int, frame: object) -> None:
@@ -102,7 +106,7 @@ class Supervisor:
         delay = 0.5
         while True:
             try:
-                result = migrate(self.s.postgres_url.get())
+                result = migrate(self.s.postgres_url.get(), self.s.policies())
                 log.info("schema ready (%s); applied %s", result.mode,
                          ", ".join(result.applied) or "nothing new")
                 return
@@ -199,36 +203,17 @@ class Supervisor:
     # ------------------------------------------------------------------ readiness
 
     def readiness(self, check_servers: bool = True) -> tuple[bool, dict[str, object]]:
+        """Workers from the shared status array; servers from the background check's last
+        answer (``checked_s_ago`` says how old it is), so a call never waits on a server."""
         states = [STATE_NAMES[self.status[i]] for i in range(self.n)]
         missing: list[str] = [f"worker {i} is {st}" for i, st in enumerate(states)
                               if st != STATE_NAMES[RUNNING]]
+        details: dict[str, object] = {"workers": states, "missing": missing}
         if check_servers:
-            if not _database_answers(self.s):
-                missing.append("database does not answer")
-            if not _kafka_answers(self.s):
-                missing.append("kafka does not answer")
-        return not missing, {"workers": states, "missing": missing}
-
-
-def _database_answers(settings: Settings) -> bool:
-    import psycopg
-
-    try:
-        with psycopg.connect(settings.postgres_url.get(), connect_timeout=2) as conn:
-            conn.execute("SELECT 1")
-        return True
-    except psycopg.Error:
-        return False
-
-
-def _kafka_answers(settings: Settings) -> bool:
-    from confluent_kafka.admin import AdminClient
-
-    try:
-        md = AdminClient(settings.kafka_common()).list_topics(timeout=2)
-        return bool(md.brokers)
-    except Exception:
-        return False
+            found, age = self.servers.latest()
+            missing.extend(found)
+            details["checked_s_ago"] = None if age is None else round(age, 1)
+        return not missing, details
 
 
 def prepare_metrics_dir() -> tuple[str, bool]:

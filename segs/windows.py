@@ -53,6 +53,8 @@ class WindowEngine:
     _pmax: NDArray[np.float64]
     _pmin: NDArray[np.float64]
     _esum: NDArray[np.float64]
+    _vsum: NDArray[np.float64]
+    _vcnt: NDArray[np.int32]
     _last: NDArray[np.int64]
     _region: NDArray[np.int32]
     _part: NDArray[np.int32]
@@ -104,6 +106,8 @@ class WindowEngine:
         self._pmax = grown(None if first else self._pmax, n, -np.inf)
         self._pmin = grown(None if first else self._pmin, n, np.inf)
         self._esum = grown(None if first else self._esum, n, 0.0)
+        self._vsum = grown(None if first else self._vsum, n, 0.0)  # readings with a voltage
+        self._vcnt = grown(None if first else self._vcnt, n, 0, np.int32)
         self._last = grown(None if first else self._last, n, NEG)  # ts of latest reading
         self._region = grown(None if first else self._region, n, -1, np.int32)
         self._part = grown(None if first else self._part, n, -1, np.int32)
@@ -142,6 +146,8 @@ class WindowEngine:
         self._pmax[cells] = -np.inf
         self._pmin[cells] = np.inf
         self._esum[cells] = 0.0
+        self._vsum[cells] = 0.0
+        self._vcnt[cells] = 0
         self._last[cells] = NEG
 
     def _cell_partials(self, cells: NDArray[np.intp], win: NDArray[np.int64]) -> Partials:
@@ -157,6 +163,8 @@ class WindowEngine:
             last_ts_ms=self._last[cells],
             region=self._region[cells],
             partition=self._part[cells],
+            voltage_sum=self._vsum[cells],
+            voltage_count=self._vcnt[cells].astype(np.int64),
         )
 
     # -----------------------------------------------------------------------------------
@@ -239,6 +247,8 @@ class WindowEngine:
                 last_ts_ms=r.ts_ms.astype(np.int64),
                 region=r.region.astype(np.int32),
                 partition=r.partition.astype(np.int32),
+                voltage_sum=np.nan_to_num(r.voltage, nan=0.0),
+                voltage_count=(~np.isnan(r.voltage)).astype(np.int64),
             )
         )
         self._over_open.append((r.meter.astype(np.int32), w.copy(), r.partition.astype(np.int32)))
@@ -252,6 +262,11 @@ class WindowEngine:
         np.maximum.at(self._pmax, cell, r.power)
         np.minimum.at(self._pmin, cell, r.power)
         np.add.at(self._esum, cell, r.energy)
+        has_voltage = ~np.isnan(r.voltage)  # absent voltages are NaN
+        if has_voltage.any():
+            np.add.at(self._vsum, cell[has_voltage], r.voltage[has_voltage])
+            np.add.at(self._vcnt, cell[has_voltage],
+                      np.ones(int(has_voltage.sum()), np.int32))
         self._open[cell] = True
         self._update_latest(r, w, cell)
 

@@ -21,8 +21,11 @@ Revokes and shutdown wait for it and write a last one on the loop itself
    the next position of every covered partition (compare-and-set, see :mod:`segs.sink`);
    cut along partitions into transactions that run side by side (:mod:`segs.payload`),
    each a complete checkpoint of its partitions;
-2. claim closed windows not yet published, produce them, flush, mark them published (up to
-   the watermarks of the cut: readings consumed after it are not stored yet);
+2. publish closed windows not yet published (up to the watermarks of the cut: readings
+   consumed after it are not stored yet), chunk by chunk: read, produce, flush, mark
+   (:meth:`segs.sink.Sink.claim_closed`). A checkpoint publishes for at most one checkpoint
+   interval, or until the loop waits for it (revoke, shutdown); one on the loop publishes
+   for half the time left before its deadline. The next checkpoint takes up the rest;
 3. commit the same offsets to Kafka, for lag monitoring only (the database is the truth).
 
 When step 1 fails for a database reason, the payloads not written are retried verbatim
@@ -141,6 +144,7 @@ class Worker:
         self.last_seen: dict[int, int] = {}  # wall ms of a partition's last message/position
         self.unwritten: _Cut | None = None  # a cut not (all) written: retried verbatim
         self.job: Future[_Written] | None = None  # the checkpoint being written
+        self.settling = False  # the loop waits for self.job
         self._checkpoints = ThreadPoolExecutor(1, thread_name_prefix="segs-checkpoint")
         self.meter_partitions = MeterPartitions()
         self.written = WrittenWindows()  # which drained windows are fresh (new rows)
@@ -600,20 +604,30 @@ class Worker:
             self.retry_at = now + 1.0 + random.random()  # jittered retry
             return
         if now >= self.next_checkpoint or self.paused:
-            self.job = self._checkpoints.submit(self._write, self._cut())
+            until = now + self.s.checkpoint_interval_ms / 1000
+            self.job = self._checkpoints.submit(
+                self._write, self._cut(),
+                lambda: self.settling or time.monotonic() >= until)
 
-    def checkpoint(self) -> bool:
-        """One whole checkpoint on this thread, after the one in flight if any; False when
-        it must retry (steps in the module docstring)."""
+    def checkpoint(self, deadline: float) -> bool:
+        """One whole checkpoint on this thread, after the one in flight if any, publishing
+        for half the time left before ``deadline``; False when it must retry (steps in the
+        module docstring)."""
         if self.job is not None and not self._settle():
             return False
-        return self._book(self._write(self._cut()))
+        until = (time.monotonic() + deadline) / 2
+        return self._book(self._write(self._cut(), lambda: time.monotonic() >= until))
 
     def _settle(self) -> bool:
         """Wait for the checkpoint in flight and book it."""
         assert self.job is not None
         job, self.job = self.job, None
-        return self._book(job.result())
+        self.settling = True  # its publishing ends after the chunk it is on
+        try:
+            out = job.result()
+        finally:
+            self.settling = False
+        return self._book(out)
 
     def _cut(self) -> _Cut:
         """Fix what the next checkpoint writes: the payloads of the cut not yet written, with
@@ -628,10 +642,11 @@ class Worker:
         wms = self._watermarks()
         return _Cut(self._build_payloads(wms), names, regions, rank, wms, started)
 
-    def _write(self, cut: _Cut) -> _Written:
+    def _write(self, cut: _Cut, stop_publishing: Callable[[], bool]) -> _Written:
         """Steps 0–2 of a checkpoint. Runs on the checkpoint thread (or, for revokes and
         shutdown, on the loop): it uses only ``cut``, the producer and the sink, which are
-        thread-safe, and leaves all bookkeeping to :meth:`_book` on the loop."""
+        thread-safe, and leaves all bookkeeping to :meth:`_book` on the loop.
+        ``stop_publishing()`` ends step 2 between chunks."""
         out = _Written(cut)
         # 0. every alert and dead letter of the covered messages is delivered first,
         #    including any Kafka refused before (produced again)
@@ -655,10 +670,11 @@ class Worker:
 
         def deliver(size_s: int, rows: list[ClosedRow]) -> None:
             self._deliver_closed(size_s, rows)
+            out.published[size_s] = out.published.get(size_s, 0) + len(rows)
             published_at[size_s] = time.perf_counter()
 
-        try:
-            out.published = self.sink.claim_closed(cut.watermarks, deliver)
+        try:  # chunks delivered before a failure count as published: they stay marked
+            self.sink.claim_closed(cut.watermarks, deliver, stop=stop_publishing)
         except SegsError as exc:
             out.publish_error = str(exc)
             if isinstance(exc, DatabaseError):
@@ -819,7 +835,7 @@ class Worker:
 
     def _checkpoint_until(self, deadline: float) -> bool:
         while True:
-            if self.checkpoint():
+            if self.checkpoint(deadline):
                 return True
             if time.monotonic() >= deadline:
                 return False

@@ -146,6 +146,12 @@ class RefAgg:
     energy_sum: float
     region: str
     partition: int | None
+    voltage_sum: float = 0.0  # of the readings that carried a voltage
+    voltage_count: int = 0
+
+    @property
+    def voltage_avg(self) -> float | None:
+        return self.voltage_sum / self.voltage_count if self.voltage_count else None
 
 
 def aggregate(readings: Iterable[dict[str, Any]], size_s: int) -> dict[tuple[str, int], RefAgg]:
@@ -173,6 +179,8 @@ def aggregate(readings: Iterable[dict[str, Any]], size_s: int) -> dict[tuple[str
             energy_sum=sum(r["energy"] for r in rs),
             region=latest["region"],
             partition=latest.get("partition"),
+            voltage_sum=sum(v for r in rs if not math.isnan(v := r.get("voltage", math.nan))),
+            voltage_count=sum(not math.isnan(r.get("voltage", math.nan)) for r in rs),
         )
     return out
 

@@ -50,7 +50,8 @@ def _payload(n: int, salt: int, prev: dict[int, int | None],
         window_start_ms=np.full(n, _T0_MS, np.int64), count=np.full(n, 10, np.int64),
         power_sum=ones * (25.0 + salt), power_max=ones * (3.5 + salt), power_min=ones * 1.5,
         energy_sum=ones * 0.02, last_ts_ms=np.full(n, _T0_MS + 59_000, np.int64),
-        region=np.zeros(n, np.int32), partition=(np.arange(n) % PARTITIONS).astype(np.int32))
+        region=np.zeros(n, np.int32), partition=(np.arange(n) % PARTITIONS).astype(np.int32),
+        voltage_sum=ones * 2301.5, voltage_count=np.full(n, 10, np.int64))
     positions: Positions = {p: (prev[p], (prev[p] or 0) + n, None) for p in range(PARTITIONS)}
     return Payload(partials, BaselineState.empty(), positions, written.fresh(partials))
 

@@ -40,7 +40,8 @@ def test_rebalance_storm_a_second_service_joins_and_leaves_three_times(fault: Fa
         wait_assigned_some(second)
         fault.inject("service joined")
         done = sum(fault.wait_progress().values())
-        fault.wait_progress(at_least=done + 1_500)  # both services checkpoint meanwhile
+        # both services checkpoint meanwhile (unless a slow start let the stream end first)
+        fault.wait_progress(at_least=min(done + 1_500, 90_000))
         assert second.stop() == 0, second.log_text()[-3000:]
         fault.inject("service left")
     messages = join()

@@ -36,8 +36,9 @@ def positions_locked(db_url: str) -> Iterator[psycopg.Connection]:
 def test_sigterm_in_the_middle_of_a_checkpoint(fault: Fault) -> None:
     # 60,000 at 6,000/s: readings still flow (so checkpoints still write positions) when
     # the lock is taken, however fast the service caught up
-    join = fault.stream(60_000, 6_000, seed=201)
     svc = fault.service(workers=2, SHUTDOWN_TIMEOUT=str(SHUTDOWN_TIMEOUT_S)).start()
+    fault.wait_log(svc, "assigned partitions [", count=2)  # the stream starts after the join
+    join = fault.stream(60_000, 6_000, seed=201)
     fault.wait_progress(at_least=5_000)
     with positions_locked(fault.db_url):
         with psycopg.connect(fault.db_url, autocommit=True) as conn:
@@ -58,8 +59,9 @@ def test_sigterm_in_the_middle_of_a_checkpoint(fault: Fault) -> None:
 
 
 def test_sigterm_while_a_checkpoint_outlasts_the_shutdown_timeout(fault: Fault) -> None:
-    join = fault.stream(60_000, 6_000, seed=202)  # still flowing when the lock is taken
     svc = fault.service(workers=2, SHUTDOWN_TIMEOUT=str(SHUTDOWN_TIMEOUT_S)).start()
+    fault.wait_log(svc, "assigned partitions [", count=2)  # the stream starts after the join
+    join = fault.stream(60_000, 6_000, seed=202)  # still flowing when the lock is taken
     fault.wait_progress(at_least=5_000)
     with positions_locked(fault.db_url):
         with psycopg.connect(fault.db_url, autocommit=True) as conn:

@@ -3,7 +3,8 @@
 The merge arithmetic exists twice, in Python (:func:`segs.merge.merge`) and in SQL
 (:data:`segs.sink.MERGE_SET`); these tests prove the two agree whichever way a row is sent
 (merged, or inserted as fresh and merged when it was not new after all), that positions are fenced,
-that publishing closed windows is all-or-nothing, and that transactions written side by side
+that publishing closed windows marks exactly the rows delivered and unchanged since, chunk
+by chunk, and that transactions written side by side
 commit or fail each on their own.
 """
 
@@ -167,6 +168,73 @@ def test_claim_closed_publishes_once_and_only_after_delivery(sink: Sink) -> None
     assert sink.claim_closed({0: 120_000}, lambda s, g: seen.append((s, g))) == {60: 0, 900: 0}
     sink.commit({60: [rows[0]]}, [], {})  # a late reading re-opens a closed window
     assert sink.claim_closed({0: 120_000}, lambda s, g: None) == {60: 1, 900: 0}
+
+
+def test_claim_closed_leaves_a_row_merged_during_delivery_for_the_next_claim(
+        db_url: str, sink: Sink) -> None:
+    rows = [(f"m{i}", "r", 0, 1, 2.0, 2.0, 2.0, 0.5, 1_000, 0) for i in range(3)]
+    sink.commit({60: rows}, [], {})
+    other = Sink(db_url, consumer_group="g", topic="t")
+    other.open()
+    seen: list[list[Any]] = []
+
+    def deliver(size: int, got: list[Any]) -> None:
+        seen.append(got)
+        if len(seen) == 1:  # a late reading of m1 is merged by another worker meanwhile
+            other.commit({60: [("m1", "r", 0, 1, 9.0, 9.0, 9.0, 0.5, 2_000, 0)]}, [], {})
+
+    try:
+        assert sink.claim_closed({0: 60_000}, deliver) == {60: 3, 900: 0}
+        assert sink.claim_closed({0: 60_000}, deliver) == {60: 1, 900: 0}
+    finally:
+        other.close()
+    assert [r[0] for r in seen[1]] == ["m1"] and seen[1][0][7] == 2  # its new values
+    assert sink.claim_closed({0: 60_000}, deliver) == {60: 0, 900: 0}
+
+
+def test_claim_closed_publishes_again_a_row_another_claim_marked_while_it_delivered(
+        db_url: str, sink: Sink) -> None:
+    sink.commit({60: [("m", "r", 0, 1, 2.0, 2.0, 2.0, 0.5, 1_000, 0)]}, [], {})
+    other = Sink(db_url, consumer_group="g", topic="t")
+    other.open()
+    topic: list[int] = []  # sample counts in the order they reach the topic
+
+    def slow(size: int, got: list[Any]) -> None:
+        # a newer version is merged, claimed and marked by another worker (a rebalance)
+        # before this delivery of the older one lands
+        other.commit({60: [("m", "r", 0, 1, 3.0, 3.0, 3.0, 0.5, 2_000, 0)]}, [], {})
+        assert other.claim_closed({0: 60_000}, lambda s, g: topic.extend(r[7] for r in g))
+        topic.extend(r[7] for r in got)
+
+    try:
+        sink.claim_closed({0: 60_000}, slow)
+    finally:
+        other.close()
+    assert topic == [2, 1]  # the older value landed last: the row must be published again
+    assert sink.claim_closed({0: 60_000}, lambda s, g: topic.extend(r[7] for r in g)) == {
+        60: 1, 900: 0}
+    assert topic[-1] == 2
+
+
+def test_claim_closed_keeps_each_delivered_chunk_and_stops_between_chunks(
+        sink: Sink, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("segs.sink._CLAIM_CHUNK", 2)
+    sink.commit({60: [(f"m{i}", "r", 0, 1, 2.0, 2.0, 2.0, 0.5, 1_000, 0)
+                      for i in range(5)]}, [], {})
+    calls: list[int] = []
+
+    def second_fails(size: int, got: list[Any]) -> None:
+        calls.append(len(got))
+        if len(calls) == 2:
+            raise RuntimeError("kafka down")
+
+    with pytest.raises(RuntimeError):
+        sink.claim_closed({0: 60_000}, second_fails)
+    assert sink.claim_closed({0: 60_000}, lambda s, g: calls.append(len(g)),
+                             stop=lambda: len(calls) >= 3) == {60: 2, 900: 0}
+    assert sink.claim_closed({0: 60_000}, lambda s, g: calls.append(len(g))) == {
+        60: 1, 900: 0}
+    assert calls == [2, 2, 2, 1]  # the first chunk stayed marked after the failure
 
 
 def test_commit_all_writes_each_partition_group_on_its_own(db_url: str, sink: Sink) -> None:

@@ -112,3 +112,15 @@ def test_client_id_is_every_clients() -> None:
     assert load_settings(env={}, env_file=None).kafka_common()["client.id"] == "segs-stream"
     s = load_settings(env={"KAFKA_CLIENT_ID": "stream-processor"}, env_file=None)
     assert s.kafka_common()["client.id"] == "stream-processor"
+
+
+def test_timescaledb_policies_in_days_with_the_original_defaults() -> None:
+    s = load_settings(env={}, env_file=None)
+    assert (s.retention_1m_days, s.retention_15m_days) == (30, 365)
+    assert (s.compress_after_1m_days, s.compress_after_15m_days) == (7, 30)
+    s = load_settings(env={"TIMESCALEDB_RETENTION_1M": "off", "TIMESCALEDB_RETENTION_15M": "90d",
+                           "TIMESCALEDB_COMPRESS_AFTER_1M": "0"}, env_file=None)
+    assert s.policies().retention_days == {"aggregates_1m": 0, "aggregates_15m": 90}
+    assert s.policies().compress_after_days == {"aggregates_1m": 0, "aggregates_15m": 30}
+    with pytest.raises(ConfigError, match="TIMESCALEDB_COMPRESS_AFTER_15M"):
+        load_settings(env={"TIMESCALEDB_COMPRESS_AFTER_15M": "2h"}, env_file=None)

@@ -1,16 +1,21 @@
-"""The HTTP endpoint: /health, /ready, /metrics, 404, port 0, bind failure."""
+"""The HTTP endpoint: /health, /ready, /metrics, 404, port 0, bind failure; hostile clients
+(resets, idle and oversized requests, floods of sockets)."""
 
 from __future__ import annotations
 
 import json
 import logging
 import socket
+import struct
+import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 
 import pytest
 
+from segs import http
 from segs.errors import SegsError
 from segs.http import HttpError, HttpServer
 
@@ -123,3 +128,97 @@ def test_stop_is_idempotent_and_releases_the_port() -> None:
     again = HttpServer("127.0.0.1", port)
     again.start()
     again.stop()
+
+
+# ------------------------------------------------------------------ hostile clients
+
+
+def _reset(port: int, send: bytes = b"") -> None:
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    if send:
+        s.sendall(send)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    s.close()
+
+
+def _threads_named(prefix: str) -> int:
+    return sum(t.name.startswith(prefix) for t in threading.enumerate())
+
+
+def _closed_by_server(s: socket.socket, within_s: float) -> bool:
+    s.settimeout(within_s)
+    try:
+        return s.recv(4096) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def test_aborted_requests_are_a_debug_line_never_a_traceback(
+    server: HttpServer, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]
+) -> None:
+    with caplog.at_level(logging.DEBUG, logger="segs.http"):
+        for send in (b"", b"GET /hea", b"GET /metrics HTTP/1.1\r\n\r\n") * 20:
+            _reset(server.port, send)
+        assert _get(server.url + "/health")[0] == 200
+        time.sleep(0.3)
+    assert all(r.levelno == logging.DEBUG for r in caplog.records), caplog.text
+    assert not any(r.exc_info for r in caplog.records)
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_an_idle_connection_is_closed_after_the_request_timeout(
+    server: HttpServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(http, "REQUEST_TIMEOUT_S", 0.5)
+    with socket.create_connection(("127.0.0.1", server.port)) as silent, \
+            socket.create_connection(("127.0.0.1", server.port)) as slow:
+        slow.sendall(b"GET /health HTTP/1.1\r\n")  # and never the blank line
+        assert _closed_by_server(silent, 3)
+        assert _closed_by_server(slow, 3)
+
+
+def test_an_oversized_request_head_is_closed(server: HttpServer) -> None:
+    with socket.create_connection(("127.0.0.1", server.port)) as s:
+        s.sendall(b"GET /health HTTP/1.1\r\nX: " + b"a" * (http.MAX_REQUEST_BYTES + 10))
+        assert _closed_by_server(s, 3)
+
+
+def test_idle_sockets_take_no_thread_and_do_not_lock_out_a_scrape(
+    server: HttpServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(http, "MAX_WAITING", 20)
+    before = threading.active_count()
+    idle = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(100)]
+    try:
+        time.sleep(0.3)
+        assert threading.active_count() == before
+        assert _threads_named("segs-http") == 1 + http.HANDLER_THREADS
+        status, _, body = _get(server.url + "/metrics")
+        assert status == 200 and b"stream_messages_total" in body
+        # past MAX_WAITING the oldest waiting ones were closed at once
+        assert _closed_by_server(idle[0], 3)
+    finally:
+        for s in idle:
+            s.close()
+
+
+def test_one_request_per_connection(server: HttpServer) -> None:
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as s:
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        reply = b""
+        while chunk := s.recv(4096):
+            reply += chunk
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200") and b"Connection: close" in head
+    assert json.loads(body) == {"status": "ok"}
+
+
+def test_stop_ends_every_thread() -> None:
+    srv = HttpServer("127.0.0.1", 0)
+    srv.start()
+    idle = socket.create_connection(("127.0.0.1", srv.port))
+    srv.stop()
+    idle.close()
+    assert _threads_named("segs-http") == 0

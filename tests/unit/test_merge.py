@@ -30,6 +30,8 @@ def partials(draw: st.DrawFn) -> PartialRow:
         last_ts_ms=draw(st.integers(0, 5)),
         region=draw(st.sampled_from(REGIONS)),
         partition=draw(st.integers(0, 3)),
+        voltage_sum=draw(st.integers(0, 10**6)) / 16,
+        voltage_count=draw(st.integers(0, count)),
     )
 
 
@@ -41,6 +43,8 @@ def test_merge_commutative_and_associative(a: PartialRow, b: PartialRow, c: Part
     m = merge(a, b)
     assert m.count == a.count + b.count
     assert m.power_max == max(a.power_max, b.power_max)
+    assert (m.voltage_sum, m.voltage_count) == (a.voltage_sum + b.voltage_sum,
+                                                a.voltage_count + b.voltage_count)
     assert (m.last_ts_ms, m.region, m.partition) == max(
         (x.last_ts_ms, x.region, x.partition) for x in (a, b)
     )
@@ -67,6 +71,8 @@ def _columns(rows: list[tuple[int, int, PartialRow]], regions: Interner) -> Part
         last_ts_ms=np.array([r.last_ts_ms for _, _, r in rows], np.int64),
         region=np.array([regions.slot(r.region) for _, _, r in rows], np.int32),
         partition=np.array([r.partition for _, _, r in rows], np.int32),
+        voltage_sum=np.array([r.voltage_sum for _, _, r in rows], np.float64),
+        voltage_count=np.array([r.voltage_count for _, _, r in rows], np.int64),
     )
 
 

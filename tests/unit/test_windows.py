@@ -22,6 +22,8 @@ powers = st.one_of(
     st.floats(min_value=0, max_value=1e300, allow_nan=False),
     st.sampled_from([0.0, -0.0, 5e-324, 1e-300, 1e300, 2.5]),
 )
+voltages = st.one_of(st.floats(min_value=0, max_value=1e6, allow_nan=False),
+                     st.sampled_from([0.0, 230.0, 229.95]))
 offsets_ms = st.one_of(
     st.integers(0, 3_600_000),
     st.sampled_from([0, 59_999, 60_000, 899_999, 900_000, 900_001]),
@@ -43,6 +45,7 @@ def readings(draw: st.DrawFn, max_meters: int = 6) -> list[dict[str, Any]]:
                 "ts_ms": BASE + draw(offsets_ms),
                 "power": draw(powers),
                 "energy": draw(powers),
+                "voltage": draw(st.one_of(st.just(math.nan), voltages)),  # NaN: absent
                 "partition": draw(st.integers(0, 3)),
             }
         )
@@ -57,7 +60,7 @@ def to_columns(rs: list[dict[str, Any]], meters: Interner, regions: Interner) ->
         ts_ms=np.array([r["ts_ms"] for r in rs], np.int64),
         power=np.array([r["power"] for r in rs], np.float64),
         energy=np.array([r["energy"] for r in rs], np.float64),
-        voltage=np.full(n, np.nan),
+        voltage=np.array([r.get("voltage", math.nan) for r in rs], np.float64),
         partition=np.array([r["partition"] for r in rs], np.int32),
         offset=np.arange(n, dtype=np.int64),
     )
@@ -85,6 +88,8 @@ def assert_matches(store: dict[tuple[str, int], PartialRow], rs: list[dict[str, 
         assert math.isclose(got.avg, ref.avg, rel_tol=1e-9)
         assert math.isclose(got.energy_sum, ref.energy_sum, rel_tol=1e-9)
         assert (got.region, got.partition) == (ref.region, ref.partition), key
+        assert got.voltage_count == ref.voltage_count, key
+        assert math.isclose(got.voltage_sum, ref.voltage_sum, rel_tol=1e-9), key
 
 
 @SETTINGS
