@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Any, TypeVar
 import click
 
 from segs import __version__
-from segs.config import SPECS, Settings, load_settings
+from segs.config import SPECS, Settings, ignored_settings, load_settings
 from segs.errors import ConfigError, SegsError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -43,9 +44,28 @@ def handle_errors(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def settings_from(ctx: click.Context, overrides: dict[str, Any]) -> Settings:
+def _env_file(ctx: click.Context) -> Path:
     env_file = ctx.find_root().params.get("env_file")
-    return load_settings(overrides, env_file=Path(env_file) if env_file else Path(".env"))
+    return Path(env_file) if env_file else Path(".env")
+
+
+def settings_from(ctx: click.Context, overrides: dict[str, Any]) -> Settings:
+    return load_settings(overrides, env_file=_env_file(ctx))
+
+
+def ignored_line(ctx: click.Context) -> str | None:
+    """One line naming what the `.env` file (or the environment, for the TypeScript
+    service's own settings) holds that is no setting here; None when nothing is."""
+    names = ignored_settings(_env_file(ctx))
+    if not names:
+        return None
+    return f"ignored, not settings of segs-stream: {', '.join(names)}"
+
+
+def log_ignored(ctx: click.Context) -> None:
+    line = ignored_line(ctx)
+    if line:
+        logging.getLogger("segs.config").info("%s", line)
 
 
 @click.group(
@@ -91,6 +111,7 @@ def run(ctx: click.Context, workers: int | None, brokers: str | None, group_id: 
 
     setup_logging(settings.log_level,
                   json_lines={"json": True, "text": False}.get(settings.log_format))
+    log_ignored(ctx)
     try:
         code = Supervisor(settings).run()
     finally:
@@ -114,6 +135,7 @@ def migrate(ctx: click.Context, postgres_url: str | None) -> None:
     settings = settings_from(ctx, {"POSTGRES_URL": postgres_url})
     setup_logging(settings.log_level,
                   json_lines={"json": True, "text": False}.get(settings.log_format))
+    log_ignored(ctx)
     result = apply(settings.postgres_url.get(), settings.policies())
     applied = ", ".join(result.applied) or "none (already up to date)"
     click.echo(f"schema versions applied: {applied}")
@@ -141,6 +163,9 @@ def config_show(ctx: click.Context) -> None:
 def config_check(ctx: click.Context) -> None:
     """Validate the configuration; exit 2 with one line naming a bad setting."""
     settings_from(ctx, {})
+    line = ignored_line(ctx)
+    if line:
+        click.echo(line)
     click.echo("configuration ok")
 
 

@@ -13,6 +13,7 @@ seconds with the unit in the field name.
 
 from __future__ import annotations
 
+import io
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -20,6 +21,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dotenv import dotenv_values
 from psycopg import ProgrammingError
 from psycopg.conninfo import conninfo_to_dict
 
@@ -30,8 +32,14 @@ if TYPE_CHECKING:
     from segs.migrate import Policies
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+# the TypeScript service's (pino) level names, as its .env files hold them
+_PINO_LEVELS = {"trace": "debug", "warn": "warning", "fatal": "critical"}
 LOG_FORMATS = ("auto", "json", "text")
 OFFSET_RESETS = ("earliest", "latest")
+# what librdkafka can write; kafkajs (the grid system's other services) reads none and gzip
+COMPRESSIONS = ("none", "gzip", "snappy", "lz4", "zstd")
+# settings of the TypeScript service that have no meaning here: ignored with one info line
+OLD_SERVICE_ONLY = ("NODE_ENV",)
 _UNITS_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000}
 
 
@@ -112,6 +120,11 @@ def _choice(options: tuple[str, ...]) -> Callable[[str, str], str]:
         return value
 
     return parse
+
+
+def _log_level(name: str, raw: str) -> str:
+    value = raw.strip().lower()
+    return _choice(LOG_LEVELS)(name, _PINO_LEVELS.get(value, value))
 
 
 def _switch(name: str, raw: str) -> bool:
@@ -248,8 +261,17 @@ SPECS: tuple[Spec, ...] = (
     Spec("KAFKA_CREATE_TOPICS", "kafka_create_topics", "on", _switch,
          "create missing output topics at start (partitions as the input topic, the "
          "broker's replication factor); off: a missing one ends the start with exit code 2"),
+    Spec("KAFKA_CLIENT_ID", "kafka_client_id", "segs-stream", _text,
+         "client.id of every consumer, producer and admin client (broker logs and quotas)"),
+    Spec("KAFKA_COMPRESSION", "kafka_compression", "none", _choice(COMPRESSIONS),
+         "compression of the output topics: none or gzip can be read by every Kafka client, "
+         "kafkajs included; snappy, lz4 and zstd need codecs kafkajs does not ship"),
+    Spec("START_FROM_COMMITTED", "start_from_committed", "on", _switch,
+         "a partition with no stored position starts at the consumer group's committed "
+         "Kafka offset (e.g. the TypeScript service's), else per KAFKA_AUTO_OFFSET_RESET"),
     Spec("KAFKA_AUTO_OFFSET_RESET", "auto_offset_reset", "earliest", _choice(OFFSET_RESETS),
-         "where a partition with no stored position starts"),
+         "where a partition with neither a stored position nor (with START_FROM_COMMITTED) "
+         "a committed offset starts"),
     Spec("KAFKA_SESSION_TIMEOUT", "kafka_session_timeout_ms", "15", _duration_ms("s"),
          "a worker silent this long (crashed, stopped, cut off) leaves the group and its "
          "partitions move to the others; the broker allows 6 s to 30 min"),
@@ -317,7 +339,9 @@ SPECS: tuple[Spec, ...] = (
     Spec("HOST", "http_host", "0.0.0.0", _text,
          "address of the HTTP server (/metrics, /health, /ready); 127.0.0.1 for local only"),
     Spec("PORT", "http_port", "3002", _int(0, 65535), "port of the HTTP server"),
-    Spec("LOG_LEVEL", "log_level", "info", _choice(LOG_LEVELS), "log level"),
+    Spec("LOG_LEVEL", "log_level", "info", _log_level,
+         "log level; the TypeScript service's trace, warn and fatal mean debug, warning, "
+         "critical"),
     Spec("LOG_FORMAT", "log_format", "auto", _choice(LOG_FORMATS),
          "json, text, or auto (text on a terminal, JSON lines otherwise)"),
 )
@@ -336,6 +360,9 @@ class Settings:
     topic_alerts: str
     topic_dlq: str
     kafka_create_topics: bool
+    kafka_client_id: str
+    kafka_compression: str
+    start_from_committed: bool
     auto_offset_reset: str
     kafka_session_timeout_ms: int
     kafka_max_poll_interval_ms: int
@@ -385,7 +412,8 @@ class Settings:
 
     def kafka_common(self) -> dict[str, str | int | float | bool]:
         """librdkafka settings shared by consumers, producers and admin clients."""
-        conf: dict[str, str | int | float | bool] = {"bootstrap.servers": self.kafka_brokers}
+        conf: dict[str, str | int | float | bool] = {"bootstrap.servers": self.kafka_brokers,
+                                                     "client.id": self.kafka_client_id}
         if self.kafka_security_protocol:
             conf["security.protocol"] = self.kafka_security_protocol
         if self.kafka_sasl_mechanism:
@@ -420,29 +448,30 @@ class Settings:
 
 
 def read_env_file(path: Path) -> dict[str, str]:
-    """Parse a `.env` file: KEY=VALUE lines, `#` comments, optional quotes."""
-    values: dict[str, str] = {}
+    """Parse a `.env` file as python-dotenv does, which accepts what Node's dotenv accepts
+    (the TypeScript service's files): ``export`` prefixes, quoted values, ``#`` comments,
+    also after a value and whitespace. No ``${VAR}`` expansion (Node's dotenv has none, and
+    a password may hold ``$``). A key without ``=`` is unset; dotenv warns of a line it
+    cannot parse by its number, never its text."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        return values
-    except OSError as exc:
-        raise ConfigError(str(path), f"cannot read: {exc.strerror}") from None
-    for lineno, line in enumerate(text.splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        if line.startswith("export "):
-            line = line[len("export "):]
-        key, sep, value = line.partition("=")
-        if not sep:
-            # not echoed: a line without "=" may be part of a secret
-            raise ConfigError(f"{path}:{lineno}", "expected KEY=VALUE")
-        value = value.strip()
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-            value = value[1:-1]
-        values[key.strip()] = value
-    return values
+        return {}
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) else "not UTF-8"
+        raise ConfigError(str(path), f"cannot read: {why}") from None
+    parsed = dotenv_values(stream=io.StringIO(text), interpolate=False)
+    return {key: value for key, value in parsed.items() if value is not None}
+
+
+def ignored_settings(env_file: Path | None, env: Mapping[str, str] | None = None) -> list[str]:
+    """Names that are no setting of ours: every unknown key of the `.env` file, and those of
+    the TypeScript service's settings that mean nothing here (:data:`OLD_SERVICE_ONLY`)
+    found in the environment. The caller says so in one line; none of them is an error."""
+    known = {s.env for s in SPECS}
+    names = set(read_env_file(env_file)) if env_file is not None else set()
+    names.update(k for k in OLD_SERVICE_ONLY if k in (os.environ if env is None else env))
+    return sorted(names - known)
 
 
 def load_settings(

@@ -1,7 +1,12 @@
 """Every Prometheus metric of the service, defined once, safe in multiprocess mode.
 
 The names are those of the original TypeScript service (DESIGN.md, "Operation") plus a few
-new ones. Workers count per batch, never per message.
+new ones. Workers count per batch, never per message. The original's dashboards select
+aggregate and flush metrics by ``window_type`` (``1m``, ``15m``, ``1m_regional``): those
+carry it beside our ``granularity`` (the same value), and its other metrics are exported
+under its names too (``db_write_errors_total``, ``kafka_publish_errors_total``,
+``db_connection_pool_size``, ``service_uptime_seconds``,
+``stream_message_processing_duration_ms``, ``stream_aggregation_flush_duration_ms``).
 
 Multiprocess mode (the documented way, see prometheus ``client_python``):
 
@@ -24,6 +29,7 @@ supervisor's placeholders of the ``livemin`` "connected" gauges are removed (ste
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Final
 
@@ -55,6 +61,11 @@ if os.environ.get(ENV_MULTIPROC_DIR):
 _SECONDS_FAST: Final = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 _SECONDS_SLOW: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _MILLISECONDS: Final = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
+# the original service's buckets, so its dashboards' quantiles read the same
+_FLUSH_MS: Final = (10, 50, 100, 250, 500, 1000, 2500, 5000)
+_MESSAGE_MS: Final = (1, 5, 10, 25, 50, 100, 250)
+WINDOW_TYPES: Final = ("1m", "15m", "1m_regional")  # label values of window_type
+DB_OPERATIONS: Final = ("checkpoint", "publish", "load_positions")  # of db_write_errors_total
 _BATCH_SIZES: Final = (1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 25000)
 
 # --- counters (summed over every process, dead ones included) -------------------------------
@@ -63,12 +74,12 @@ MESSAGES = Counter("stream_messages_total", "Messages consumed from the input to
 AGGREGATES_WRITTEN = Counter(
     "stream_aggregates_written_total",
     "Aggregate rows upserted into the database",
-    ["granularity"],  # 1m | 15m
+    ["granularity", "window_type"],  # both 1m | 15m (window_type: the original's label)
 )
 AGGREGATES_PUBLISHED = Counter(
     "stream_aggregates_published_total",
     "Aggregates published to Kafka",
-    ["granularity"],  # 1m | 15m
+    ["granularity", "window_type"],  # both 1m | 15m (window_type: the original's label)
 )
 ANOMALIES_DETECTED = Counter(
     "stream_anomalies_detected_total",
@@ -97,6 +108,12 @@ DLQ_TRUNCATED = Counter(
 WORKER_RESTARTS = Counter(
     "stream_worker_restarts_total", "Worker processes restarted by the supervisor"
 )
+DB_WRITE_ERRORS = Counter(
+    "db_write_errors_total",
+    "Database writes that failed (retried): checkpoint transactions, publish claims, "
+    "position loads",
+    ["operation"],  # DB_OPERATIONS
+)
 DB_WRITE_ROWS = Counter(
     "db_write_rows_total",
     "Rows written to the database",
@@ -109,6 +126,13 @@ FLUSH_DURATION = Histogram(
     "stream_aggregation_flush_duration",
     "Seconds to flush window aggregates (database write and publish)",
     buckets=_SECONDS_SLOW,
+)
+FLUSH_DURATION_MS = Histogram(
+    "stream_aggregation_flush_duration_ms",
+    "Milliseconds from a checkpoint's database write to its closed windows of this type "
+    "published (the original service's flush metric)",
+    ["window_type"],
+    buckets=_FLUSH_MS,
 )
 DB_WRITE_LATENCY_MS = Histogram(
     "db_write_latency_ms", "Milliseconds of one database write transaction", buckets=_MILLISECONDS
@@ -123,6 +147,12 @@ PROCESSING_SECONDS = Histogram(
     "stream_processing_seconds",
     "Seconds to process one consumed batch (decode, windows, anomalies)",
     buckets=_SECONDS_FAST,
+)
+MESSAGE_PROCESSING_MS = Histogram(
+    "stream_message_processing_duration_ms",
+    "Milliseconds of processing per message: each message of a batch observes the batch's "
+    "time divided by its size (counted once per batch)",
+    buckets=_MESSAGE_MS,
 )
 
 # --- gauges ------------------------------------------------------------------------------------
@@ -165,6 +195,23 @@ UNDELIVERED = Gauge(
     "Dead letters and alerts Kafka refused, held while intake is paused until delivered",
     multiprocess_mode="livesum",
 )
+# livesum: each worker has its own pool; total = connections, idle = ready for use,
+# waiting = requests queued for a connection.
+DB_POOL_SIZE = Gauge(
+    "db_connection_pool_size",
+    "Database connections of the live workers' pools",
+    ["state"],  # total | idle | waiting
+    multiprocess_mode="livesum",
+)
+# livemax: set by the supervisor (or the one process) when /metrics is rendered; the
+# workers' placeholder 0 never wins.
+SERVICE_UPTIME = Gauge(
+    "service_uptime_seconds",
+    "Seconds since the service started",
+    multiprocess_mode="livemax",
+)
+_STARTED = time.monotonic()
+
 # livemin: 1 only when every live worker is connected, so one disconnected worker shows as 0.
 # The supervisor's own 0 placeholders are removed by prepare_multiprocess_dir, so the gauges
 # are absent (not 0) while no worker is alive: alert rules check absent() as well.
@@ -196,18 +243,23 @@ _ALL: Final[tuple[Counter | Gauge | Histogram, ...]] = (
     PUBLISH_ERRORS,
     DLQ_TRUNCATED,
     WORKER_RESTARTS,
+    DB_WRITE_ERRORS,
     DB_WRITE_ROWS,
     FLUSH_DURATION,
+    FLUSH_DURATION_MS,
     DB_WRITE_LATENCY_MS,
     CHECKPOINT_DURATION,
     BATCH_SIZE,
     PROCESSING_SECONDS,
+    MESSAGE_PROCESSING_MS,
     LAG_SECONDS,
     CONSUMER_OFFSET_LAG,
     WINDOWED_READINGS,
     WINDOW_BUCKETS,
     ASSIGNED_PARTITIONS,
     UNDELIVERED,
+    DB_POOL_SIZE,
+    SERVICE_UPTIME,
     KAFKA_CONSUMER_CONNECTED,
     KAFKA_PRODUCER_CONNECTED,
     TIMESCALEDB_CONNECTED,
@@ -272,8 +324,29 @@ def forget_partition(partition: int | str) -> None:
             gauge.remove(label)
 
 
+def observe_each(histogram: Histogram, amount: float, count: int) -> None:
+    """``count`` observations of ``amount`` at the cost of one: the per-message histogram of
+    a batch (prometheus_client has no weighted observe; its buckets are held per bound)."""
+    histogram._raise_if_not_observable()  # type: ignore[no-untyped-call]
+    histogram._sum.inc(amount * count)
+    for i, bound in enumerate(histogram._upper_bounds):
+        if amount <= bound:
+            histogram._buckets[i].inc(count)
+            break
+
+
+def start_series(topics: tuple[str, ...]) -> None:
+    """Show every error counter's series at 0 from the start, so rules and dashboards see
+    a series before the first error (a labelled counter is absent until first counted)."""
+    for topic in topics:
+        PUBLISH_ERRORS.labels(topic)
+    for operation in DB_OPERATIONS:
+        DB_WRITE_ERRORS.labels(operation)
+
+
 def render_latest() -> tuple[bytes, str]:
     """The exposition body and its content type, aggregated over all processes if enabled."""
+    SERVICE_UPTIME.set(int(time.monotonic() - _STARTED))
     if os.environ.get(ENV_MULTIPROC_DIR):
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]

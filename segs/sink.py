@@ -241,6 +241,12 @@ class Sink:
         request starts a new one), so recovery is as fast as the caller's retry."""
         self._pool.open(wait=False)
 
+    def pool_stats(self) -> tuple[int, int, int]:
+        """Connections of the pool, how many of them are idle, requests waiting for one."""
+        stats = self._pool.get_stats()
+        return (stats.get("pool_size", 0), stats.get("pool_available", 0),
+                stats.get("requests_waiting", 0))
+
     def close(self) -> None:
         if self._threads is not None:
             self._threads.shutdown(wait=True)

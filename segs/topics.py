@@ -47,7 +47,7 @@ def output_topics(settings: Settings) -> dict[str, str]:
 
 
 def admin_client(settings: Settings) -> AdminClient:
-    return AdminClient({**settings.kafka_common(), "client.id": "segs-stream-admin"})
+    return AdminClient(settings.kafka_common())
 
 
 def ensure_topics(settings: Settings, *, should_stop: Callable[[], bool] = lambda: False,

@@ -164,7 +164,6 @@ class Worker:
             **PREFETCH,
             **common,
             "group.id": settings.kafka_group_id,
-            "client.id": f"segs-stream-{os.getpid()}",
             "enable.auto.commit": False,
             "enable.auto.offset.store": False,
             "partition.assignment.strategy": "cooperative-sticky",
@@ -178,12 +177,13 @@ class Worker:
         })
         producer_conf: dict[str, Any] = {
             "linger.ms": 5,
-            "compression.type": "lz4",
+            # none by default: the grid system's kafkajs consumers decode no lz4, snappy or
+            # zstd batches (README, "Output compression")
+            "compression.type": settings.kafka_compression,
             "queue.buffering.max.messages": 100_000,
             # a dead letter is as large as the topic allows (then cut: fit_dead_letter)
             "message.max.bytes": max(_PRODUCER_MAX_BYTES, dlq_limit),
             **common,
-            "client.id": f"segs-stream-{os.getpid()}",
             "enable.idempotence": True,
             "message.timeout.ms": 0,  # never give up on a message: outages are waited out
             "delivery.report.only.error": True,
@@ -192,8 +192,15 @@ class Worker:
             "logger": _KAFKA_LOG,
         }
         self.producer = Producer(producer_conf)
+        metrics.start_series(tuple(output_topics(settings).values()))
         self.producer_max_bytes = int(producer_conf["message.max.bytes"])
         self.dlq_limit = min(dlq_limit, self.producer_max_bytes)
+
+    def _pool_gauges(self) -> None:
+        total, idle, waiting = self.sink.pool_stats()
+        metrics.DB_POOL_SIZE.labels("total").set(total)
+        metrics.DB_POOL_SIZE.labels("idle").set(idle)
+        metrics.DB_POOL_SIZE.labels("waiting").set(waiting)
 
     def _fresh_state(self) -> None:
         lateness, idle = self.s.allowed_lateness_ms, self.s.idle_advance_ms
@@ -282,8 +289,13 @@ class Worker:
             stored = self.sink.load_positions(parts)
             baselines = self.sink.load_baselines(parts)
         except DatabaseError as exc:
+            metrics.DB_WRITE_ERRORS.labels("load_positions").inc()
             log.warning("cannot load positions (%s): partitions %s wait", exc, list(parts))
             metrics.TIMESCALEDB_CONNECTED.set(0)
+            return None
+        unstored = [p for p in parts if p not in stored]
+        committed = self._committed(unstored) if unstored else {}
+        if committed is None:
             return None
         self._load_baselines(baselines)
         default = OFFSET_BEGINNING if self.s.auto_offset_reset == "earliest" else OFFSET_END
@@ -295,8 +307,33 @@ class Worker:
                 self.consumed[p] = pos.next_offset
                 if pos.watermark_ms is not None:
                     self.stored_wm[p] = pos.watermark_ms
-            tps.append(TopicPartition(self.topic, p, pos.next_offset if pos else default))
+            start = pos.next_offset if pos else committed.get(p, default)
+            tps.append(TopicPartition(self.topic, p, start))
         return tps
+
+    def _committed(self, parts: Sequence[int]) -> dict[int, int] | None:
+        """The group's committed Kafka offsets of partitions without a stored position, with
+        START_FROM_COMMITTED (a cut-over from a service that kept its positions in Kafka);
+        None when the coordinator does not answer: the partitions wait rather than start
+        from KAFKA_AUTO_OFFSET_RESET, which would re-read (and re-alert) what was done."""
+        if not self.s.start_from_committed:
+            return {}
+        try:
+            tps = self.consumer.committed([TopicPartition(self.topic, p) for p in parts],
+                                          timeout=10)
+            failed = next((tp.error for tp in tps if tp.error is not None), None)
+            if failed is not None:
+                raise KafkaException(failed)
+        except KafkaException as exc:
+            log.warning("cannot read the group's committed offsets (%s): partitions %s "
+                        "wait (START_FROM_COMMITTED=off starts them without)",
+                        exc.args[0].str(), list(parts))
+            return None
+        found = {tp.partition: tp.offset for tp in tps if tp.offset >= 0}
+        if found:
+            log.info("partitions %s start at the group's committed offsets %s (no stored "
+                     "position)", sorted(found), [found[p] for p in sorted(found)])
+        return found
 
     def _load_baselines(self, rows: list[tuple[Any, ...]]) -> None:
         if not rows:
@@ -381,6 +418,7 @@ class Worker:
 
     def _open_sink(self) -> None:
         self.sink.open()
+        self._pool_gauges()
         if self.sink.ping():
             metrics.TIMESCALEDB_CONNECTED.set(1)
         else:
@@ -432,7 +470,9 @@ class Worker:
         for p in present:
             self.consumed[p] = int(off_arr[part_arr == p].max()) + 1
             self.last_seen[p] = now_ms
-        metrics.PROCESSING_SECONDS.observe(time.perf_counter() - t0)
+        seconds = time.perf_counter() - t0
+        metrics.PROCESSING_SECONDS.observe(seconds)
+        metrics.observe_each(metrics.MESSAGE_PROCESSING_MS, seconds * 1000 / len(msgs), len(msgs))
 
     def _without_errors(self, msgs: list[Message]) -> list[Message]:
         for m in msgs:
@@ -617,8 +657,8 @@ class Worker:
         if out.failure:
             return out
         # 1. the database transactions
+        t_db = time.perf_counter()
         if cut.payloads:
-            t_db = time.perf_counter()
             out.results = self.sink.commit_all([p.job(cut.names, cut.regions, cut.rank)
                                                 for p in cut.payloads])
             out.db_seconds = time.perf_counter() - t_db
@@ -626,16 +666,23 @@ class Worker:
                 return out
         # 2. closed windows to the aggregates topics
         t_pub = time.perf_counter()
+        published_at: dict[int, float] = {}
 
         def deliver(size_s: int, rows: list[ClosedRow]) -> None:
             self._deliver_closed(size_s, rows)
             out.published[size_s] = out.published.get(size_s, 0) + len(rows)
+            published_at[size_s] = time.perf_counter()
 
         try:  # chunks delivered before a failure count as published: they stay marked
             self.sink.claim_closed(cut.watermarks, deliver, stop=stop_publishing)
         except SegsError as exc:
             out.publish_error = str(exc)
-        out.publish_seconds = time.perf_counter() - t_pub
+            if isinstance(exc, DatabaseError):
+                metrics.DB_WRITE_ERRORS.labels("publish").inc()
+        done = time.perf_counter()
+        out.publish_seconds = done - t_pub
+        if not out.publish_error:  # the original's flush: written, then published, per size
+            out.flushed = {size: published_at.get(size, done) - t_db for size in TABLES}
         return out
 
     def _book(self, out: _Written) -> bool:
@@ -661,15 +708,20 @@ class Worker:
             self._resume()
             return False
         if failed:
+            metrics.DB_WRITE_ERRORS.labels("checkpoint").inc(len(failed))
             self._fail(f"checkpoint failed: {failed[0][1]}")
             return False
         metrics.TIMESCALEDB_CONNECTED.set(1)
+        self._pool_gauges()
         if out.publish_error:
             log.warning("publishing closed windows postponed: %s", out.publish_error)
         for size, count in out.published.items():
             if count:
-                metrics.AGGREGATES_PUBLISHED.labels(GRANULARITY[size]).inc(count)
+                metrics.AGGREGATES_PUBLISHED.labels(GRANULARITY[size], GRANULARITY[size]).inc(
+                    count)
         metrics.FLUSH_DURATION.observe(out.publish_seconds)
+        for size, seconds in out.flushed.items():
+            metrics.FLUSH_DURATION_MS.labels(GRANULARITY[size]).observe(seconds * 1000)
         # 3. offsets to Kafka, for lag monitoring only
         self._commit_kafka_offsets()
         self._offset_lag()
@@ -699,7 +751,9 @@ class Worker:
         for p, (_, nxt, _) in payload.positions.items():
             self.stored[p] = nxt
         for size, table in TABLES.items():
-            metrics.AGGREGATES_WRITTEN.labels(GRANULARITY[size]).inc(stats.new_rows[table])
+            granularity = GRANULARITY[size]
+            metrics.AGGREGATES_WRITTEN.labels(granularity, granularity).inc(
+                stats.new_rows[table])
             metrics.DB_WRITE_ROWS.labels(table).inc(stats.rows[table])
         metrics.DB_WRITE_ROWS.labels("meter_baselines").inc(stats.baselines)
         log.debug("checkpoint: %s rows, %d baselines, %d positions in %.3f s",
@@ -732,6 +786,9 @@ class Worker:
                             "topic exists")
 
     def _commit_kafka_offsets(self) -> None:
+        """The stored positions as the group's Kafka offsets: for lag monitoring, and so
+        that a service keeping its positions only in Kafka (the TypeScript one, rolled back
+        to) continues where this one stopped (the consumer's close delivers the last)."""
         tps = [TopicPartition(self.topic, p, off) for p, off in self.stored.items()
                if off is not None and p in self.positioned]
         if tps:
@@ -831,6 +888,7 @@ class _Written:
     published: dict[int, int] = field(default_factory=dict)  # window size → rows
     publish_error: str | None = None  # publishing is postponed, not failed
     publish_seconds: float = 0.0
+    flushed: dict[int, float] = field(default_factory=dict)  # window size → s, write+publish
 
 
 def worker_main(settings: Settings, worker_id: int, status: Any) -> None:

@@ -90,8 +90,15 @@ def test_metrics_match_what_happened_and_ready_follows_the_database(
         alerts = read_topic(kafka_server.bootstrap, topics.alerts)
         dlq = read_topic(kafka_server.bootstrap, topics.dlq)
         assert m["stream_messages_total"] == len(messages)
-        assert m["stream_aggregates_written_total{granularity=1m}"] == rows_1m
-        assert m["stream_aggregates_written_total{granularity=15m}"] == rows_15m
+        assert m["stream_aggregates_written_total{granularity=1m,window_type=1m}"] == rows_1m
+        assert m["stream_aggregates_written_total{granularity=15m,window_type=15m}"] == rows_15m
+        # the original service's names and labels (its dashboards)
+        assert m["stream_message_processing_duration_ms_count"] == len(messages)
+        assert m["stream_aggregation_flush_duration_ms_count{window_type=1m}"] > 0
+        assert m["stream_aggregation_flush_duration_ms_count{window_type=15m}"] > 0
+        assert m["db_connection_pool_size{state=total}"] >= 2  # 2 workers, a connection each
+        assert m["service_uptime_seconds"] > 0
+        assert m["kafka_publish_errors_total"] == m["db_write_errors_total"] == 0
         assert m["stream_anomalies_detected_total"] == len(alerts) > 0
         assert m["stream_alerts_published_total"] == len(alerts)
         assert m["stream_invalid_messages_total"] == m["stream_dlq_published_total"] == len(dlq)

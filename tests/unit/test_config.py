@@ -99,6 +99,21 @@ def test_checkpoint_writers_default_is_the_sinks() -> None:
     assert load_settings(env={}, env_file=None).checkpoint_writers == DEFAULT_WRITERS
 
 
+def test_output_compression_defaults_to_none_and_takes_librdkafkas_codecs() -> None:
+    assert load_settings(env={}, env_file=None).kafka_compression == "none"
+    for codec in ("none", "gzip", "snappy", "lz4", "zstd"):
+        s = load_settings(env={"KAFKA_COMPRESSION": codec.upper()}, env_file=None)
+        assert s.kafka_compression == codec
+    with pytest.raises(ConfigError, match="KAFKA_COMPRESSION"):
+        load_settings(env={"KAFKA_COMPRESSION": "brotli"}, env_file=None)
+
+
+def test_client_id_is_every_clients() -> None:
+    assert load_settings(env={}, env_file=None).kafka_common()["client.id"] == "segs-stream"
+    s = load_settings(env={"KAFKA_CLIENT_ID": "stream-processor"}, env_file=None)
+    assert s.kafka_common()["client.id"] == "stream-processor"
+
+
 def test_timescaledb_policies_in_days_with_the_original_defaults() -> None:
     s = load_settings(env={}, env_file=None)
     assert (s.retention_1m_days, s.retention_15m_days) == (30, 365)

@@ -26,7 +26,10 @@ def _worker_body(messages: int) -> None:
     from segs import metrics as m
 
     m.MESSAGES.inc(messages)
-    m.AGGREGATES_WRITTEN.labels(granularity="1m").inc(7)
+    m.AGGREGATES_WRITTEN.labels(granularity="1m", window_type="1m").inc(7)
+    m.start_series(("alerts",))
+    m.DB_POOL_SIZE.labels(state="total").set(3)
+    m.observe_each(m.MESSAGE_PROCESSING_MS, 0.02, messages)
     m.ANOMALIES_DETECTED.labels(type="spike").inc()
     m.DB_WRITE_LATENCY_MS.observe(12.0)
     m.WINDOWED_READINGS.set(100)
@@ -95,7 +98,14 @@ def test_spawned_workers_values_are_aggregated(multiproc_dir: Path) -> None:
     assert content_type.startswith("text/plain")
     s = _samples(body)
     assert s[("stream_messages_total", ())] == 15
-    assert s[("stream_aggregates_written_total", (("granularity", "1m"),))] == 14
+    assert s[("stream_aggregates_written_total",
+              (("granularity", "1m"), ("window_type", "1m")))] == 14
+    assert s[("kafka_publish_errors_total", (("topic", "alerts"),))] == 0
+    assert s[("db_write_errors_total", (("operation", "checkpoint"),))] == 0
+    assert s[("db_connection_pool_size", (("state", "total"),))] == 6  # livesum
+    assert s[("stream_message_processing_duration_ms_count", ())] == 15
+    assert s[("stream_message_processing_duration_ms_bucket", (("le", "1.0"),))] == 15
+    assert s[("service_uptime_seconds", ())] >= 0  # the supervisor's, at rendering
     assert s[("stream_anomalies_detected_total", (("type", "spike"),))] == 2
     assert s[("db_write_latency_ms_count", ())] == 2
     assert s[("db_write_latency_ms_bucket", (("le", "25.0"),))] == 2
@@ -197,3 +207,29 @@ def test_a_run_removes_only_the_metrics_folder_it_made(tmp_path: Path,
     remove_metrics_dir(folder)
     assert not Path(folder).exists()
     assert given.is_dir()
+
+
+def test_observe_each_equals_as_many_observations() -> None:
+    from prometheus_client import CollectorRegistry, Histogram
+
+    registry = CollectorRegistry()
+    one = Histogram("one_ms", "", buckets=(1, 5, 10), registry=registry)
+    many = Histogram("many_ms", "", buckets=(1, 5, 10), registry=registry)
+    for amount, count in ((0.5, 3), (5.0, 2), (7.5, 4), (50.0, 1)):
+        for _ in range(count):
+            one.observe(amount)
+        metrics.observe_each(many, amount, count)
+    values: dict[str, dict[tuple[str, ...], float]] = {"one": {}, "many": {}}
+    for family in registry.collect():
+        for s in family.samples:
+            if not s.name.endswith("_created"):
+                prefix, rest = s.name.split("_", 1)
+                values[prefix][(rest, s.labels.get("le", ""))] = s.value
+    assert values["one"] == values["many"]
+    assert values["many"][("ms_count", "")] == 10
+
+
+def test_uptime_is_set_when_rendered() -> None:
+    metrics.SERVICE_UPTIME.set(-1)
+    body, _ = metrics.render_latest()
+    assert _samples(body)[("service_uptime_seconds", ())] >= 0
