@@ -63,12 +63,12 @@ MESSAGES = Counter("stream_messages_total", "Messages consumed from the input to
 AGGREGATES_WRITTEN = Counter(
     "stream_aggregates_written_total",
     "Aggregate rows upserted into the database",
-    ["granularity"],  # 1m | 15m
+    ["granularity"],  # 1m | 15m | 1m_regional
 )
 AGGREGATES_PUBLISHED = Counter(
     "stream_aggregates_published_total",
     "Aggregates published to Kafka",
-    ["granularity"],  # 1m | 15m
+    ["granularity"],  # 1m | 15m | 1m_regional
 )
 ANOMALIES_DETECTED = Counter(
     "stream_anomalies_detected_total",
@@ -165,6 +165,14 @@ UNDELIVERED = Gauge(
     "Dead letters and alerts Kafka refused, held while intake is paused until delivered",
     multiprocess_mode="livesum",
 )
+# livemax: every worker measures it after each of its checkpoints; the largest is the truth
+# while one worker's value may be a checkpoint older than another's.
+REGIONAL_WAITING_SECONDS = Gauge(
+    "stream_regional_oldest_waiting_seconds",
+    "Age past its end of the oldest region-window not yet published (0 when none): grows "
+    "while a partition's stored watermark holds regional aggregates back",
+    multiprocess_mode="livemax",
+)
 # livemin: 1 only when every live worker is connected, so one disconnected worker shows as 0.
 # The supervisor's own 0 placeholders are removed by prepare_multiprocess_dir, so the gauges
 # are absent (not 0) while no worker is alive: alert rules check absent() as well.
@@ -208,6 +216,7 @@ _ALL: Final[tuple[Counter | Gauge | Histogram, ...]] = (
     WINDOW_BUCKETS,
     ASSIGNED_PARTITIONS,
     UNDELIVERED,
+    REGIONAL_WAITING_SECONDS,
     KAFKA_CONSUMER_CONNECTED,
     KAFKA_PRODUCER_CONNECTED,
     TIMESCALEDB_CONNECTED,
