@@ -175,12 +175,15 @@ ON CONFLICT (region, window_start) DO UPDATE SET
     min_consumption = EXCLUDED.min_consumption, load_percentage = EXCLUDED.load_percentage,
     published = false, claimed_until = NULL, updated_at = now()
 """
-# regions of a recomputed window that have no meter left in it (a late reading moved a
-# meter's region): their rows go
+# A region of a recomputed window with no meter left in it (a late reading moved its last
+# meter to another region) keeps its row, emptied: meter_count 0 and zeros, published once
+# more, so the topic's latest message for it no longer lists a meter it does not have.
 _GONE = """
-DELETE FROM aggregates_1m_regional
+UPDATE aggregates_1m_regional SET meter_count = 0, total_consumption = 0,
+    avg_consumption = 0, max_consumption = 0, min_consumption = 0, load_percentage = 0,
+    published = false, claimed_until = NULL, updated_at = now()
 WHERE window_start = 'epoch'::timestamptz + %s * interval '1 millisecond'
-  AND NOT (region = ANY(%s::text[]))
+  AND NOT (region = ANY(%s::text[])) AND meter_count <> 0
 """
 _CLAIM = f"""
 WITH c AS (
@@ -308,7 +311,8 @@ class Regional:
             for start, rows in by_window.items():
                 meters = self._meters(start, [f.region for f in rows])
                 for f in rows:
-                    key, value, headers, omitted = encode(f, meters.get(f.region), limit)
+                    listed = meters.get(f.region, [] if f.meter_count == 0 else None)
+                    key, value, headers, omitted = encode(f, listed, limit)
                     messages.append((key, value, headers))
                     out.omitted += omitted
             deliver(messages)
