@@ -173,6 +173,14 @@ REGIONAL_WAITING_SECONDS = Gauge(
     "while a partition's stored watermark holds regional aggregates back",
     multiprocess_mode="livemax",
 )
+# mostrecent: the worker that published a region's newest window last says its load; a
+# late window re-published does not move it back (segs.worker). One series per region.
+REGIONAL_LOAD = Gauge(
+    "stream_regional_load_percentage",
+    "load_percentage of the newest regional 1-minute aggregate published, per region",
+    ["region"],
+    multiprocess_mode="mostrecent",
+)
 # livemin: 1 only when every live worker is connected, so one disconnected worker shows as 0.
 # The supervisor's own 0 placeholders are removed by prepare_multiprocess_dir, so the gauges
 # are absent (not 0) while no worker is alive: alert rules check absent() as well.
@@ -217,6 +225,7 @@ _ALL: Final[tuple[Counter | Gauge | Histogram, ...]] = (
     ASSIGNED_PARTITIONS,
     UNDELIVERED,
     REGIONAL_WAITING_SECONDS,
+    REGIONAL_LOAD,
     KAFKA_CONSUMER_CONNECTED,
     KAFKA_PRODUCER_CONNECTED,
     TIMESCALEDB_CONNECTED,

@@ -143,6 +143,8 @@ class PassStats:
     waiting_s: float = 0.0  # age of the oldest region-window not yet published
     horizon_ms: int | None = None  # every partition's stored watermark is past this
     holding: list[int] = field(default_factory=list)  # … partitions at it, or without one
+    # region → (window start ms, load_percentage) of its newest window delivered
+    loads: dict[str, tuple[int, float]] = field(default_factory=dict)
 
 
 _HORIZON = """
@@ -326,6 +328,9 @@ class Regional:
             log.debug("%d region-windows changed while delivered: they are published again",
                       len(got) - marked[0])
         out.published += len(got)
+        for _, region, start, *_rest, load in got:
+            if start >= out.loads.get(region, (start, 0.0))[0]:
+                out.loads[region] = (int(start), float(load))
         return True
 
     def _meters(self, start_ms: int, regions: list[str]) -> dict[str, list[str] | None]:

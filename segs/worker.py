@@ -177,6 +177,7 @@ class Worker:
             self._closed_topics.add(settings.topic_regional_1m)
         self._said_at = self._refusals_said_at = -_SAY_EVERY_S  # when said last (monotonic)
         self._regional_said_at = -_SAY_EVERY_S
+        self._regional_newest: dict[str, int] = {}  # region → newest window start published
         common = settings.kafka_common()  # the user's settings override our tuning below
         self.admin = admin_client(settings)
         dlq_limit = self._topic_limit(settings.topic_dlq, DEFAULT_RECORD_LIMIT)
@@ -737,6 +738,10 @@ class Worker:
         if r.published:
             metrics.AGGREGATES_PUBLISHED.labels(REGIONAL_GRANULARITY).inc(r.published)
         metrics.REGIONAL_WAITING_SECONDS.set(r.waiting_s)
+        for region, (start, load) in r.loads.items():
+            if start >= self._regional_newest.get(region, start):
+                self._regional_newest[region] = start
+                metrics.REGIONAL_LOAD.labels(region).set(load)
         if r.windows or r.published:
             log.debug("regional: %d windows computed (%d region-windows), %d published "
                       "(%d without their meter list)", r.windows, r.rows, r.published,
