@@ -248,7 +248,7 @@ class Regional:
         is the largest message the topic takes. Raises :class:`DatabaseError`."""
         out = PassStats()
         try:
-            out.computer = self._compute(partitions, out)
+            out.computer = self._compute(partitions, out, stop)
             if out.computer:
                 while not stop() and self._publish_chunk(deliver, limit, out):
                     pass
@@ -259,7 +259,10 @@ class Regional:
 
     # ------------------------------------------------------------------ compute
 
-    def _compute(self, partitions: int, out: PassStats) -> bool:
+    def _compute(self, partitions: int, out: PassStats, stop: Callable[[], bool]) -> bool:
+        """Roll up the closed dirty windows, oldest first, in one transaction; at least
+        one, then until ``stop()`` (the rest waits for the next pass). False when another
+        worker holds the lock."""
         with self._connect() as conn, conn.transaction():
             got = conn.execute("SELECT pg_try_advisory_xact_lock(%s, hashtext(%s))",
                                (_LOCK_CLASS, self.group)).fetchone()
@@ -273,9 +276,12 @@ class Regional:
             dirty: dict[int, list[int]] = {}
             for row_id, start_ms in conn.execute(_DIRTY, (self.group,)).fetchall():
                 dirty.setdefault(int(start_ms), []).append(int(row_id))
-            closed = sorted(s for s in dirty if s + WINDOW_MS <= horizon)[:_MAX_WINDOWS]
-            for start_ms in closed:
+            closed: list[int] = []
+            for start_ms in sorted(s for s in dirty if s + WINDOW_MS <= horizon):
+                if len(closed) >= _MAX_WINDOWS or (closed and stop()):
+                    break
                 out.rows += self._compute_window(conn, start_ms)
+                closed.append(start_ms)
             done = [i for s in closed for i in dirty[s]]
             if done:
                 conn.execute("DELETE FROM regional_dirty WHERE id = ANY(%s)", (done,))
