@@ -229,6 +229,27 @@ def _kafka_pairs(raw: str, name: str = "KAFKA_EXTRA_CONFIG") -> list[tuple[str, 
     return pairs
 
 
+DEFAULT_REGION_CAPACITY_KW = 1_000_000.0  # of a region REGION_CAPACITY_KW does not name
+METER_LISTS = ("full", "none")
+
+
+def _capacities(name: str, raw: str) -> tuple[tuple[str, float], ...]:
+    """``region=kW[,region=kW…]`` as (region, kW) pairs; a region name may hold ``=`` (the
+    last one splits), not a comma."""
+    out: dict[str, float] = {}
+    for i, item in enumerate(filter(None, (p.strip() for p in raw.split(","))), 1):
+        region, sep, kw = (x.strip() for x in item.rpartition("="))
+        try:
+            value = float(kw)
+        except ValueError:
+            value = float("nan")
+        if not sep or not region or not 0 < value < float("inf"):
+            raise ConfigError(name, f"item {i} ({item!r}) is not region=kW with kW a "
+                                    "positive number")
+        out[region] = value
+    return tuple(out.items())
+
+
 def _kafka_extra(name: str, raw: str) -> str:
     _kafka_pairs(raw, name)
     return raw.strip()
@@ -258,6 +279,18 @@ SPECS: tuple[Spec, ...] = (
     Spec("KAFKA_TOPIC_ALERTS", "topic_alerts", "alerts", _text, "topic for anomaly alerts"),
     Spec("KAFKA_TOPIC_DLQ", "topic_dlq", "raw_readings.dlq", _text,
          "dead-letter topic for invalid messages"),
+    Spec("KAFKA_TOPIC_REGIONAL_AGG_1M", "topic_regional_1m", "aggregates_1m_regional", _text,
+         "topic for regional 1-minute aggregates (the alert and tariff services read it)"),
+    Spec("REGIONAL_AGGREGATES", "regional_aggregates", "on", _switch,
+         "on: roll closed 1-minute windows up per region into aggregates_1m_regional (table "
+         "and topic); off: neither"),
+    Spec("REGIONAL_METER_LIST", "regional_meter_list", "full", _choice(METER_LISTS),
+         "full: each regional message lists its meters (active_meters); none: an empty list "
+         "and active_meters_omitted=true. A list that would exceed the topic's "
+         "max.message.bytes is omitted that way too"),
+    Spec("REGION_CAPACITY_KW", "region_capacity_kw", "", _capacities,
+         "capacity per region for load_percentage, region=kW[,region=kW…]; a region not "
+         "named has 1000000 kW"),
     Spec("KAFKA_CREATE_TOPICS", "kafka_create_topics", "on", _switch,
          "create missing output topics at start (partitions as the input topic, the "
          "broker's replication factor); off: a missing one ends the start with exit code 2"),
@@ -359,6 +392,10 @@ class Settings:
     topic_agg_15m: str
     topic_alerts: str
     topic_dlq: str
+    topic_regional_1m: str
+    regional_aggregates: bool
+    regional_meter_list: str
+    region_capacity_kw: tuple[tuple[str, float], ...]
     kafka_create_topics: bool
     kafka_client_id: str
     kafka_compression: str
@@ -441,6 +478,8 @@ class Settings:
                                  for k, v in _kafka_pairs(value))
             elif isinstance(value, Secret):
                 shown = MASK if value else ""
+            elif f.name == "region_capacity_kw":
+                shown = mask_secrets(",".join(f"{r}={kw:g}" for r, kw in value))
             else:
                 shown = mask_secrets(str(value))
             out.append((_BY_FIELD[f.name].env, shown))

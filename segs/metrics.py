@@ -74,12 +74,12 @@ MESSAGES = Counter("stream_messages_total", "Messages consumed from the input to
 AGGREGATES_WRITTEN = Counter(
     "stream_aggregates_written_total",
     "Aggregate rows upserted into the database",
-    ["granularity", "window_type"],  # both 1m | 15m (window_type: the original's label)
+    ["granularity", "window_type"],  # both 1m | 15m | 1m_regional (window_type: the original's)
 )
 AGGREGATES_PUBLISHED = Counter(
     "stream_aggregates_published_total",
     "Aggregates published to Kafka",
-    ["granularity", "window_type"],  # both 1m | 15m (window_type: the original's label)
+    ["granularity", "window_type"],  # both 1m | 15m | 1m_regional (window_type: the original's)
 )
 ANOMALIES_DETECTED = Counter(
     "stream_anomalies_detected_total",
@@ -212,6 +212,22 @@ SERVICE_UPTIME = Gauge(
 )
 _STARTED = time.monotonic()
 
+# livemax: every worker measures it after each of its checkpoints; the largest is the truth
+# while one worker's value may be a checkpoint older than another's.
+REGIONAL_WAITING_SECONDS = Gauge(
+    "stream_regional_oldest_waiting_seconds",
+    "Age past its end of the oldest region-window not yet published (0 when none): grows "
+    "while a partition's stored watermark holds regional aggregates back",
+    multiprocess_mode="livemax",
+)
+# mostrecent: the worker that published a region's newest window last says its load; a
+# late window re-published does not move it back (segs.worker). One series per region.
+REGIONAL_LOAD = Gauge(
+    "stream_regional_load_percentage",
+    "load_percentage of the newest regional 1-minute aggregate published, per region",
+    ["region"],
+    multiprocess_mode="mostrecent",
+)
 # livemin: 1 only when every live worker is connected, so one disconnected worker shows as 0.
 # The supervisor's own 0 placeholders are removed by prepare_multiprocess_dir, so the gauges
 # are absent (not 0) while no worker is alive: alert rules check absent() as well.
@@ -260,6 +276,8 @@ _ALL: Final[tuple[Counter | Gauge | Histogram, ...]] = (
     UNDELIVERED,
     DB_POOL_SIZE,
     SERVICE_UPTIME,
+    REGIONAL_WAITING_SECONDS,
+    REGIONAL_LOAD,
     KAFKA_CONSUMER_CONNECTED,
     KAFKA_PRODUCER_CONNECTED,
     TIMESCALEDB_CONNECTED,

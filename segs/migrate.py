@@ -37,9 +37,11 @@ log = logging.getLogger(__name__)
 
 _LOCK_KEY = 0x5E65_0001  # advisory lock id of segs-stream migrations
 
-# aggregate table → chunk interval of its hypertable (partitioned on window_start, which the
-# primary key (meter_id, window_start) includes, as TimescaleDB requires)
-HYPERTABLES = {"aggregates_1m": "1 day", "aggregates_15m": "7 days"}
+# aggregate table → chunk interval of its hypertable (partitioned on window_start, which each
+# primary key ((meter_id | region), window_start) includes, as TimescaleDB requires); the
+# regional roll-up has a row per region and minute, so its chunks span a week
+HYPERTABLES = {"aggregates_1m": "1 day", "aggregates_15m": "7 days",
+               "aggregates_1m_regional": "7 days"}
 
 Conn = psycopg.Connection[tuple[Any, ...]]
 

@@ -78,7 +78,8 @@ class Payload:
              ("samples", b.samples), ("last_outage_ms", b.last_outage_ms),
              ("last_spike_ms", b.last_spike_ms), ("last_drop_ms", b.last_drop_ms)],
             [("meter_id", b.meter, meters)])
-        return stored, baselines, self.positions, fresh
+        windows = np.unique(p.window_start_ms).tolist()  # for the regional roll-up
+        return stored, baselines, self.positions, fresh, windows
 
     def split(self, parts: int) -> list[Payload]:
         """This payload as at most ``parts`` payloads over disjoint sets of partitions,

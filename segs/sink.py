@@ -15,6 +15,8 @@ One :meth:`Sink.commit` is one transaction:
    slower. Should one of them exist after all, the savepoint rolls back and they are
    merged like the others;
 3. the detector's changed baselines, upserted;
+   with regional aggregates on, one ``regional_dirty`` row per 1-minute window written
+   (:mod:`segs.regional`: that window's regional roll-up is due again);
 4. the next position of every covered partition, written with a compare-and-set on the
    position this worker last read or wrote — when any compare fails the partition moved to
    another owner, the transaction rolls back and :class:`~segs.errors.FencedError` is raised.
@@ -210,19 +212,22 @@ DEFAULT_WRITERS = 2
 Positions = dict[int, tuple[int | None, int, int | None]]
 # Partials to write, by window size (a key of TABLES); a missing size has none.
 PartialsBySize = Mapping[int, Rows]
-# One transaction of Sink.commit_all: (partials, baseline rows, positions, fresh partials),
-# as commit().
-CommitJob = tuple[PartialsBySize, Rows, Positions, PartialsBySize]
+# One transaction of Sink.commit_all: (partials, baseline rows, positions, fresh partials,
+# the 1-minute window starts (ms) of its partials), as commit().
+CommitJob = tuple[PartialsBySize, Rows, Positions, PartialsBySize, Sequence[int]]
 
 
 class Sink:
     """PostgreSQL access of one worker, through a small psycopg pool."""
 
     def __init__(self, url: str, *, consumer_group: str, topic: str,
-                 statement_timeout_ms: int = 60_000, writers: int = DEFAULT_WRITERS) -> None:
+                 statement_timeout_ms: int = 60_000, writers: int = DEFAULT_WRITERS,
+                 regional: bool = False) -> None:
         """``writers``: connections that write checkpoint transactions side by side; the
-        pool has one more, for publishing and reads."""
+        pool has one more, for publishing and reads. ``regional``: checkpoints record the
+        windows they wrote for the regional roll-up."""
         self.group = consumer_group
+        self.regional = regional
         self.topic = topic
         self.writers = writers
         self._threads: ThreadPoolExecutor | None = None  # started by the first commit_all
@@ -279,6 +284,11 @@ class Sink:
             (self.group, list(partitions)),
         )
 
+    def connection(self) -> Any:
+        """A pooled connection as a context manager (it commits on leaving, as psycopg's
+        pool does), for the regional roll-up (:mod:`segs.regional`)."""
+        return self._pool.connection()
+
     def _query(self, query: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
         try:
             with self._pool.connection() as conn:
@@ -289,7 +299,8 @@ class Sink:
     # ------------------------------------------------------------------ checkpoint
 
     def commit(self, partials: PartialsBySize, baselines: Rows, positions: Positions,
-               fresh: PartialsBySize | None = None) -> CommitStats:
+               fresh: PartialsBySize | None = None,
+               windows: Sequence[int] = ()) -> CommitStats:
         """Write one checkpoint atomically (see the module docstring for the steps).
 
         ``partials`` maps a window size of :data:`TABLES` to its partials (distinct (meter,
@@ -299,7 +310,8 @@ class Sink:
         ``positions`` maps partition → (previous stored offset or None when there was none,
         next offset, watermark ms or None). ``fresh`` holds more partials as ``partials``
         does, of windows the worker never wrote, expected to be new rows (none may have the
-        key of a row in ``partials``).
+        key of a row in ``partials``). ``windows`` are the 1-minute window starts (ms) the
+        partials cover, recorded for the regional roll-up when it is on.
         """
         t0 = time.perf_counter()
         try:
@@ -329,6 +341,8 @@ class Sink:
                                _BASELINE_TYPES)
                 if n_base:
                     cur.execute(_UPSERT_BASELINES, (self.group,))
+                if self.regional and len(windows):
+                    cur.execute(_DIRTY_WINDOWS, (self.group, list(windows)))
                 self._write_positions(cur, positions)
         except FencedError:
             raise
@@ -472,6 +486,13 @@ ON CONFLICT (consumer_group, meter_id) DO UPDATE SET
     samples = EXCLUDED.samples, last_outage_ms = EXCLUDED.last_outage_ms,
     last_spike_ms = EXCLUDED.last_spike_ms, last_drop_ms = EXCLUDED.last_drop_ms,
     updated_at = now()
+"""
+
+
+# appended, never updated: concurrent checkpoints of one window never wait on each other
+_DIRTY_WINDOWS = b"""
+INSERT INTO regional_dirty (consumer_group, window_start)
+SELECT %s, 'epoch'::timestamptz + w * interval '1 millisecond' FROM unnest(%s::int8[]) AS w
 """
 
 

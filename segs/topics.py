@@ -11,6 +11,9 @@ Rules:
 * A dead letter must fit the dead-letter topic: :func:`record_limit` learns the topic's
   ``max.message.bytes`` (the broker's default when the topic sets none), and the worker cuts
   a dead letter that would not fit (:func:`segs.outputs.fit_dead_letter`).
+* The regional topic is created with ``max.message.bytes`` = :data:`REGIONAL_RECORD_LIMIT`,
+  room for the meter list of a region of about a million meters; a regional message that
+  does not fit the topic's limit is sent without its list (:mod:`segs.regional`).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from segs.errors import ConfigError, KafkaError
 log = logging.getLogger(__name__)
 
 DEFAULT_RECORD_LIMIT = 1_048_588  # Kafka's default max.message.bytes
+REGIONAL_RECORD_LIMIT = 16_777_216  # max.message.bytes of a regional topic created here
 _TIMEOUT_S = 10.0
 
 
@@ -43,6 +47,8 @@ def output_topics(settings: Settings) -> dict[str, str]:
         "KAFKA_TOPIC_AGG_15M": settings.topic_agg_15m,
         "KAFKA_TOPIC_ALERTS": settings.topic_alerts,
         "KAFKA_TOPIC_DLQ": settings.topic_dlq,
+        **({"KAFKA_TOPIC_REGIONAL_AGG_1M": settings.topic_regional_1m}
+           if settings.regional_aggregates else {}),
     }
 
 
@@ -71,7 +77,10 @@ def ensure_topics(settings: Settings, *, should_stop: Callable[[], bool] = lambd
     source = existing.get(settings.topic_input)
     partitions = len(source.partitions) if source is not None else -1
     created = []
-    new = [NewTopic(name, partitions, -1) for name in dict.fromkeys(missing.values())]
+    big = {"max.message.bytes": str(REGIONAL_RECORD_LIMIT)}
+    new = [NewTopic(name, partitions, -1,
+                    config=big if name == settings.topic_regional_1m else {})
+           for name in dict.fromkeys(missing.values())]
     futures = admin.create_topics(new, request_timeout=_TIMEOUT_S)
     for env, name in missing.items():
         try:

@@ -26,6 +26,8 @@ Revokes and shutdown wait for it and write a last one on the loop itself
    (:meth:`segs.sink.Sink.claim_closed`). A checkpoint publishes for at most one checkpoint
    interval, or until the loop waits for it (revoke, shutdown); one on the loop publishes
    for half the time left before its deadline. The next checkpoint takes up the rest;
+   then the regional pass (:mod:`segs.regional`): if this worker wins the group's lock, it
+   rolls up the windows every partition has passed and publishes them, in the same time;
 3. commit the same offsets to Kafka, for lag monitoring only (the database is the truth).
 
 When step 1 fails for a database reason, the payloads not written are retried verbatim
@@ -72,9 +74,17 @@ from segs.config import Settings
 from segs.decode import Decoder
 from segs.errors import DatabaseError, FencedError, SegsError
 from segs.merge import region_ranks
-from segs.outputs import GRANULARITY, dead_letter_headers, encode_aggregates, fit_dead_letter
+from segs.outputs import (
+    GRANULARITY,
+    dead_letter_headers,
+    encode_aggregates,
+    fit_dead_letter,
+    iso_ms,
+)
 from segs.payload import MeterPartitions, Payload, WrittenWindows
 from segs.pgcopy import TextFields
+from segs.regional import GRANULARITY as REGIONAL_GRANULARITY
+from segs.regional import PassStats, Regional
 from segs.sink import TABLES, ClosedRow, CommitStats, Position, Sink
 from segs.topics import DEFAULT_RECORD_LIMIT, admin_client, output_topics, record_limit
 from segs.windows import WindowEngine
@@ -102,6 +112,7 @@ _NEVER = -(2**62)  # "no watermark yet"
 _MS = itemgetter(1)  # of Message.timestamp(): -1 when the message has none
 _PRODUCER_MAX_BYTES = 1_000_000  # librdkafka's default message.max.bytes
 _SAY_EVERY_S = 60.0  # a lasting failure is logged once a minute
+_REGIONAL_LATE_S = 300.0  # regional output this far behind is reported with its cause
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,7 +146,13 @@ class Worker:
             min_samples=settings.min_samples, cooldown_ms=settings.alert_cooldown_ms)
         self._fresh_state()
         self.sink = Sink(settings.postgres_url.get(), consumer_group=settings.kafka_group_id,
-                         topic=self.topic, writers=settings.checkpoint_writers)
+                         topic=self.topic, writers=settings.checkpoint_writers,
+                         regional=settings.regional_aggregates)
+        self.regional = Regional(
+            self.sink.connection, group=settings.kafka_group_id, topic=self.topic,
+            capacities=dict(settings.region_capacity_kw),
+            meter_list=settings.regional_meter_list == "full",
+        ) if settings.regional_aggregates else None
         self.assigned: set[int] = set()
         self.positioned: set[int] = set()  # assigned partitions sought to their position
         self.stored: dict[int, int | None] = {}  # position in the database (CAS value)
@@ -156,10 +173,16 @@ class Worker:
         self._refused_lock = threading.Lock()
         self.refused_closed = 0  # closed windows Kafka refused (their rows stay unpublished)
         self._closed_topics = {settings.topic_agg_1m, settings.topic_agg_15m}
+        if self.regional is not None:  # refused ones stay unpublished in the database too
+            self._closed_topics.add(settings.topic_regional_1m)
         self._said_at = self._refusals_said_at = -_SAY_EVERY_S  # when said last (monotonic)
+        self._regional_said_at = -_SAY_EVERY_S
+        self._regional_newest: dict[str, int] = {}  # region → newest window start published
         common = settings.kafka_common()  # the user's settings override our tuning below
         self.admin = admin_client(settings)
         dlq_limit = self._topic_limit(settings.topic_dlq, DEFAULT_RECORD_LIMIT)
+        regional_limit = (self._topic_limit(settings.topic_regional_1m, DEFAULT_RECORD_LIMIT)
+                          if settings.regional_aggregates else 0)
         self.consumer = Consumer({
             **PREFETCH,
             **common,
@@ -181,8 +204,9 @@ class Worker:
             # zstd batches (README, "Output compression")
             "compression.type": settings.kafka_compression,
             "queue.buffering.max.messages": 100_000,
-            # a dead letter is as large as the topic allows (then cut: fit_dead_letter)
-            "message.max.bytes": max(_PRODUCER_MAX_BYTES, dlq_limit),
+            # a dead letter is as large as the topic allows (then cut: fit_dead_letter), a
+            # regional message too (then without its meter list: segs.regional.encode)
+            "message.max.bytes": max(_PRODUCER_MAX_BYTES, dlq_limit, regional_limit),
             **common,
             "enable.idempotence": True,
             "message.timeout.ms": 0,  # never give up on a message: outages are waited out
@@ -195,6 +219,7 @@ class Worker:
         metrics.start_series(tuple(output_topics(settings).values()))
         self.producer_max_bytes = int(producer_conf["message.max.bytes"])
         self.dlq_limit = min(dlq_limit, self.producer_max_bytes)
+        self.regional_limit = min(regional_limit, self.producer_max_bytes)
 
     def _pool_gauges(self) -> None:
         total, idle, waiting = self.sink.pool_stats()
@@ -683,7 +708,37 @@ class Worker:
         out.publish_seconds = done - t_pub
         if not out.publish_error:  # the original's flush: written, then published, per size
             out.flushed = {size: published_at.get(size, done) - t_db for size in TABLES}
+        if self.regional is not None and not out.publish_error:
+            try:
+                out.regional = self.regional.run(self._input_partitions(),
+                                                 self._deliver_regional, self.regional_limit,
+                                                 stop=stop_publishing)
+            except SegsError as exc:
+                out.publish_error = f"regional aggregates: {exc}"
+                if isinstance(exc, DatabaseError):
+                    metrics.DB_WRITE_ERRORS.labels("publish").inc()
         return out
+
+    def _input_partitions(self) -> int:
+        """The input topic's partition count, from Kafka's metadata (thread-safe)."""
+        try:
+            md = self.producer.list_topics(self.topic, timeout=5).topics.get(self.topic)
+        except KafkaException as exc:
+            raise SegsError(f"cannot read the partitions of {self.topic}: {exc}") from exc
+        if md is None or md.error is not None or not md.partitions:
+            raise SegsError(f"cannot read the partitions of {self.topic}")
+        return len(md.partitions)
+
+    def _deliver_regional(self, messages: list[tuple[bytes, bytes, list[tuple[str, bytes]]]]
+                          ) -> None:
+        topic, refused = self.s.topic_regional_1m, self.refused_closed
+        for key, value, headers in messages:
+            self._produce(topic, key, value, headers)
+        if self.producer.flush(10) > 0:
+            raise SegsError(f"regional aggregates: {self._stuck()}")
+        if self.refused_closed != refused:
+            raise SegsError(f"Kafka refused regional aggregates for {topic}: check that the "
+                            "topic exists")
 
     def _book(self, out: _Written) -> bool:
         """On the loop: what a written checkpoint changes; False when it must retry."""
@@ -719,6 +774,8 @@ class Worker:
             if count:
                 metrics.AGGREGATES_PUBLISHED.labels(GRANULARITY[size], GRANULARITY[size]).inc(
                     count)
+        if out.regional is not None:
+            self._book_regional(out.regional)
         metrics.FLUSH_DURATION.observe(out.publish_seconds)
         for size, seconds in out.flushed.items():
             metrics.FLUSH_DURATION_MS.labels(GRANULARITY[size]).observe(seconds * 1000)
@@ -731,12 +788,50 @@ class Worker:
         metrics.CHECKPOINT_DURATION.observe(time.perf_counter() - cut.started)
         return True
 
+    def _book_regional(self, r: PassStats) -> None:
+        if r.published:
+            metrics.AGGREGATES_PUBLISHED.labels(REGIONAL_GRANULARITY, REGIONAL_GRANULARITY).inc(
+                r.published)
+        metrics.REGIONAL_WAITING_SECONDS.set(r.waiting_s)
+        for region, (start, load) in r.loads.items():
+            if start >= self._regional_newest.get(region, start):
+                self._regional_newest[region] = start
+                metrics.REGIONAL_LOAD.labels(region).set(load)
+        if r.windows or r.published:
+            log.debug("regional: %d windows computed (%d region-windows), %d published "
+                      "(%d without their meter list)", r.windows, r.rows, r.published,
+                      r.omitted)
+        now = time.monotonic()
+        if (r.computer and r.waiting_s >= _REGIONAL_LATE_S
+                and now - self._regional_said_at >= _SAY_EVERY_S):
+            self._regional_said_at = now
+            why = ("have no stored watermark yet" if r.horizon_ms is None
+                   else f"hold the lowest stored watermark, {iso_ms(r.horizon_ms)}")
+            log.warning("regional aggregates wait %.0f s: a window is rolled up once every "
+                        "partition of %s has passed its end; partitions %s %s (their owner "
+                        "is stopped, or they are assigned to no worker)", r.waiting_s,
+                        self.topic, r.holding[:10], why)
+
     def _build_payloads(self, wms: dict[int, int]) -> list[Payload]:
         """Everything to store, cut along partitions unless a meter's readings came from
-        two partitions since the last checkpoint (then one transaction holds it all)."""
+        two partitions since the last checkpoint (then one transaction holds it all).
+
+        With regional aggregates on, a partition whose watermark rose is stored even when
+        its offset did not move, and an empty partition gets its first position: the
+        regional roll-up waits for the stored watermark of every partition."""
         positions = {p: (self.stored.get(p), nxt, wms.get(p))
                      for p, nxt in self.consumed.items()
                      if p in self.positioned and nxt != self.stored.get(p)}
+        if self.regional is not None:
+            for p in self.positioned - positions.keys():
+                wm = wms.get(p)
+                if wm is None or wm <= self.stored_wm.get(p, _NEVER):
+                    continue
+                nxt = self.consumed.get(p)
+                if nxt is None:
+                    nxt = self._empty_partition_end(p)
+                if nxt is not None:
+                    positions[p] = (self.stored.get(p), nxt, wm)
         partials = self.windows.drain()
         payload = Payload(partials, self.detector.take_dirty(), positions,
                           self.written.fresh(partials))
@@ -746,10 +841,24 @@ class Worker:
             parts = 1
         return payload.split(parts)
 
+    def _empty_partition_end(self, p: int) -> int | None:
+        """The end offset of partition ``p`` when it holds no message (its next offset
+        then), else None: a partition never read has no position of its own."""
+        try:
+            low, high = self.consumer.get_watermark_offsets(
+                TopicPartition(self.topic, p), timeout=1, cached=False)
+        except KafkaException:
+            return None
+        return high if 0 <= low == high else None
+
     def _stored(self, payload: Payload, stats: CommitStats) -> None:
         """Book a written payload: its positions are the stored ones now."""
-        for p, (_, nxt, _) in payload.positions.items():
+        for p, (_, nxt, wm) in payload.positions.items():
             self.stored[p] = nxt
+            if p in self.positioned:
+                self.consumed.setdefault(p, nxt)
+            if wm is not None:
+                self.stored_wm[p] = max(wm, self.stored_wm.get(p, _NEVER))
         for size, table in TABLES.items():
             granularity = GRANULARITY[size]
             metrics.AGGREGATES_WRITTEN.labels(granularity, granularity).inc(
@@ -886,6 +995,7 @@ class _Written:
     results: list[CommitStats | SegsError] = field(default_factory=list)  # per payload
     db_seconds: float = 0.0
     published: dict[int, int] = field(default_factory=dict)  # window size → rows
+    regional: PassStats | None = None  # the regional pass, when it ran
     publish_error: str | None = None  # publishing is postponed, not failed
     publish_seconds: float = 0.0
     flushed: dict[int, float] = field(default_factory=dict)  # window size → s, write+publish

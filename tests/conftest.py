@@ -82,12 +82,14 @@ class Topics:
     alerts: str
     dlq: str
     group: str
+    regional: str = ""  # the service's default name when empty
 
     def env(self) -> dict[str, str]:
         return {
             "KAFKA_TOPIC_INPUT": self.input, "KAFKA_TOPIC_AGG_1M": self.agg_1m,
             "KAFKA_TOPIC_AGG_15M": self.agg_15m, "KAFKA_TOPIC_ALERTS": self.alerts,
             "KAFKA_TOPIC_DLQ": self.dlq, "KAFKA_GROUP_ID": self.group,
+            **({"KAFKA_TOPIC_REGIONAL_AGG_1M": self.regional} if self.regional else {}),
         }
 
 
@@ -96,7 +98,8 @@ def topics(kafka_server: KafkaServer) -> Topics:
     """Fresh topic names (input with 6 partitions) and a fresh consumer group."""
     tag = uuid.uuid4().hex[:10]
     t = Topics(f"raw_readings.{tag}", f"aggregates_1m.{tag}", f"aggregates_15m.{tag}",
-               f"alerts.{tag}", f"raw_readings.dlq.{tag}", f"segs-{tag}")
+               f"alerts.{tag}", f"raw_readings.dlq.{tag}", f"segs-{tag}",
+               f"aggregates_1m_regional.{tag}")
     create_topics(kafka_server.bootstrap, {t.input: 6, t.agg_1m: 3, t.agg_15m: 3,
-                                           t.alerts: 3, t.dlq: 3})
+                                           t.alerts: 3, t.dlq: 3, t.regional: 3})
     return t

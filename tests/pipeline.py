@@ -9,6 +9,8 @@ aggregates computed from the file by :mod:`tests.reference`.
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
 import re
 import signal
@@ -26,7 +28,14 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from segs.bench.infra import status_kb, worker_pids
 from segs.simulator import SimMessage, SimulatorOptions, produce, read_file
-from tests.reference import RefAgg, aggregate, parse_reading
+from tests.reference import (
+    RefAgg,
+    RefRegional,
+    aggregate,
+    parse_reading,
+    regional,
+    timestamp_ms,
+)
 
 SEGS = str(Path(sys.executable).with_name("segs-stream"))
 TABLES = {60: "aggregates_1m", 900: "aggregates_15m"}
@@ -257,3 +266,93 @@ def read_topic(bootstrap: str, topic: str, timeout_s: float = 30) -> list[Any]:
         return out
     finally:
         c.close()
+
+
+def stored_regional(db_url: str) -> dict[tuple[str, int], tuple[Any, ...]]:
+    """(region, window start ms) → (meter_count, total, avg, max, min, load, published)."""
+    with psycopg.connect(db_url) as conn:
+        rows = conn.execute(
+            "SELECT region, (extract(epoch FROM window_start) * 1000)::int8, meter_count,"
+            " total_consumption, avg_consumption, max_consumption, min_consumption,"
+            " load_percentage, published FROM aggregates_1m_regional").fetchall()
+    return {(r[0], int(r[1])): tuple(r[2:]) for r in rows}
+
+
+def regional_of_stored(db_url: str, caps: dict[str, float]) -> dict[tuple[str, int], RefRegional]:
+    """The reference regional figures of the aggregates_1m rows stored now (bit-exact)."""
+    with psycopg.connect(db_url) as conn:
+        rows = conn.execute(
+            "SELECT meter_id, (extract(epoch FROM window_start) * 1000)::int8, sample_count,"
+            " power_sum, max_power, region FROM aggregates_1m").fetchall()
+    return regional({(m, int(s)): RefAgg(n, ps, ps / n, mx, 0.0, 0.0, region, None)
+                     for m, s, n, ps, mx, region in rows}, caps)
+
+
+def latest_regional(bootstrap: str, topic: str) -> dict[tuple[str, int], dict[str, Any]]:
+    """The latest message of each (key, window) on the regional topic, values parsed."""
+    out: dict[tuple[str, int], dict[str, Any]] = {}
+    msgs = sorted(read_topic(bootstrap, topic), key=lambda m: (m.partition(), m.offset()))
+    for m in msgs:
+        value = json.loads(m.value())
+        assert m.key() == value["region"].encode()
+        assert dict(m.headers() or []) == {"type": b"regional_1m_aggregate",
+                                           "region": m.key()}
+        out[(value["region"], timestamp_ms(value["timestamp"]) or 0)] = value
+    return out
+
+
+def _regional_diff(db_url: str, bootstrap: str, topic: str,
+                   ref: dict[tuple[str, int], RefRegional], caps: dict[str, float]) -> str:
+    """Why the table and the topic do not (yet) match the reference, or ''."""
+    table = stored_regional(db_url)
+    if table.keys() != ref.keys():
+        return (f"table: {len(ref.keys() - table.keys())} region-windows missing, "
+                f"{len(table.keys() - ref.keys())} unexpected")
+    exact = regional_of_stored(db_url, caps)
+    for key, r in ref.items():
+        n, total, avg, mx, mn, load, published = table[key]
+        e = exact[key]
+        if (n, total, avg, mx, mn, load) != (e.meter_count, e.total, e.avg, e.max, e.min,
+                                             e.load):
+            return f"table {key}: {table[key]} is not the roll-up of the stored rows {e}"
+        if not (n == r.meter_count and mx == r.max and _close(total, r.total)
+                and _close(avg, r.avg) and _close(mn, r.min)
+                and (load == r.load or _near_tie(r.total, caps, key[0]))):
+            return f"table {key}: {table[key]} differs from the reference {r}"
+        if not published:
+            return f"table {key}: not published yet"
+    latest = latest_regional(bootstrap, topic)
+    if latest.keys() != ref.keys():
+        return (f"topic: {len(ref.keys() - latest.keys())} region-windows missing, "
+                f"{len(latest.keys() - ref.keys())} unexpected")
+    for key, r in ref.items():
+        v, row = latest[key], table[key]
+        got = (v["meter_count"], v["total_consumption"], v["avg_consumption"],
+               v["max_consumption"], v["min_consumption"], v["load_percentage"])
+        if got != row[:6] or tuple(v["active_meters"]) != r.meters \
+                or v["active_meters_omitted"] or v["windowStart"] != v["timestamp"]:
+            return f"topic {key}: latest message {got} is not the table's {row[:6]}"
+    return ""
+
+
+def wait_regional(db_url: str, bootstrap: str, topic: str,
+                  ref: dict[tuple[str, int], RefRegional], caps: dict[str, float],
+                  timeout_s: float = 60) -> int:
+    """Until every region-window of ``ref`` is in the table, equal to the roll-up of the
+    stored rows bit for bit and to the reference (sums to 1e-9 relative), and the latest
+    message of each on the topic carries the table's figures and the reference's meter
+    list; the region-windows checked."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        why = _regional_diff(db_url, bootstrap, topic, ref, caps)
+        if not why:
+            return len(ref)
+        assert time.monotonic() < deadline, why
+        time.sleep(1.0)
+
+
+def _near_tie(total: float, caps: dict[str, float], region: str) -> bool:
+    """A load this close to a rounding boundary may round either way from sums that differ
+    in the last bits (the reference adds readings in another order)."""
+    x = total / caps.get(region, 1_000_000.0) * 10_000
+    return abs(x - math.floor(x) - 0.5) < 1e-6

@@ -225,3 +225,46 @@ def detect(readings: Iterable[dict[str, Any]], *, spike: float = 1.0, drop: floa
         m.baseline = 0.8 * m.baseline + 0.2 * power
         m.samples += 1
     return out
+
+
+@dataclass(frozen=True)
+class RefRegional:
+    """One region-window of the regional topic and table, as the contract defines it."""
+
+    meter_count: int
+    total: float
+    avg: float
+    max: float
+    min: float
+    load: float
+    meters: tuple[str, ...]  # sorted by code point
+
+
+def to_fixed_2(x: float) -> float:
+    """JavaScript's ``parseFloat(x.toFixed(2))`` for x ≥ 0: the n with n/100 nearest to the
+    exact value of x, the larger on a tie, as the nearest double."""
+    from fractions import Fraction
+
+    n = math.floor(Fraction(x) * 100 + Fraction(1, 2))
+    return float(Fraction(n, 100))
+
+
+def regional(per_meter: dict[tuple[str, int], RefAgg], capacities: dict[str, float],
+             default_kw: float = 1_000_000.0) -> dict[tuple[str, int], RefRegional]:
+    """(region, window_start_ms) → the regional figures of 1-minute ``per_meter`` aggregates:
+    the total is the exact sum of the per-meter averages, rounded once."""
+    from fractions import Fraction
+
+    groups: dict[tuple[str, int], list[tuple[str, RefAgg]]] = {}
+    for (meter, start), agg in per_meter.items():
+        groups.setdefault((agg.region, start), []).append((meter, agg))
+    out: dict[tuple[str, int], RefRegional] = {}
+    for (region, start), members in groups.items():
+        avgs = [a.power_sum / a.count for _, a in members]
+        total = float(sum(map(Fraction, avgs), Fraction(0)))
+        out[(region, start)] = RefRegional(
+            meter_count=len(members), total=total, avg=total / len(members),
+            max=max(a.max for _, a in members), min=min(avgs),
+            load=to_fixed_2(total / capacities.get(region, default_kw) * 100),
+            meters=tuple(sorted(m for m, _ in members)))
+    return out

@@ -31,6 +31,7 @@ from segs.local_servers import (
 )
 from segs.migrate import migrate
 from segs.simulator import SimulatorOptions, SimulatorSummary, produce
+from segs.topics import REGIONAL_RECORD_LIMIT
 
 SEGS = str(Path(sys.executable).with_name("segs-stream"))
 
@@ -110,14 +111,18 @@ class OutputTopics:
         s = self.suffix
         return {"KAFKA_TOPIC_INPUT": self.input, "KAFKA_TOPIC_AGG_1M": f"aggregates_1m.{s}",
                 "KAFKA_TOPIC_AGG_15M": f"aggregates_15m.{s}", "KAFKA_TOPIC_ALERTS": self.alerts,
-                "KAFKA_TOPIC_DLQ": f"raw_readings.dlq.{s}", "KAFKA_GROUP_ID": self.group}
+                "KAFKA_TOPIC_DLQ": f"raw_readings.dlq.{s}", "KAFKA_GROUP_ID": self.group,
+                "KAFKA_TOPIC_REGIONAL_AGG_1M": f"aggregates_1m_regional.{s}"}
 
     def create(self, bootstrap: str) -> None:
         """Output topics; alerts stamped by the broker (LogAppendTime) for latency."""
         outs = {t: 3 for k, t in self.env().items() if k.startswith("KAFKA_TOPIC_")
                 and t != self.input}
+        regional = self.env()["KAFKA_TOPIC_REGIONAL_AGG_1M"]
         create_topics(bootstrap, outs,
-                      {self.alerts: {"message.timestamp.type": "LogAppendTime"}})
+                      {self.alerts: {"message.timestamp.type": "LogAppendTime"},
+                       # as the service creates it: room for a large region's meter list
+                       regional: {"max.message.bytes": str(REGIONAL_RECORD_LIMIT)}})
 
 
 def preload(bootstrap: str, topic: str, opts: SimulatorOptions,

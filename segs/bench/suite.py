@@ -49,6 +49,9 @@ class Plan:
     peer_target: int
     workers: tuple[int, ...] = (1, 2)
     latency_fractions: tuple[float, ...] = (0.5,)
+    # the pipeline with the most workers, and the largest scaling size, run a second time
+    # with REGIONAL_AGGREGATES=off: what regional aggregates cost (issue 18)
+    regional_compare: bool = True
 
 
 FULL = Plan("full", meters=100_000, readings=10_000_000,
@@ -165,6 +168,8 @@ class Suite:
                              workdir=self.workdir)
             if ceiling:
                 r["ratio_to_read_ceiling"] = r["readings_per_s"] / ceiling["readings_per_s"]
+            if workers == max(self.plan.workers):
+                self._regional_cost(r, self.topic, self.ends, workers, self.plan.meters)
             runs.append(r)
             ratio = r.get("ratio_to_read_ceiling")
             self.progress.add("pipeline", f"{workers} worker(s), {self.plan.meters:,} meters",
@@ -178,11 +183,27 @@ class Suite:
             topic, ends, _ = self._load(meters, self.plan.scaling_readings)
             r = run_pipeline(self.srv, topic, ends, workers=2, workdir=self.workdir)
             r["meters"] = meters
+            if meters == max(self.plan.scaling_meters):
+                self._regional_cost(r, topic, ends, 2, meters)
             runs.append(r)
             self.progress.add("scaling", f"{meters:,} meters, 2 workers",
                               _rate(r["readings_per_s"]),
                               f"{r['worker_cpu_us_per_reading']:.2f} CPU µs/reading; "
                               f"RSS {r['worker_peak_rss_mb']} MB")
+
+    def _regional_cost(self, on: dict[str, Any], topic: str, ends: dict[int, int],
+                       workers: int, meters: int) -> None:
+        """Run the same topic again with regional aggregates off; the cost is the share
+        of readings/s the run with them (the default) gave up."""
+        if not self.plan.regional_compare:
+            return
+        off = run_pipeline(self.srv, topic, ends, workers=workers, workdir=self.workdir,
+                           extra_env={"REGIONAL_AGGREGATES": "off"})
+        on["regional_off_readings_per_s"] = off["readings_per_s"]
+        on["regional_cost"] = 1 - on["readings_per_s"] / off["readings_per_s"]
+        self.progress.add("regional", f"{workers} worker(s), {meters:,} meters, off",
+                          _rate(off["readings_per_s"]),
+                          f"regional aggregates cost {on['regional_cost']:.1%} of readings/s")
 
     def _max_rate(self) -> float:
         runs = self.result["scenarios"].get("pipeline") or []

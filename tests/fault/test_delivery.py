@@ -21,8 +21,10 @@ from pathlib import Path
 import pytest
 from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry
 from confluent_kafka.admin._config import ConfigResource
+from confluent_kafka.admin._resource import ResourceType
 
 from segs.local_servers import create_topics, delete_topics
+from segs.topics import REGIONAL_RECORD_LIMIT
 from tests.conftest import Topics
 from tests.fault.conftest import Fault
 from tests.pipeline import (
@@ -209,7 +211,8 @@ def _bare_topics(bootstrap: str) -> Topics:
     """Topic names of which only the input topic exists (6 partitions)."""
     tag = uuid.uuid4().hex[:10]
     t = Topics(f"raw_readings.{tag}", f"aggregates_1m.{tag}", f"aggregates_15m.{tag}",
-               f"alerts.{tag}", f"raw_readings.dlq.{tag}", f"segs-{tag}")
+               f"alerts.{tag}", f"raw_readings.dlq.{tag}", f"segs-{tag}",
+               f"aggregates_1m_regional.{tag}")
     create_topics(bootstrap, {t.input: 6})
     return t
 
@@ -222,10 +225,10 @@ def test_missing_output_topics_are_created_at_start(fault: Fault) -> None:
                   fault.tmp / "create.log", workers=1)
     fault.services.append(svc)
     svc.start()
-    fault.inject("output_topics_missing", 4)
+    fault.inject("output_topics_missing", 5)
     admin = AdminClient({"bootstrap.servers": fault.kafka.bootstrap})
     deadline = time.monotonic() + 60
-    outputs = [t.agg_1m, t.agg_15m, t.alerts, t.dlq]
+    outputs = [t.agg_1m, t.agg_15m, t.alerts, t.dlq, t.regional]
     while True:
         md = admin.list_topics(timeout=10).topics
         if all(name in md for name in outputs):
@@ -234,7 +237,11 @@ def test_missing_output_topics_are_created_at_start(fault: Fault) -> None:
         time.sleep(0.5)
     assert all(len(md[name].partitions) == 6 for name in outputs)
     svc.http_port()
-    assert svc.log_text().count("created topic") == 4
+    assert svc.log_text().count("created topic") == 5
+    # the regional topic takes the meter list of a large region (segs.topics)
+    res = admin.describe_configs([ConfigResource(ResourceType.TOPIC, t.regional)])
+    limit = next(iter(res.values())).result(10)["max.message.bytes"].value
+    assert int(limit) == REGIONAL_RECORD_LIMIT
     assert svc.stop() == 0
 
 

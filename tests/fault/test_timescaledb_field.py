@@ -189,13 +189,13 @@ def test_plain_tables_become_hypertables_once_timescaledb_is_preloaded(
     assert second.returncode == 0, second.stdout + second.stderr
     assert PRELOAD not in second.stdout + second.stderr
     converted = [ln for ln in second.stderr.splitlines() if "converted" in ln]
-    assert len(converted) == 2, second.stderr
+    assert len(converted) == 3, second.stderr
     assert "aggregates_1m" in converted[0] and "15 rows" in converted[0], converted
     assert "aggregates_15m" in converted[1] and "3 rows" in converted[1], converted
     mode = _mode(second)
     assert mode.startswith("timescaledb ") and \
-        mode.endswith(": hypertables aggregates_1m, aggregates_15m"), mode
-    assert _hypertables(url) == {"aggregates_1m", "aggregates_15m"}
+        mode.endswith(": hypertables aggregates_1m, aggregates_15m, aggregates_1m_regional"), mode
+    assert _hypertables(url) == {"aggregates_1m", "aggregates_15m", "aggregates_1m_regional"}
     assert _rows(url) == before  # every row survived, unchanged
     with psycopg.connect(url) as conn:  # … and lives in chunks now, not in the parent
         assert conn.execute("SELECT count(*) FROM ONLY aggregates_1m").fetchone() == (0,)

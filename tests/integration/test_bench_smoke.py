@@ -30,7 +30,7 @@ def test_bench_quick_writes_json_chart_and_figures(
            "SEGS_BENCH_PEER_INSTALL": "0"}  # the peer runs only if its venv is cached
     res = subprocess.run(
         [SEGS, "bench", "--quick", "--out", str(tmp_path / "results"), "--readme", str(readme)],
-        env=env, capture_output=True, text=True, timeout=170, cwd=Path(__file__).parents[2])
+        env=env, capture_output=True, text=True, timeout=240, cwd=Path(__file__).parents[2])
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
 
     [path] = (tmp_path / "results").glob("*-quick.json")
@@ -42,6 +42,8 @@ def test_bench_quick_writes_json_chart_and_figures(
     assert [r["workers"] for r in s["pipeline"]] == [1, 2]
     assert all(r["exit_code"] == 0 and r["worker_peak_rss_mb"] for r in s["pipeline"])
     assert len(s["scaling"]) == len(result["plan"]["scaling_meters"])
+    # the same runs with regional aggregates off (issue 18)
+    assert "regional_cost" in s["pipeline"][1] and "regional_cost" in s["scaling"][-1]
     assert s["latency"]["alert"]["count"] > 0
     assert [r["partials"] for r in s["checkpoint"]] == [1_000, 10_000]
     assert all(r["merge_rows"] >= r["partials"] for r in s["checkpoint"])  # + 15m roll-ups

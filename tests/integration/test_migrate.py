@@ -41,7 +41,7 @@ def test_migrate_concurrently_applies_each_version_once(db_url: str) -> None:
     applied = [v for r in results for v in r.applied]
     assert sorted(applied) == [v for v, _ in migration_files()]
     converted = sorted(t for r in results for t in r.converted)  # each table once, if at all
-    assert converted in ([], ["aggregates_15m", "aggregates_1m"])
+    assert converted in ([], ["aggregates_15m", "aggregates_1m", "aggregates_1m_regional"])
 
 
 def test_migrate_makes_hypertables_where_timescaledb_is_preloaded(db_url: str) -> None:
@@ -51,9 +51,10 @@ def test_migrate_makes_hypertables_where_timescaledb_is_preloaded(db_url: str) -
     if ts.available is None or not ts.preloaded:
         assert first.hypertables == [] and first.converted == []
         pytest.skip("the test server does not preload timescaledb")
-    tables = ["aggregates_1m", "aggregates_15m"]
+    tables = ["aggregates_1m", "aggregates_15m", "aggregates_1m_regional"]
     assert first.converted == tables and first.hypertables == tables
     assert first.mode.startswith(f"timescaledb {ts.created} on PostgreSQL ")
-    assert first.mode.endswith(": hypertables aggregates_1m, aggregates_15m")
+    assert first.mode.endswith(
+        ": hypertables aggregates_1m, aggregates_15m, aggregates_1m_regional")
     again = migrate(db_url)
     assert again.converted == [] and again.hypertables == tables and again.mode == first.mode
