@@ -75,7 +75,7 @@ from segs.merge import region_ranks
 from segs.outputs import GRANULARITY, dead_letter_headers, encode_aggregates, fit_dead_letter
 from segs.payload import MeterPartitions, Payload, WrittenWindows
 from segs.pgcopy import TextFields
-from segs.sink import TABLES, ClosedRow, CommitStats, Position, Sink
+from segs.sink import TABLES, ClosedRow, CommitStats, Position, Sink, StoredTypes
 from segs.topics import DEFAULT_RECORD_LIMIT, admin_client, output_topics, record_limit
 from segs.windows import WindowEngine
 
@@ -130,6 +130,7 @@ class Worker:
         self.decoder = Decoder(self.meters, self.regions,
                                max_message_bytes=settings.max_message_bytes,
                                max_future_skew_ms=settings.max_future_skew_ms)
+        self.stored_types: StoredTypes | None = None  # of the database: _fit_decoder()
         self.detector_settings = DetectorSettings(
             spike_threshold=settings.spike_threshold, drop_threshold=settings.drop_threshold,
             min_samples=settings.min_samples, cooldown_ms=settings.alert_cooldown_ms)
@@ -279,6 +280,7 @@ class Worker:
     def _positions_for(self, parts: Sequence[int]) -> list[TopicPartition] | None:
         """Load positions and baselines of ``parts``; None when the database is away."""
         try:
+            self._fit_decoder()
             stored = self.sink.load_positions(parts)
             baselines = self.sink.load_baselines(parts)
         except DatabaseError as exc:
@@ -297,6 +299,18 @@ class Worker:
                     self.stored_wm[p] = pos.watermark_ms
             tps.append(TopicPartition(self.topic, p, pos.next_offset if pos else default))
         return tps
+
+    def _fit_decoder(self) -> None:
+        """Give the decoder the name lengths the database's columns hold, once, before any
+        message is read: every partition waits for its stored position, read after this."""
+        if self.stored_types is None:
+            types = self.sink.stored_types()
+            self.decoder = Decoder(self.meters, self.regions,
+                                   max_message_bytes=self.s.max_message_bytes,
+                                   max_future_skew_ms=self.s.max_future_skew_ms,
+                                   meter_id_max=types.meter_id_max,
+                                   region_max=types.region_max)
+            self.stored_types = types
 
     def _load_baselines(self, rows: list[tuple[Any, ...]]) -> None:
         if not rows:
