@@ -30,7 +30,15 @@ more than ``max_future_skew_ms`` after the message's own Kafka timestamp (Create
 LogAppendTime) are ``future_timestamp``.
 
 Every rule is a function of the message alone, never of the worker's clock, so a message
-read again after a crash or rebalance is decided the same way. A message without a Kafka
+read again after a crash or rebalance is decided the same way.
+
+One more rule comes from the database, not the contract: a database adopted from the
+original stack (``schema/V000``) keeps ``VARCHAR`` meter id and region columns, shorter than
+the contract allows. The worker reads their lengths once, before it reads any message
+(:meth:`segs.sink.Sink.stored_types`), and a reading valid by the contract whose name is
+longer is ``meter_id_too_long_for_table`` / ``region_too_long_for_table``, checked after
+every rule of the contract. A name that long is never interned, so the fast paths need to
+measure only names they have not seen before. A message without a Kafka
 timestamp (:data:`NO_TIMESTAMP`: only the pre-0.10 message format has none) has nothing to
 be ahead of: the future rule does not apply to it, the others do.
 """
@@ -70,6 +78,8 @@ NOT_FINITE = "not_finite"
 NEGATIVE = "negative"
 BAD_TIMESTAMP = "bad_timestamp"
 FUTURE_TIMESTAMP = "future_timestamp"
+METER_ID_TOO_LONG = "meter_id_too_long_for_table"
+REGION_TOO_LONG = "region_too_long_for_table"
 
 REASONS: tuple[str, ...] = (
     OVERSIZE,
@@ -83,7 +93,11 @@ REASONS: tuple[str, ...] = (
     NEGATIVE,
     BAD_TIMESTAMP,
     FUTURE_TIMESTAMP,
+    METER_ID_TOO_LONG,
+    REGION_TOO_LONG,
 )
+# the rules of the database's column lengths, not of the contract (see the module docstring)
+TABLE_REASONS: tuple[str, ...] = (METER_ID_TOO_LONG, REGION_TOO_LONG)
 
 MIN_TS_MS = 946_684_800_000  # 2000-01-01T00:00:00Z
 NO_TIMESTAMP = -1  # what confluent-kafka's Message.timestamp() gives for "not available"
@@ -294,9 +308,12 @@ def future_limits(kafka_ts_ms: NDArray[np.int64], max_future_skew_ms: int) -> ND
     return limits
 
 
-def _exact(value: bytes, max_ts_ms: int, max_future_skew_ms: int) -> tuple[str, str] | _Parsed:
+def _exact(value: bytes, max_ts_ms: int, max_future_skew_ms: int, *,
+           meter_id_max: int = METER_ID_MAX,
+           region_max: int = REGION_MAX) -> tuple[str, str] | _Parsed:
     """Validate one message the slow, plain way: the parsed fields or (reason, detail).
-    ``max_ts_ms`` is the message's :func:`future_limits` entry."""
+    ``max_ts_ms`` is the message's :func:`future_limits` entry; ``meter_id_max`` and
+    ``region_max`` the longest names the database stores (the table rules, last)."""
     try:
         text = value.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -336,6 +353,12 @@ def _exact(value: bytes, max_ts_ms: int, max_future_skew_ms: int) -> tuple[str, 
     voltage = _number_field(obj, "voltage", math.nan)
     if isinstance(voltage, tuple):
         return voltage
+    if len(meter) > meter_id_max:
+        return METER_ID_TOO_LONG, (f"meterId has {len(meter)} characters; the database's "
+                                   f"meter_id column holds at most {meter_id_max}")
+    if len(region) > region_max:
+        return REGION_TOO_LONG, (f"region has {len(region)} characters; the database's "
+                                 f"region column holds at most {region_max}")
     return meter, region, ts_ms, power, energy, voltage
 
 
@@ -354,10 +377,13 @@ def _interleave(a_index: NDArray[np.intp], a: _Columns, b_index: NDArray[np.intp
 
 
 def native_scan(values: Sequence[bytes | None], max_bytes: int, min_ts_ms: int,
-                max_ts_ms: int, meters: Interner,
-                regions: Interner) -> tuple[NDArray[np.bool_], _Columns]:
+                max_ts_ms: int, meters: Interner, regions: Interner, *,
+                meter_id_max: int = METER_ID_MAX,
+                region_max: int = REGION_MAX) -> tuple[NDArray[np.bool_], _Columns]:
     """The C pass (``segs/_fastscan.c``) over a batch: which values it accepted, and the
-    columns of every position (meaningful only where accepted), names interned."""
+    columns of every position (meaningful only where accepted), names interned. A value
+    whose new name is longer than ``meter_id_max`` / ``region_max`` is declined (names are
+    ASCII there, so characters are bytes)."""
     assert _scan_readings is not None
     n = len(values)
     accepted = np.empty(n, np.bool_)
@@ -367,6 +393,10 @@ def native_scan(values: Sequence[bytes | None], max_bytes: int, min_ts_ms: int,
     fresh = _scan_readings(values, max_bytes, min_ts_ms, max_ts_ms, meters.slots,
                            regions.slots, accepted, *cols)
     for i, meter_id, region_name in fresh:  # names seen for the first time (ASCII)
+        if ((meter_id is not None and len(meter_id) > meter_id_max)
+                or (region_name is not None and len(region_name) > region_max)):
+            accepted[i] = False  # never interned: the exact path gives the reason
+            continue
         if meter_id is not None:
             meter[i] = meters.slot(meter_id)
         if region_name is not None:
@@ -392,12 +422,18 @@ class Decoder:
         *,
         max_message_bytes: int = 65536,
         max_future_skew_ms: int = 300_000,
+        meter_id_max: int | None = None,
+        region_max: int | None = None,
         native: bool = True,
     ) -> None:
+        """``meter_id_max`` / ``region_max``: the longest names the database's columns hold
+        (:meth:`segs.sink.Sink.stored_types`), None for no limit below the contract's."""
         self.meters = meters
         self.regions = regions
         self.max_message_bytes = max_message_bytes
         self.max_future_skew_ms = max_future_skew_ms
+        self.meter_id_max = min(METER_ID_MAX, meter_id_max or METER_ID_MAX)
+        self.region_max = min(REGION_MAX, region_max or REGION_MAX)
         self._decode_one = msgspec.json.Decoder(_Msg).decode
         self._native = native and NATIVE
 
@@ -438,7 +474,8 @@ class Decoder:
         one bound for the batch (the loosest); each message's own is applied after it."""
         accepted, cols = native_scan(values, self.max_message_bytes, MIN_TS_MS,
                                      int(limits.max(initial=MIN_TS_MS)), self.meters,
-                                     self.regions)
+                                     self.regions, meter_id_max=self.meter_id_max,
+                                     region_max=self.region_max)
         accepted &= cols[2] <= limits
         if accepted.all():
             return None, cols, []
@@ -563,10 +600,10 @@ class Decoder:
         return idx, msgs
 
     @staticmethod
-    def _intern(msgs: list[_Msg], field: attrgetter[str],
-                interner: Interner) -> tuple[NDArray[np.int32], bool]:
-        """Slots of a string field (-1 where the name cannot be stored), and whether any
-        is -1."""
+    def _intern(msgs: list[_Msg], field: attrgetter[str], interner: Interner,
+                longest: int) -> tuple[NDArray[np.int32], bool]:
+        """Slots of a string field (-1 where the name cannot be stored: bad text, or longer
+        than ``longest``), and whether any is -1."""
         slots = np.fromiter(map(interner.slots.get, map(field, msgs), repeat(-1)), np.int32,
                             len(msgs))
         missing = np.flatnonzero(slots < 0)
@@ -575,7 +612,7 @@ class Decoder:
         bad = False
         for j in missing.tolist():
             name = field(msgs[j])
-            if _bad_text(name):
+            if len(name) > longest or _bad_text(name):
                 bad = True
             else:
                 slots[j] = interner.slot(name)
@@ -586,8 +623,8 @@ class Decoder:
     ) -> tuple[NDArray[np.bool_], NDArray[np.int32], NDArray[np.int32], NDArray[np.int64]]:
         """Intern ids and parse timestamps; ``ok`` is False where the exact path must judge."""
         n = len(msgs)
-        meter, bad_m = self._intern(msgs, _METER_ID, self.meters)
-        region, bad_r = self._intern(msgs, _REGION, self.regions)
+        meter, bad_m = self._intern(msgs, _METER_ID, self.meters, self.meter_id_max)
+        region, bad_r = self._intern(msgs, _REGION, self.regions, self.region_max)
         ok = np.ones(n, np.bool_)
         if bad_m:
             ok &= meter >= 0
@@ -635,7 +672,8 @@ class Decoder:
         for i in slow:
             v = values[i]
             assert v is not None
-            r = _exact(v, int(limits[i]), self.max_future_skew_ms)
+            r = _exact(v, int(limits[i]), self.max_future_skew_ms,
+                       meter_id_max=self.meter_id_max, region_max=self.region_max)
             if len(r) == 2:
                 rejects.append(Reject(i, r[0], r[1]))  # type: ignore[misc]
                 continue

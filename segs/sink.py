@@ -36,16 +36,18 @@ from __future__ import annotations
 
 import itertools
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
 from psycopg import sql
 from psycopg_pool import ConnectionPool
 
+from segs.decode import METER_ID_MAX, REGION_MAX
 from segs.errors import DatabaseError, FencedError, SegsError
 from segs.pgcopy import CopyData
 
@@ -81,26 +83,52 @@ _NEWER = ("ROW(EXCLUDED.last_reading_at, EXCLUDED.region COLLATE \"C\", "
           "EXCLUDED.source_partition) > ROW(a.last_reading_at, a.region COLLATE \"C\", "
           "a.source_partition)")
 # The original stack's names (schema/V006) are written in the same statement as the
-# contract's, from the same expressions.
+# contract's, from the same expressions: on an insert (from a partial p) and on a merge.
 _AVG = "(a.power_sum + EXCLUDED.power_sum) / (a.sample_count + EXCLUDED.sample_count)"
 _COUNT = "a.sample_count + EXCLUDED.sample_count"
-MERGE_SET = f"""
+_VOLTAGE_AVG = ("(a.voltage_sum + EXCLUDED.voltage_sum)"
+                " / NULLIF(a.voltage_count + EXCLUDED.voltage_count, 0)")
+# original name → (its value on an insert, on a merge): the figures an adopted table keeps
+# as DECIMAL (see fitted())
+ORIGINAL_FIGURES = {
+    "avg_power_kw": ("power_sum / sample_count", _AVG),
+    "max_power_kw": ("power_max", "GREATEST(a.max_power, EXCLUDED.max_power)"),
+    "min_power_kw": ("power_min", "LEAST(a.min_power, EXCLUDED.min_power)"),
+    "energy_kwh_sum": ("energy_sum", "a.total_energy + EXCLUDED.total_energy"),
+    "voltage_avg": ("voltage_sum / NULLIF(voltage_count, 0)", _VOLTAGE_AVG),
+}
+# column → (precision, scale) of a NUMERIC(p, s) the original stack's names have
+Numeric = Mapping[str, tuple[int, int]]
+
+
+def fitted(column: str, expr: str, numeric: Numeric) -> str:
+    """``expr`` as written into ``column``: where the column is NUMERIC(p, s) (an adopted
+    table, schema/V000, keeps the original's DECIMAL(12, 4) and (8, 2)), NULL when the value
+    does not fit, instead of the error that would fail the checkpoint. The test is the
+    cast's own: the value rounded to s decimals has fewer than p - s integer digits."""
+    if column not in numeric:
+        return expr
+    precision, scale = numeric[column]
+    return (f"CASE WHEN abs(round(({expr})::numeric, {scale})) < 1e{precision - scale} "
+            f"THEN {expr} END")
+
+
+def merge_set(numeric: Numeric) -> str:
+    """The merge of two partials, in SQL, for a table whose original-name columns of
+    :data:`ORIGINAL_FIGURES` are ``numeric``."""
+    originals = "".join(f"    {c} = {fitted(c, merge, numeric)},\n"
+                        for c, (_, merge) in ORIGINAL_FIGURES.items())
+    return f"""
     sample_count = {_COUNT},
     power_sum = a.power_sum + EXCLUDED.power_sum,
     avg_power = {_AVG},
     max_power = GREATEST(a.max_power, EXCLUDED.max_power),
     min_power = LEAST(a.min_power, EXCLUDED.min_power),
     total_energy = a.total_energy + EXCLUDED.total_energy,
-    avg_power_kw = {_AVG},
-    max_power_kw = GREATEST(a.max_power, EXCLUDED.max_power),
-    min_power_kw = LEAST(a.min_power, EXCLUDED.min_power),
-    energy_kwh_sum = a.total_energy + EXCLUDED.total_energy,
-    reading_count = {_COUNT},
+{originals}    reading_count = {_COUNT},
     "count" = {_COUNT},
     voltage_sum = a.voltage_sum + EXCLUDED.voltage_sum,
     voltage_count = a.voltage_count + EXCLUDED.voltage_count,
-    voltage_avg = (a.voltage_sum + EXCLUDED.voltage_sum)
-                  / NULLIF(a.voltage_count + EXCLUDED.voltage_count, 0),
     region = CASE WHEN {_NEWER} THEN EXCLUDED.region ELSE a.region END,
     source_partition = CASE WHEN {_NEWER} THEN EXCLUDED.source_partition
                             ELSE a.source_partition END,
@@ -109,15 +137,17 @@ MERGE_SET = f"""
     updated_at = now()
 """
 
+
+MERGE_SET = merge_set({})  # on every table segs-stream made: all columns double precision
+
 _INSERT = """
 INSERT INTO {table} AS a (meter_id, region, window_start, window_end, avg_power, max_power,
     min_power, total_energy, sample_count, power_sum, last_reading_at, source_partition,
-    published, avg_power_kw, max_power_kw, min_power_kw, energy_kwh_sum, reading_count,
-    "count", voltage_sum, voltage_count, voltage_avg)
+    published, avg_power_kw, max_power_kw, min_power_kw, energy_kwh_sum, voltage_avg,
+    reading_count, "count", voltage_sum, voltage_count)
 SELECT meter_id, region, {start}, {end}, power_sum / sample_count, power_max, power_min,
     energy_sum, sample_count, power_sum, {last}, source_partition, false,
-    power_sum / sample_count, power_max, power_min, energy_sum, sample_count, sample_count,
-    voltage_sum, voltage_count, voltage_sum / NULLIF(voltage_count, 0)
+    {originals}, sample_count, sample_count, voltage_sum, voltage_count
 FROM {source} AS p
 """
 _MERGE = """
@@ -128,18 +158,80 @@ SELECT count(*) FILTER (WHERE inserted), count(*) FROM merged
 """
 
 
-def _insert(size: int, source: str) -> str:
+def _insert(size: int, source: str, numeric: Numeric) -> str:
     """The insert of one window size's partials from the temporary table ``source``."""
+    originals = ", ".join(fitted(c, insert, numeric)
+                          for c, (insert, _) in ORIGINAL_FIGURES.items())
     return _INSERT.format(
         table=TABLES[size], source=source, start=_TS.format("window_start_ms"),
-        end=_TS.format(f"(window_start_ms + {size * 1000})"), last=_TS.format("last_ts_ms"))
+        end=_TS.format(f"(window_start_ms + {size * 1000})"), last=_TS.format("last_ts_ms"),
+        originals=originals)
 
 
-# per temporary table: the merge of its partials into their aggregate table; per window
-# size: the plain insert of its fresh partials
-_MERGE_SQL = {source: _MERGE.format(insert=_insert(size, source), merge_set=MERGE_SET).encode()
-              for size in TABLES for source in (_PARTIALS[size], _FRESH[size])}
-_INSERT_FRESH_SQL = {size: _insert(size, _FRESH[size]).encode() for size in TABLES}
+def _statements(numeric: Mapping[str, Numeric]) -> tuple[dict[str, bytes], dict[int, bytes]]:
+    """Per temporary table: the merge of its partials into their aggregate table; per window
+    size: the plain insert of its fresh partials. ``numeric``: table → its NUMERIC columns
+    of :data:`ORIGINAL_FIGURES` (none on a table segs-stream made)."""
+    merges, inserts = {}, {}
+    for size, table in TABLES.items():
+        cols = numeric.get(table, {})
+        for source in (_PARTIALS[size], _FRESH[size]):
+            merges[source] = _MERGE.format(insert=_insert(size, source, cols),
+                                           merge_set=merge_set(cols)).encode()
+        inserts[size] = _insert(size, _FRESH[size], cols).encode()
+    return merges, inserts
+
+
+# the longest names the contract allows: a column at least this long limits nothing
+CONTRACT_NAME_MAX = {"meter_id": METER_ID_MAX, "region": REGION_MAX}
+# the columns whose types limit what a table stores: read once per sink (Sink.stored_types)
+_COLUMN_TYPES = """
+SELECT table_name::text, column_name::text, data_type::text,
+    character_maximum_length::int, numeric_precision::int, numeric_scale::int
+FROM information_schema.columns
+WHERE table_schema = current_schema() AND table_name = ANY(%s) AND column_name = ANY(%s)
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class StoredTypes:
+    """What the aggregate tables can store where their columns are narrower than the
+    contract's (a database adopted from the original stack, schema/V000): the longest meter
+    id and region (None: TEXT, no limit), and per table the original-name figures kept as
+    NUMERIC(p, s). On a database segs-stream made: nothing."""
+
+    meter_id_max: int | None = None
+    region_max: int | None = None
+    numeric: Mapping[str, Numeric] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, rows: Iterable[Sequence[Any]]) -> StoredTypes:
+        """From rows of :data:`_COLUMN_TYPES`."""
+        lengths: dict[str, list[int]] = {"meter_id": [], "region": []}
+        numeric: dict[str, dict[str, tuple[int, int]]] = {}
+        for table, column, data_type, length, precision, scale in rows:
+            if column in lengths and length is not None:
+                lengths[column].append(int(length))
+            elif column in ORIGINAL_FIGURES and data_type == "numeric" and precision:
+                numeric.setdefault(table, {})[column] = (int(precision), int(scale or 0))
+        return cls(min(lengths["meter_id"], default=None), min(lengths["region"], default=None),
+                   numeric)
+
+    def __str__(self) -> str:
+        parts = [f"{what} longer than {n} characters are dead-lettered ({column}_too_long_"
+                 "for_table)" for what, column, n in (
+                     ("meter ids", "meter_id", self.meter_id_max),
+                     ("regions", "region", self.region_max))
+                 if n is not None and n < CONTRACT_NAME_MAX[column]]
+        columns = sorted({f"{c} NUMERIC({p},{s})" for cols in self.numeric.values()
+                          for c, (p, s) in cols.items()})
+        if columns:
+            parts.append(f"a figure that does not fit {', '.join(columns)} is written NULL "
+                         "there (the contract's columns keep it exactly)")
+        return "; ".join(parts)
+
+
+_MERGE_SQL, _INSERT_FRESH_SQL = _statements({})
 
 # One chunk of closed, unpublished rows: per partition (w.p) at most %s rows of windows ending
 # by its watermark (w.wm), after its keyset position (w.after_end, w.after_meter; NULL at the
@@ -231,6 +323,9 @@ class Sink:
         self.topic = topic
         self.writers = writers
         self._threads: ThreadPoolExecutor | None = None  # started by the first commit_all
+        self._types: StoredTypes | None = None  # learnt by the first stored_types()
+        self._types_lock = threading.Lock()
+        self._merge_sql, self._insert_fresh_sql = _MERGE_SQL, _INSERT_FRESH_SQL
         self._pool = ConnectionPool(
             url, min_size=1, max_size=writers + 1, open=False, timeout=5.0, reconnect_timeout=0,
             check=ConnectionPool.check_connection, configure=_create_temp_tables,
@@ -267,6 +362,24 @@ class Sink:
             return False
 
     # ------------------------------------------------------------------ reads on assign
+
+    def stored_types(self) -> StoredTypes:
+        """What the aggregate tables can store, read from the catalogue by the first call
+        (raises :class:`~segs.errors.DatabaseError` while the database is away); it also
+        chooses the statements of every commit, so a table segs-stream made (all TEXT and
+        double precision) pays nothing. A change of those column types takes a restart."""
+        with self._types_lock:
+            if self._types is None:
+                types = StoredTypes.of(self._query(
+                    _COLUMN_TYPES, (list(TABLES.values()),
+                                    ["meter_id", "region", *ORIGINAL_FIGURES])))
+                if types.numeric:
+                    self._merge_sql, self._insert_fresh_sql = _statements(types.numeric)
+                self._types = types
+                if str(types):
+                    log.info("the aggregate tables keep the original stack's column types: "
+                             "%s", types)
+            return self._types
 
     def load_positions(self, partitions: Sequence[int]) -> dict[int, Position]:
         rows = self._query(
@@ -314,6 +427,8 @@ class Sink:
         partials cover, recorded for the regional roll-up when it is on.
         """
         t0 = time.perf_counter()
+        self.stored_types()  # once: the statements that fit the tables
+        merge_sql = self._merge_sql
         try:
             with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
                 # Asynchronous commit is safe here: a server crash loses this transaction
@@ -330,10 +445,11 @@ class Sink:
                     inserted = written = 0
                     if _copy(cur, _FRESH[size], (fresh or {}).get(size, ()), PARTIAL_COLUMNS,
                              _PARTIAL_TYPES):
-                        inserted, written = _insert_fresh(conn, cur, size)
+                        inserted, written = _insert_fresh(
+                            conn, cur, self._insert_fresh_sql[size], merge_sql[_FRESH[size]])
                     if _copy(cur, _PARTIALS[size], partials.get(size, ()), PARTIAL_COLUMNS,
                              _PARTIAL_TYPES):
-                        cur.execute(_MERGE_SQL[_PARTIALS[size]])
+                        cur.execute(merge_sql[_PARTIALS[size]])
                         more_inserted, more_written = cur.fetchone() or (0, 0)
                         inserted, written = inserted + more_inserted, written + more_written
                     rows[table], new_rows[table] = int(written), int(inserted)
@@ -496,19 +612,19 @@ SELECT %s, 'epoch'::timestamptz + w * interval '1 millisecond' FROM unnest(%s::i
 """
 
 
-def _insert_fresh(conn: psycopg.Connection[Any], cur: psycopg.Cursor[Any],
-                  size: int) -> tuple[int, int]:
-    """Insert the fresh partials of ``size`` plainly, or merge them if one of them is stored
-    already; returns (rows inserted, rows written)."""
+def _insert_fresh(conn: psycopg.Connection[Any], cur: psycopg.Cursor[Any], insert: bytes,
+                  merge: bytes) -> tuple[int, int]:
+    """Insert the fresh partials of a window size plainly (``insert``), or merge them
+    (``merge``) if one of them is stored already; returns (rows inserted, rows written)."""
     try:
         with conn.transaction():  # a savepoint
-            cur.execute(_INSERT_FRESH_SQL[size])
+            cur.execute(insert)
             inserted = max(cur.rowcount, 0)
             return inserted, inserted
     except psycopg.errors.UniqueViolation:
         # written by another worker, or by this one before a restart: merge them all
-        log.debug("fresh %d s partials were stored already: merged instead", size)
-        cur.execute(_MERGE_SQL[_FRESH[size]])
+        log.debug("fresh partials were stored already: merged instead")
+        cur.execute(merge)
         inserted, written = cur.fetchone() or (0, 0)
         return int(inserted), int(written)
 

@@ -85,7 +85,7 @@ from segs.payload import MeterPartitions, Payload, WrittenWindows
 from segs.pgcopy import TextFields
 from segs.regional import GRANULARITY as REGIONAL_GRANULARITY
 from segs.regional import PassStats, Regional
-from segs.sink import TABLES, ClosedRow, CommitStats, Position, Sink
+from segs.sink import TABLES, ClosedRow, CommitStats, Position, Sink, StoredTypes
 from segs.topics import DEFAULT_RECORD_LIMIT, admin_client, output_topics, record_limit
 from segs.windows import WindowEngine
 
@@ -141,6 +141,7 @@ class Worker:
         self.decoder = Decoder(self.meters, self.regions,
                                max_message_bytes=settings.max_message_bytes,
                                max_future_skew_ms=settings.max_future_skew_ms)
+        self.stored_types: StoredTypes | None = None  # of the database: _fit_decoder()
         self.detector_settings = DetectorSettings(
             spike_threshold=settings.spike_threshold, drop_threshold=settings.drop_threshold,
             min_samples=settings.min_samples, cooldown_ms=settings.alert_cooldown_ms)
@@ -311,6 +312,7 @@ class Worker:
     def _positions_for(self, parts: Sequence[int]) -> list[TopicPartition] | None:
         """Load positions and baselines of ``parts``; None when the database is away."""
         try:
+            self._fit_decoder()
             stored = self.sink.load_positions(parts)
             baselines = self.sink.load_baselines(parts)
         except DatabaseError as exc:
@@ -359,6 +361,18 @@ class Worker:
             log.info("partitions %s start at the group's committed offsets %s (no stored "
                      "position)", sorted(found), [found[p] for p in sorted(found)])
         return found
+
+    def _fit_decoder(self) -> None:
+        """Give the decoder the name lengths the database's columns hold, once, before any
+        message is read: every partition waits for its stored position, read after this."""
+        if self.stored_types is None:
+            types = self.sink.stored_types()
+            self.decoder = Decoder(self.meters, self.regions,
+                                   max_message_bytes=self.s.max_message_bytes,
+                                   max_future_skew_ms=self.s.max_future_skew_ms,
+                                   meter_id_max=types.meter_id_max,
+                                   region_max=types.region_max)
+            self.stored_types = types
 
     def _load_baselines(self, rows: list[tuple[Any, ...]]) -> None:
         if not rows:

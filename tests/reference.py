@@ -93,11 +93,15 @@ def parse_reading(
     kafka_ts_ms: int | None,
     max_future_skew_ms: int = 300_000,
     max_message_bytes: int = 65536,
+    meter_id_max: int | None = None,
+    region_max: int | None = None,
 ) -> dict[str, Any] | str:
     """A dict (meter_id, region, ts_ms, power, energy, voltage) or a reason code.
 
     ``kafka_ts_ms`` is the message's Kafka timestamp (None or negative: it has none, and
-    the future rule does not apply): a function of the message alone, like every rule."""
+    the future rule does not apply): a function of the message alone, like every rule.
+    ``meter_id_max`` / ``region_max``: the longest names the database's columns hold (None:
+    no limit), judged after every rule of the contract."""
     if not value:
         return "empty"
     if len(value) > max_message_bytes:
@@ -133,6 +137,10 @@ def parse_reading(
         if isinstance(f, tuple):
             return f[0]
         fields[key] = f
+    if meter_id_max is not None and len(meter) > meter_id_max:
+        return "meter_id_too_long_for_table"
+    if region_max is not None and len(region) > region_max:
+        return "region_too_long_for_table"
     return fields
 
 

@@ -19,6 +19,7 @@ from segs.decode import (
     NATIVE,
     NO_TIMESTAMP,
     REASONS,
+    TABLE_REASONS,
     Decoder,
     _exact,
     native_scan,
@@ -118,14 +119,16 @@ def valid_readings(draw: st.DrawFn) -> tuple[bytes, dict[str, Any]]:
     return text.encode("utf-8"), expected
 
 
-def decode(values: list[bytes | None],
-           kafka_ts: list[int] | int = NOW) -> tuple[Decoder, Any, Any]:
+def decode(values: list[bytes | None], kafka_ts: list[int] | int = NOW,
+           limits: tuple[int | None, int | None] = (None, None)) -> tuple[Decoder, Any, Any]:
     """Decode with the native path (when built) and with the Python paths alone; both must
-    give the same readings and rejects. Returns the first."""
+    give the same readings and rejects. Returns the first. ``limits``: the longest meter id
+    and region the database stores."""
     kts = np.array(kafka_ts, np.int64) if isinstance(kafka_ts, list) else kafka_ts
     results = []
     for native in (True, False):
-        dec = Decoder(Interner(), Interner(), max_future_skew_ms=SKEW, native=native)
+        dec = Decoder(Interner(), Interner(), max_future_skew_ms=SKEW, native=native,
+                      meter_id_max=limits[0], region_max=limits[1])
         n = len(values)
         parts = np.arange(n, dtype=np.int32) % 3
         offs = np.arange(n, dtype=np.int64) + 100
@@ -162,13 +165,14 @@ def same(a: dict[str, Any], b: dict[str, Any]) -> bool:
     )
 
 
-def check_against_reference(values: list[bytes | None],
-                            kafka_ts: list[int] | None = None) -> None:
+def check_against_reference(values: list[bytes | None], kafka_ts: list[int] | None = None,
+                            limits: tuple[int | None, int | None] = (None, None)) -> None:
     """Decoder output == reference, index by index; rejects sorted and reasons equal."""
     kts = [NOW] * len(values) if kafka_ts is None else kafka_ts
-    dec, r, rejects = decode(values, kts)
+    dec, r, rejects = decode(values, kts, limits)
     assert [x.index for x in rejects] == sorted(x.index for x in rejects)
-    expected = [parse_reading(v, t, SKEW) for v, t in zip(values, kts, strict=True)]
+    expected = [parse_reading(v, t, SKEW, meter_id_max=limits[0], region_max=limits[1])
+                for v, t in zip(values, kts, strict=True)]
     want_rejects = [(i, e) for i, e in enumerate(expected) if isinstance(e, str)]
     assert [(x.index, x.reason) for x in rejects] == want_rejects
     assert all(x.reason in REASONS and len(x.detail) <= 200 for x in rejects)
@@ -305,7 +309,7 @@ def test_each_rule_rejected_with_its_reason() -> None:
         assert got.get(i) == reason, (v, got.get(i), reason)
         assert parse_reading(v, NOW, SKEW) == reason
     assert r.offset.tolist() == [len(cases) + 100]
-    assert {x.reason for x in rejects} == set(REASONS)
+    assert {x.reason for x in rejects} == set(REASONS) - set(TABLE_REASONS)
     check_against_reference(values)
 
 
@@ -412,6 +416,67 @@ def test_deeply_nested_json_is_rejected_not_raised() -> None:
     assert [(r.index, r.reason) for r in rejects] == [(0, "not_json"), (2, "not_json")]
 
 
+# a database of the original stack: meter_id VARCHAR(50), region VARCHAR(100); and narrower
+ORIGINAL = (50, 100)
+
+
+def test_names_longer_than_the_table_holds_are_rejected_after_the_contract() -> None:
+    """A reading valid by the contract whose meter id (1-64) or region does not fit the
+    database's column gets a reason of its own; a contract rule broken comes first. The
+    same name is judged the same in every batch and every position of one (never
+    interned), on both paths; trailing spaces count (PostgreSQL would cut them silently)."""
+    long_id = "M" * 60
+    values: list[bytes | None] = [
+        mutate({"meterId": long_id}),
+        mutate({"meterId": "M" * 50}),
+        mutate({"meterId": long_id, "powerKw": -1}),  # the contract first: negative
+        mutate({"meterId": "M" * 51}),
+        mutate({"meterId": "M" * 49 + "é"}),  # 50 characters, 51 bytes: fits
+        mutate({"meterId": "M" * 50 + " "}),
+        mutate({"meterId": "é" * 60}),
+        mutate({"meterId": long_id}),
+        mutate({}),
+    ]
+    for limits in (ORIGINAL, (50, None)):
+        dec, r, rejects = decode(values + values, limits=limits)
+        assert [(x.index % 9, x.reason) for x in rejects] == [
+            (0, "meter_id_too_long_for_table"), (2, "negative"),
+            (3, "meter_id_too_long_for_table"), (5, "meter_id_too_long_for_table"),
+            (6, "meter_id_too_long_for_table"), (7, "meter_id_too_long_for_table")] * 2
+        assert rejects[0].detail == ("meterId has 60 characters; the database's meter_id "
+                                     "column holds at most 50")
+        assert (r.offset - 100).tolist() == [1, 4, 8, 10, 13, 17]
+        assert sorted(dec.meters.names) == sorted({"M" * 50, "M" * 49 + "é", "MTR-1"})
+        check_against_reference(values + values, limits=limits)
+    # the same messages on a database with TEXT columns: all stored but the negative one
+    _, r, rejects = decode(values)
+    assert [(x.index, x.reason) for x in rejects] == [(2, "negative")]
+    # a region too long for a narrower column; the meter id is judged first
+    regions: list[bytes | None] = [mutate({"region": "r" * 21}),
+                                   mutate({"region": "r" * 21, "meterId": "M" * 11}),
+                                   mutate({"region": "r" * 20})]
+    _, r, rejects = decode(regions, limits=(10, 20))
+    assert [(x.index, x.reason) for x in rejects] == [(0, "region_too_long_for_table"),
+                                                     (1, "meter_id_too_long_for_table")]
+    assert rejects[0].detail == ("region has 21 characters; the database's region column "
+                                 "holds at most 20")
+    check_against_reference(regions, limits=(10, 20))
+
+
+table_limits = st.tuples(st.one_of(st.none(), st.integers(1, 70)),
+                         st.one_of(st.none(), st.integers(1, 110)))
+
+
+@SETTINGS
+@given(st.lists(st.one_of(valid_readings().map(lambda x: x[0]), near_valid()), min_size=1,
+                max_size=20), table_limits)
+def test_table_limits_decode_like_reference(values: list[bytes | None],
+                                            limits: tuple[int | None, int | None]) -> None:
+    """Whatever the column lengths, both paths give the reference's verdicts and values."""
+    check_against_reference(values, limits=limits)
+    check_against_reference(values + values, limits=limits)  # names seen once already
+
+
 # --------------------------------------------------------------------- the native path
 
 native = pytest.mark.skipif(not NATIVE, reason="segs._fastscan not built (no C compiler)")
@@ -424,12 +489,14 @@ def test_native_path_is_built_where_a_compiler_is() -> None:
         assert NATIVE, "segs._fastscan failed to build: see the pip install output"
 
 
-def scan(values: list[bytes | None]) -> list[tuple[int, Any]]:
+def scan(values: list[bytes | None],
+         limits: tuple[int, int] = (64, 100)) -> list[tuple[int, Any]]:
     """(index, (meter, region, ts, power, energy, voltage)) of every value the C pass
     accepts."""
     meters, regions = Interner(), Interner()
     acc, (meter, region, ts, power, energy, voltage) = native_scan(
-        values, 65536, MIN_TS_MS, NOW + SKEW, meters, regions)
+        values, 65536, MIN_TS_MS, NOW + SKEW, meters, regions, meter_id_max=limits[0],
+        region_max=limits[1])
     return [(i, (meters.names[meter[i]], regions.names[region[i]], int(ts[i]), power[i],
                  energy[i], voltage[i]))
             for i in np.flatnonzero(acc).tolist()]
@@ -439,13 +506,14 @@ def bits(x: float) -> bytes:
     return np.float64(x).tobytes()
 
 
-def check_native_against_exact(values: list[bytes | None]) -> None:
+def check_native_against_exact(values: list[bytes | None],
+                               limits: tuple[int, int] = (64, 100)) -> None:
     """Whatever the C pass accepts, the exact path accepts with the same values (floats bit
     for bit); and it accepts every plain valid reading."""
-    for i, (meter, region, ts, power, energy, voltage) in scan(values):
+    for i, (meter, region, ts, power, energy, voltage) in scan(values, limits):
         v = values[i]
         assert v is not None
-        want = _exact(v, NOW + SKEW, SKEW)
+        want = _exact(v, NOW + SKEW, SKEW, meter_id_max=limits[0], region_max=limits[1])
         assert len(want) == 6, (v, want)
         assert (meter, region, ts) == want[:3], v
         assert [bits(power), bits(energy), bits(voltage)] == [bits(x) for x in want[3:]], v
@@ -456,6 +524,15 @@ def check_native_against_exact(values: list[bytes | None]) -> None:
 @given(st.lists(st.one_of(near_valid(), st.binary(max_size=120), st.none()), max_size=20))
 def test_native_accepts_only_what_the_exact_path_accepts(values: list[bytes | None]) -> None:
     check_native_against_exact(values)
+
+
+@native
+@SETTINGS
+@given(st.lists(st.one_of(near_valid(), valid_readings().map(lambda x: x[0])), max_size=20),
+       st.tuples(st.integers(1, 64), st.integers(1, 100)))
+def test_native_accepts_only_names_the_table_holds(values: list[bytes | None],
+                                                   limits: tuple[int, int]) -> None:
+    check_native_against_exact(values, limits)
 
 
 # number texts around the C pass's two conversions: the exact fast one (≤ 2^53, |10^k| ≤ 22)
