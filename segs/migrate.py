@@ -278,15 +278,35 @@ def _enable_compression(conn: Conn, table: str) -> None:
                              ).format(sql.Identifier(table)))
 
 
+_DEADLOCK_TRIES = 5  # a migration's DDL can deadlock with TimescaleDB's background jobs
+
+
 def migrate(url: str, policies: Policies | None = None) -> MigrationResult:
     """Bring the database at ``url`` to the newest schema version; then, when ``policies``
     is given, make the TimescaleDB policies match it (None leaves them as they are).
 
-    Raises :class:`~segs.errors.DatabaseError` when the server cannot be reached or the
-    connection broke (worth retrying), :class:`~segs.errors.SchemaError` when it answered
-    and refused (retrying gives the same answer).
+    A deadlock (e.g. an index built while a compression job works on the same chunks) is
+    transient by definition: the whole migration runs again, versions already recorded are
+    skipped. Raises :class:`~segs.errors.DatabaseError` when the server cannot be reached or
+    the connection broke (worth retrying), :class:`~segs.errors.SchemaError` when it
+    answered and refused (retrying gives the same answer).
     """
     applied: list[str] = []
+    for attempt in range(1, _DEADLOCK_TRIES + 1):
+        try:
+            return _migrate_once(url, policies, applied)
+        except (DatabaseError, SchemaError) as exc:
+            if not isinstance(exc.__cause__, psycopg.errors.DeadlockDetected) \
+                    or attempt == _DEADLOCK_TRIES:
+                raise
+            log.info("%s; running the migration again (%d of %d)", exc, attempt + 1,
+                     _DEADLOCK_TRIES)
+            time.sleep(0.2 * attempt)
+    raise AssertionError("unreachable")
+
+
+def _migrate_once(url: str, policies: Policies | None, applied: list[str]) -> MigrationResult:
+    """One run of :func:`migrate`; ``applied`` collects the versions it records."""
     already: list[str] = []
     try:
         with psycopg.connect(url, connect_timeout=10, autocommit=True) as conn:
