@@ -72,8 +72,8 @@ ALTER TABLE aggregates_15m SET (timescaledb.compress,
     timescaledb.compress_orderby = 'window_start DESC');
 SELECT add_compression_policy('aggregates_1m', INTERVAL '7 days');
 SELECT add_compression_policy('aggregates_15m', INTERVAL '30 days');
-SELECT count(compress_chunk(c)) FROM show_chunks('aggregates_1m') c;
-SELECT count(compress_chunk(c)) FROM show_chunks('aggregates_15m') c;
+SELECT count(compress_chunk(c, if_not_compressed => true)) FROM show_chunks('aggregates_1m') c;
+SELECT count(compress_chunk(c, if_not_compressed => true)) FROM show_chunks('aggregates_15m') c;
 """
 
 # (meter, window start ms, avg, max, min, energy, voltage_avg, reading_count, created_at ms)
