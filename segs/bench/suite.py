@@ -200,10 +200,15 @@ class Suite:
         off = run_pipeline(self.srv, topic, ends, workers=workers, workdir=self.workdir,
                            extra_env={"REGIONAL_AGGREGATES": "off"})
         on["regional_off_readings_per_s"] = off["readings_per_s"]
-        on["regional_cost"] = 1 - on["readings_per_s"] / off["readings_per_s"]
+        # a run that consumed nearly everything before its first poll measured no rate (a
+        # quick-mode size): no cost then, rather than a division by zero
+        measured = off["readings_per_s"] > 0 and on["readings_per_s"] > 0
+        on["regional_cost"] = (1 - on["readings_per_s"] / off["readings_per_s"]
+                               if measured else None)
         self.progress.add("regional", f"{workers} worker(s), {meters:,} meters, off",
                           _rate(off["readings_per_s"]),
-                          f"regional aggregates cost {on['regional_cost']:.1%} of readings/s")
+                          f"regional aggregates cost {on['regional_cost']:.1%} of readings/s"
+                          if measured else "too short a run to compare")
 
     def _max_rate(self) -> float:
         runs = self.result["scenarios"].get("pipeline") or []
