@@ -745,14 +745,7 @@ class Worker:
 
     def _deliver_regional(self, messages: list[tuple[bytes, bytes, list[tuple[str, bytes]]]]
                           ) -> None:
-        topic, refused = self.s.topic_regional_1m, self.refused_closed
-        for key, value, headers in messages:
-            self._produce(topic, key, value, headers)
-        if self.producer.flush(10) > 0:
-            raise SegsError(f"regional aggregates: {self._stuck()}")
-        if self.refused_closed != refused:
-            raise SegsError(f"Kafka refused regional aggregates for {topic}: check that the "
-                            "topic exists")
+        self._deliver_rows(self.s.topic_regional_1m, messages, "regional aggregates")
 
     def _book(self, out: _Written) -> bool:
         """On the loop: what a written checkpoint changes; False when it must retry."""
@@ -899,14 +892,20 @@ class Worker:
 
     def _deliver_closed(self, size_s: int, rows: list[ClosedRow]) -> None:
         topic = self.s.topic_agg_1m if size_s == 60 else self.s.topic_agg_15m
+        self._deliver_rows(topic, encode_aggregates(size_s, rows), "closed windows")
+
+    def _deliver_rows(self, topic: str,
+                      messages: Sequence[tuple[bytes, bytes, list[tuple[str, bytes]]]],
+                      what: str) -> None:
+        """Produce messages of stored rows and wait until Kafka has them; raises when it
+        does not (the rows stay unpublished and are claimed again)."""
         refused = self.refused_closed
-        for key, value, headers in encode_aggregates(size_s, rows):
+        for key, value, headers in messages:
             self._produce(topic, key, value, headers)
         if self.producer.flush(10) > 0:
-            raise SegsError(f"closed windows: {self._stuck()}")
+            raise SegsError(f"{what}: {self._stuck()}")
         if self.refused_closed != refused:
-            raise SegsError(f"Kafka refused closed windows for {topic}: check that the "
-                            "topic exists")
+            raise SegsError(f"Kafka refused {what} for {topic}: check that the topic exists")
 
     def _commit_kafka_offsets(self) -> None:
         """The stored positions as the group's Kafka offsets: for lag monitoring, and so
