@@ -11,7 +11,7 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
 WORKDIR /src
-# A C compiler for the decoder's native fast path (segs/_fastscan.c); only in this stage.
+# A C compiler for the decoder's native fast path (segs/intake/_fastscan.c); only in this stage.
 RUN apt-get update \
  && apt-get install -y --no-install-recommends gcc libc6-dev \
  && rm -rf /var/lib/apt/lists/*
@@ -27,7 +27,7 @@ COPY schema ./schema
 RUN /opt/segs-stream/.venv/bin/pip wheel --no-deps --wheel-dir /wheels . \
  && /opt/segs-stream/.venv/bin/pip install /wheels/*.whl \
  && /opt/segs-stream/.venv/bin/segs-stream --help > /dev/null \
- && /opt/segs-stream/.venv/bin/python -c "import segs._fastscan"
+ && /opt/segs-stream/.venv/bin/python -c "import segs.intake._fastscan"
 
 # --- final: the venv on a clean slim image, run as an unprivileged user ---------------------
 FROM ${PYTHON_IMAGE}

@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 # named like the package may shadow it; in this flat layout that folder is the package.
 INSTALL := PYTHONWARNINGS=ignore::UserWarning $(BIN)/python -m pip install -q -e
 
-$(STAMP): pyproject.toml setup.py segs/_fastscan.c
+$(STAMP): pyproject.toml setup.py segs/intake/_fastscan.c
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@$(BIN)/python -m pip install -q --upgrade pip
 	@$(INSTALL) ".[dev]"
@@ -41,4 +41,4 @@ bench: $(STAMP)
 	$(BIN)/segs-stream bench $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis build segs/_fastscan.*.so
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis build segs/intake/_fastscan.*.so

@@ -1,10 +1,11 @@
-"""The decoder's native fast path, ``segs/_fastscan.c``; everything else is in pyproject.toml.
+"""The decoder's native fast path, ``segs/intake/_fastscan.c``; the rest is in pyproject.toml.
 
 The extension is optional: without a C compiler the install still succeeds, and
-``segs.decode`` runs its Python paths (same results, about 2.5x slower; the supervisor warns).
+``segs.intake.decode`` runs its Python paths (same results, about 2.5x slower; the supervisor
+warns).
 """
 
 from setuptools import Extension, setup
 
-setup(ext_modules=[Extension("segs._fastscan", ["segs/_fastscan.c"],
+setup(ext_modules=[Extension("segs.intake._fastscan", ["segs/intake/_fastscan.c"],
                              extra_compile_args=["-O2"], optional=True)])

@@ -1,4 +1,4 @@
-"""Throughput of :meth:`segs.anomaly.AnomalyDetector.check` (readings per second).
+"""Throughput of :meth:`segs.detection.detector.AnomalyDetector.check` (readings per second).
 
 Run: ``.venv/bin/python benchmarks/bench_anomaly.py [--meters 100000] [--repeat 20]``
 
@@ -18,8 +18,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from segs.anomaly import AnomalyDetector, DetectorSettings
-from segs.columns import Readings
+from segs.detection.detector import AnomalyDetector, DetectorSettings
+from segs.intake.readings import Readings
 
 
 def make_batch(rng: np.random.Generator, meter: np.ndarray, t0: int) -> Readings:

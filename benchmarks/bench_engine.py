@@ -3,7 +3,7 @@
     python benchmarks/bench_engine.py [--quick] [--json PATH]
 
 * decode: msgs/s on simulator-like ~290-byte messages, validation included, with the native
-  path (``segs/_fastscan.c``) and the Python paths alone; the same fields at ~330 bytes; and
+  path (``segs/intake/_fastscan.c``) and the Python paths alone; the same fields at ~330 bytes; and
   the simulator's own stream (100,000 meters in random order, 1 % invalid);
 * windows: readings/s of ``add`` of the 1-minute engine (the only one the worker keeps;
   15-minute rows are rolled up from its partials in SQL), 100,000 meters,
@@ -31,10 +31,10 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from segs.columns import Interner, Readings
-from segs.decode import NATIVE, Decoder
-from segs.simulator import SimulatorOptions, generate
-from segs.windows import WindowEngine
+from segs.intake.decode import NATIVE, Decoder
+from segs.intake.readings import Interner, Readings
+from segs.tools.simulator import SimulatorOptions, generate
+from segs.windows.engine import WindowEngine
 
 T0 = 1_795_759_200_000  # 2026-11-27T06:00:00Z
 REGIONS = ["north", "south", "east", "west", "central"]

@@ -4,8 +4,8 @@
     .venv/bin/python benchmarks/bench_simulator.py --local-kafka        # real broker, started here
     .venv/bin/python benchmarks/bench_simulator.py --brokers host:9092  # your broker
 
-Generation is measured twice: the batches :func:`segs.simulator.produce` sends (message
-bytes only) and the public :func:`segs.simulator.generate` (``SimMessage`` lists). The
+Generation is measured twice: the batches :func:`segs.tools.simulator.produce` sends (message
+bytes only) and the public :func:`segs.tools.simulator.generate` (``SimMessage`` lists). The
 produce figure includes the final ``flush()``; beside the wall-clock rate it gives messages
 per CPU-second of the producing (Python) thread, i.e. what one core sustains when the broker
 is not the bottleneck (on a small machine a local broker competes for the same cores).
@@ -25,8 +25,8 @@ from collections.abc import Iterator
 
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from segs import simulator
-from segs.simulator import SimulatorOptions, generate, produce
+from segs.tools import simulator
+from segs.tools.simulator import SimulatorOptions, generate, produce
 
 
 def _options(count: int, meters: int, disorder: bool) -> SimulatorOptions:
@@ -83,7 +83,7 @@ def _cluster(args: argparse.Namespace) -> Iterator[tuple[str, str]]:
     if args.brokers:
         yield args.brokers, "given broker"
     elif args.local_kafka:
-        from segs.local_servers import LocalKafka
+        from segs.tools.local_servers import LocalKafka
 
         with LocalKafka() as kafka:  # started on enter, stopped and removed on exit
             yield kafka.bootstrap, "local KRaft broker"

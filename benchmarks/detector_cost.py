@@ -23,8 +23,8 @@ from pathlib import Path
 import psycopg
 
 from segs.bench.infra import cpu_seconds, status_kb, worker_pids
-from segs.local_servers import LocalKafka, LocalPostgres, create_topics
-from segs.simulator import SimulatorOptions, produce
+from segs.tools.local_servers import LocalKafka, LocalPostgres, create_topics
+from segs.tools.simulator import SimulatorOptions, produce
 
 SEGS = str(Path(sys.executable).with_name("segs-stream"))
 TOPICS = {"raw_readings": 6, "raw_readings.dlq": 1, "aggregates_1m": 1, "aggregates_15m": 1,

@@ -21,7 +21,7 @@ from rich.table import Table
 
 from segs.bench import infra
 from segs.bench.pipeline import run_pipeline
-from segs.simulator import SimulatorOptions
+from segs.tools.simulator import SimulatorOptions
 
 SMALL = ("max.partition.fetch.bytes=2097152,fetch.max.bytes=16777216,"
          "queued.min.messages=20000,queued.max.messages.kbytes=32768")

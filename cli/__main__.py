@@ -1,5 +1,5 @@
-"""`python -m cli` runs the segs-stream command."""
+"""`python -m segs.cli` runs the segs-stream command."""
 
-from cli.main import main
+from .main import main
 
 main()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from cli.main import handle_errors
+from .main import handle_errors
 
 
 @click.command()

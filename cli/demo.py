@@ -1,6 +1,6 @@
 """``segs-stream demo``: the whole service on this machine, end to end, with a summary.
 
-Starts a throwaway Kafka broker and PostgreSQL server (see :mod:`segs.local_servers`),
+Starts a throwaway Kafka broker and PostgreSQL server (see :mod:`segs.tools.local_servers`),
 creates the topics, migrates, starts ``segs-stream run`` as a child process, streams
 simulated readings into it with live progress, waits until every reading is stored, stops
 the service with SIGTERM and prints what happened. Everything it started is stopped on the
@@ -26,9 +26,9 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from segs.local_servers import LocalKafka, LocalPostgres, create_topics, free_port
-from segs.migrate import migrate
-from segs.simulator import SimulatorOptions, produce
+from segs.checkpoint.migrate import migrate
+from segs.tools.local_servers import LocalKafka, LocalPostgres, create_topics, free_port
+from segs.tools.simulator import SimulatorOptions, produce
 
 TOPICS = {"raw_readings": 6, "raw_readings.dlq": 1, "aggregates_1m": 3, "aggregates_15m": 3,
           "alerts": 3}
@@ -49,7 +49,7 @@ def demo(meters: int, count: int, rate: int, workers: int, keep_dir: str | None)
     Needs Java 17 and Maven (Kafka's jars come from Maven Central on first use, into
     .cache/) and PostgreSQL server binaries (installed from Debian when missing, as root).
     """
-    from cli.main import fail
+    from .main import fail
 
     with contextlib.ExitStack() as stack:
         base = Path(keep_dir) if keep_dir else Path(stack.enter_context(
@@ -81,7 +81,7 @@ def _demo(stack: contextlib.ExitStack, base: Path, meters: int, count: int, rate
     log_path = base / "service.log"
     with log_path.open("ab") as log:
         service = subprocess.Popen(
-            [sys.executable, "-m", "cli", "--env-file", "/dev/null", "run", "--workers",
+            [sys.executable, "-m", "segs.cli", "--env-file", "/dev/null", "run", "--workers",
              str(workers)], env=env, stdout=log, stderr=subprocess.STDOUT)
     stack.callback(_stop, service)
     console.print(f"[green]✓[/] segs-stream run --workers {workers} (pid {service.pid}); "

@@ -103,11 +103,11 @@ def run(ctx: click.Context, workers: int | None, brokers: str | None, group_id: 
         "WORKERS": workers, "KAFKA_BROKERS": brokers, "KAFKA_GROUP_ID": group_id,
         "POSTGRES_URL": postgres_url, "PORT": port, "HOST": host, "LOG_LEVEL": log_level,
     })
-    from segs.supervisor import prepare_metrics_dir, remove_metrics_dir
+    from segs.runtime.supervisor import prepare_metrics_dir, remove_metrics_dir
 
     folder, own = prepare_metrics_dir()
-    from segs.logs import setup_logging
-    from segs.supervisor import Supervisor
+    from segs.ops.logs import setup_logging
+    from segs.runtime.supervisor import Supervisor
 
     setup_logging(settings.log_level,
                   json_lines={"json": True, "text": False}.get(settings.log_format))
@@ -129,8 +129,8 @@ def migrate(ctx: click.Context, postgres_url: str | None) -> None:
 
     With TimescaleDB installed and preloaded, aggregate tables that are not hypertables yet
     are converted (each is locked while its rows move into chunks)."""
-    from segs.logs import setup_logging
-    from segs.migrate import migrate as apply
+    from segs.checkpoint.migrate import migrate as apply
+    from segs.ops.logs import setup_logging
 
     settings = settings_from(ctx, {"POSTGRES_URL": postgres_url})
     setup_logging(settings.log_level,
@@ -170,16 +170,16 @@ def config_check(ctx: click.Context) -> None:
 
 
 def _register() -> None:
-    from cli.simulate import simulate
+    from .simulate import simulate
 
     main.add_command(simulate)
     try:
-        from cli.demo import demo
+        from .demo import demo
     except ImportError:  # pragma: no cover - during bootstrap
         return
     main.add_command(demo)
     try:
-        from cli.bench import bench
+        from .bench import bench
     except ImportError:  # pragma: no cover
         return
     main.add_command(bench)

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from segs.errors import ConfigError, SegsError
-from segs.simulator import (
+from segs.tools.simulator import (
     ANOMALY_KINDS,
     KINDS,
     SimMessage,

@@ -1,5 +1,5 @@
 -- Closed windows are published chunk by chunk, each partition's unpublished rows read in key
--- order (segs.sink.Sink.claim_closed): this index gives that order, so each chunk starts
+-- order (segs.checkpoint.sink.Sink.claim_closed): this index gives that order, so each chunk starts
 -- where the last one ended instead of re-reading and sorting a window's rows. It serves the
 -- lookups of the index it replaces as well.
 CREATE INDEX IF NOT EXISTS aggregates_1m_unpublished_key

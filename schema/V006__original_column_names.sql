@@ -1,5 +1,5 @@
 -- The column names the original stack's API gateway reads, beside the contract's, on both
--- aggregate tables: the sink writes both sets in the same statement (segs.sink), so a row
+-- aggregate tables: the sink writes both sets in the same statement (segs.checkpoint.sink), so a row
 -- always reads the same under either name. Stored generated columns would cost the same
 -- bytes per row and cannot be added to an adopted hypertable that has compressed chunks, so
 -- one mechanism serves every database. voltage_avg is exact and mergeable: the sink keeps

@@ -1,4 +1,4 @@
--- Regional 1-minute roll-ups of aggregates_1m (segs.regional): one row per (region, window),
+-- Regional 1-minute roll-ups of aggregates_1m (segs.publish.regional): one row per (region, window),
 -- computed once every partition of the input topic has passed the window's end, and again
 -- when a late reading changes one of the window's rows. published: the row's current
 -- content reached the regional topic; claimed_until: a publisher is delivering it (others

@@ -29,7 +29,7 @@ from segs.errors import ConfigError
 from segs.secrets import MASK, is_secret_key, mask_pairs, mask_secrets, mask_url
 
 if TYPE_CHECKING:
-    from segs.migrate import Policies
+    from segs.checkpoint.migrate import Policies
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 # the TypeScript service's (pino) level names, as its .env files hold them
@@ -435,8 +435,8 @@ class Settings:
     log_format: str
 
     def policies(self) -> Policies:
-        """The TimescaleDB policies of the aggregate tables (:mod:`segs.migrate`)."""
-        from segs.migrate import Policies
+        """The TimescaleDB policies of the aggregate tables (:mod:`segs.checkpoint.migrate`)."""
+        from segs.checkpoint.migrate import Policies
 
         return Policies(
             {"aggregates_1m": self.retention_1m_days, "aggregates_15m": self.retention_15m_days},

@@ -1,7 +1,7 @@
 """Masking of secrets in text: the one place that decides what a secret looks like.
 
 Used by ``config show``/``config check`` (:meth:`segs.config.Settings.describe`, the
-:class:`~segs.errors.ConfigError` lines) and by the log filter (:mod:`segs.logs`), so every
+:class:`~segs.errors.ConfigError` lines) and by the log filter (:mod:`segs.ops.logs`), so every
 output path masks the same things the same way:
 
 - the password of a URL's user info (``scheme://user:password@host``). The user info ends at

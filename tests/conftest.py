@@ -1,7 +1,7 @@
 """Fixtures shared by every test tier.
 
 Integration and fault tests get a real Kafka broker and a real PostgreSQL server, started
-once per test session by :mod:`segs.local_servers` (or the servers named by
+once per test session by :mod:`segs.tools.local_servers` (or the servers named by
 ``SEGS_TEST_KAFKA`` / ``SEGS_TEST_POSTGRES_URL``). Each test gets its own database and its
 own topic names, so tests never see each other's data.
 """
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import psycopg
 import pytest
 
-from segs.local_servers import (
+from segs.tools.local_servers import (
     LocalKafka,
     LocalPostgres,
     create_topics,

@@ -27,7 +27,7 @@ import psycopg
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from segs.bench.infra import status_kb, worker_pids
-from segs.simulator import SimMessage, SimulatorOptions, produce, read_file
+from segs.tools.simulator import SimMessage, SimulatorOptions, produce, read_file
 from tests.reference import (
     RefAgg,
     RefRegional,

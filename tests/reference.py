@@ -2,7 +2,7 @@
 
 Dependency-free on purpose: ``json`` + ``datetime`` + ``re``. Fields are checked in the
 order meterId, region, timestamp, powerKw, energyKwh, voltage; the first rule broken gives
-the reason code (the same codes and order as ``segs.decode``).
+the reason code (the same codes and order as ``segs.intake.decode``).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 bare (``consume`` and ``value()`` of each message), and with the service's decoder.
 
 The bare read gets every advantage the service has and more: the service's prefetch
-(:data:`segs.worker.PREFETCH`) and twice its default batch. librdkafka's defaults (1 MiB
+(:data:`segs.runtime.worker.PREFETCH`) and twice its default batch. librdkafka's defaults (1 MiB
 fetches, 10,000-message batches) read about half as fast here; that read is measured
 beside it for reference."""
 
@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, TopicPartition
 
-from segs.columns import Interner
-from segs.decode import Decoder
-from segs.worker import PREFETCH
+from segs.intake.decode import Decoder
+from segs.intake.readings import Interner
+from segs.runtime.worker import PREFETCH
 
 BATCH = 100_000  # twice the service's default BATCH_SIZE
 DEFAULTS_BATCH = 10_000

@@ -6,9 +6,9 @@ stored row, and the savepoint falls back to the merge (``replay``, the cost of a
 
 The payload is built before the clock starts, as the worker builds it before its commit;
 the timed part is what the worker runs: the cut along partitions
-(:meth:`segs.payload.Payload.split`), the encoding of each part as COPY data
-(:meth:`segs.payload.Payload.job`) and the transactions side by side
-(:meth:`segs.sink.Sink.commit_all`: binary COPY, merge, positions), as many as
+(:meth:`segs.checkpoint.payload.Payload.split`), the encoding of each part as COPY data
+(:meth:`segs.checkpoint.payload.Payload.job`) and the transactions side by side
+(:meth:`segs.checkpoint.sink.Sink.commit_all`: binary COPY, merge, positions), as many as
 ``CHECKPOINT_WRITERS`` in the environment says (default 2), read as the service reads it.
 Up to 100,000 partials each size runs ``REPEATS`` times, each in a fresh database; the
 figures are the medians, and ``*_runs`` lists every run (they spread by ±20 % on the 2-core
@@ -26,14 +26,14 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from segs.anomaly import BaselineState
 from segs.bench.infra import Servers, fresh_database
-from segs.columns import Interner
+from segs.checkpoint.payload import Payload, WrittenWindows
+from segs.checkpoint.pgcopy import TextFields
+from segs.checkpoint.sink import CommitStats, Positions, Sink
 from segs.config import load_settings
-from segs.merge import Partials, region_ranks
-from segs.payload import Payload, WrittenWindows
-from segs.pgcopy import TextFields
-from segs.sink import CommitStats, Positions, Sink
+from segs.detection.detector import BaselineState
+from segs.intake.readings import Interner
+from segs.windows.partials import Partials, region_ranks
 
 _T0_MS = 1_795_759_200_000  # 2026-11-27T06:00:00Z
 PARTITIONS = 6

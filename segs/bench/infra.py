@@ -21,17 +21,17 @@ from confluent_kafka import Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 
+from segs.checkpoint.migrate import migrate
 from segs.errors import InfraError
-from segs.local_servers import (
+from segs.publish.topics import REGIONAL_RECORD_LIMIT
+from segs.tools.local_servers import (
     LocalKafka,
     LocalPostgres,
     free_port,
     kafka_from_env,
     postgres_from_env,
 )
-from segs.migrate import migrate
-from segs.simulator import SimulatorOptions, SimulatorSummary, produce
-from segs.topics import REGIONAL_RECORD_LIMIT
+from segs.tools.simulator import SimulatorOptions, SimulatorSummary, produce
 
 SEGS = str(Path(sys.executable).with_name("segs-stream"))
 

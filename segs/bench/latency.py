@@ -34,9 +34,9 @@ from segs.bench.infra import (
     stored_positions,
     tag,
 )
-from segs.decode import parse_timestamp_ms
 from segs.errors import InfraError
-from segs.simulator import SimulatorOptions, produce
+from segs.intake.decode import parse_timestamp_ms
+from segs.tools.simulator import SimulatorOptions, produce
 
 ROW_SAMPLE = 3000
 _TS_FIELD = b'"timestamp":"'

@@ -24,7 +24,7 @@ from typing import Any
 from confluent_kafka import Consumer, TopicPartition
 
 from segs.bench.infra import Servers, cpu_seconds, status_kb, tag
-from segs.local_servers import cache_dir
+from segs.tools.local_servers import cache_dir
 
 QUIX_VERSION = "3.28.1"
 JOB = Path(__file__).with_name("quix_job.py")

@@ -25,8 +25,8 @@ from segs.bench.checkpoint import run_checkpoint
 from segs.bench.latency import run_latency
 from segs.bench.peer import PeerUnavailable, run_peer
 from segs.bench.pipeline import run_pipeline
-from segs.decode import NATIVE
-from segs.simulator import SimulatorOptions
+from segs.intake.decode import NATIVE
+from segs.tools.simulator import SimulatorOptions
 
 SCENARIOS = ("ceiling", "pipeline", "scaling", "latency", "checkpoint", "peer")
 
@@ -289,7 +289,7 @@ def _machine() -> dict[str, Any]:
         "kernel": platform.release(), "python": platform.python_version(),
         "confluent_kafka": confluent_kafka.__version__,
         "librdkafka": confluent_kafka.libversion()[0],
-        "decoder": "native" if NATIVE else "Python (segs._fastscan not built)",
+        "decoder": "native" if NATIVE else "Python (segs.intake._fastscan not built)",
     }}
 
 
@@ -311,7 +311,7 @@ def _git() -> dict[str, Any]:
 def _server_versions(srv: infra.Servers) -> dict[str, Any]:
     import psycopg
 
-    from segs.local_servers import KAFKA_VERSION
+    from segs.tools.local_servers import KAFKA_VERSION
 
     with psycopg.connect(srv.postgres_url) as conn:
         row = conn.execute("SHOW server_version").fetchone()

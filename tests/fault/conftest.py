@@ -33,7 +33,7 @@ import psycopg
 import pytest
 from confluent_kafka import Producer
 
-from segs.simulator import SimMessage
+from segs.tools.simulator import SimMessage
 from tests.conftest import KafkaServer, PostgresServer, Topics
 from tests.pipeline import (
     Service,

@@ -96,9 +96,9 @@ def test_exact_when_backends_are_terminated_during_checkpoints(fault: Fault) -> 
 def test_a_fenced_first_checkpoint_leaves_the_connection_usable(db_url: str) -> None:
     """Regression: the temp tables were created inside the first checkpoint's transaction,
     so a fenced first checkpoint rolled them back and every later one failed for good."""
+    from segs.checkpoint.migrate import migrate
+    from segs.checkpoint.sink import Sink
     from segs.errors import FencedError
-    from segs.migrate import migrate
-    from segs.sink import Sink
 
     migrate(db_url)
     sink = Sink(db_url, consumer_group="g", topic="t")

@@ -23,8 +23,8 @@ from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry
 from confluent_kafka.admin._config import ConfigResource
 from confluent_kafka.admin._resource import ResourceType
 
-from segs.local_servers import create_topics, delete_topics
-from segs.topics import REGIONAL_RECORD_LIMIT
+from segs.publish.topics import REGIONAL_RECORD_LIMIT
+from segs.tools.local_servers import create_topics, delete_topics
 from tests.conftest import Topics
 from tests.fault.conftest import Fault
 from tests.pipeline import (
@@ -238,7 +238,7 @@ def test_missing_output_topics_are_created_at_start(fault: Fault) -> None:
     assert all(len(md[name].partitions) == 6 for name in outputs)
     svc.http_port()
     assert svc.log_text().count("created topic") == 5
-    # the regional topic takes the meter list of a large region (segs.topics)
+    # the regional topic takes the meter list of a large region (segs.publish.topics)
     res = admin.describe_configs([ConfigResource(ResourceType.TOPIC, t.regional)])
     limit = next(iter(res.values())).result(10)["max.message.bytes"].value
     assert int(limit) == REGIONAL_RECORD_LIMIT

@@ -25,7 +25,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
-from segs.simulator import SimMessage
+from segs.tools.simulator import SimMessage
 from tests.fault.conftest import Fault
 from tests.pipeline import end_offsets, expected, stored_positions, wait_consumed
 

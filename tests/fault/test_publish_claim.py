@@ -6,7 +6,7 @@ ended by the server once delivery outlasted ``idle_in_transaction_session_timeou
 was marked published and every checkpoint sent the same windows again. Here the timeout is
 short and the claim long:
 
-- in process: a :class:`~segs.sink.Sink` whose sessions have a 1 s timeout publishes
+- in process: a :class:`~segs.checkpoint.sink.Sink` whose sessions have a 1 s timeout publishes
   40,000 closed windows through a throttled delivery to the real broker;
 - the service: 2 workers close 100,000 meters' windows at once while the test plays the
   server's timeout at 0.5 s (it terminates any session of the database idle in a
@@ -30,10 +30,10 @@ import psycopg
 import pytest
 from confluent_kafka import Producer
 
-import segs.sink
-from segs.migrate import migrate
-from segs.outputs import encode_aggregates
-from segs.sink import ClosedRow, Sink
+import segs.checkpoint.sink
+from segs.checkpoint.migrate import migrate
+from segs.checkpoint.sink import ClosedRow, Sink
+from segs.publish.outputs import encode_aggregates
 from tests.fault.conftest import Fault
 from tests.pipeline import read_topic
 
@@ -121,7 +121,7 @@ def idle_timeout(fault: Fault) -> Iterator[IdleTimeout]:
 def test_a_claim_longer_than_the_idle_timeout_is_delivered_and_marked(
         fault: Fault, monkeypatch: pytest.MonkeyPatch) -> None:
     migrate(fault.db_url)
-    monkeypatch.setattr(segs.sink, "IDLE_IN_TXN_MS", 1_000)  # read by the Sink's pool
+    monkeypatch.setattr(segs.checkpoint.sink, "IDLE_IN_TXN_MS", 1_000)  # read by the Sink's pool
     sink = Sink(fault.db_url, consumer_group="g", topic="t")
     sink.open()
     producer = Producer({"bootstrap.servers": fault.kafka.bootstrap, "linger.ms": 5})

@@ -28,7 +28,7 @@ import time
 import pytest
 from confluent_kafka import Producer
 
-from segs.simulator import SimMessage
+from segs.tools.simulator import SimMessage
 from tests.fault.conftest import Fault
 from tests.pipeline import TABLES, end_offsets, read_topic, stored_positions
 from tests.reference import aggregate, parse_reading

@@ -27,9 +27,9 @@ import psycopg
 import pytest
 from confluent_kafka import Consumer, Producer
 
+from segs.checkpoint.sink import Sink
 from segs.config import load_settings
-from segs.local_servers import free_port
-from segs.sink import Sink
+from segs.tools.local_servers import free_port
 from tests.fault.conftest import Fault
 from tests.pipeline import SEGS
 

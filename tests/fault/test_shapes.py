@@ -21,8 +21,8 @@ import msgspec
 import psycopg
 import pytest
 
-from segs.local_servers import free_port
-from segs.simulator import SimMessage
+from segs.tools.local_servers import free_port
+from segs.tools.simulator import SimMessage
 from tests.fault.conftest import Fault
 from tests.pipeline import read_topic
 from tests.reference import RefAgg

@@ -19,10 +19,10 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from segs.checkpoint.migrate import migration_files, storage_mode
+from segs.checkpoint.sink import Sink
 from segs.errors import InfraError
-from segs.local_servers import LocalPostgres, timescaledb_installed
-from segs.migrate import migration_files, storage_mode
-from segs.sink import Sink
+from segs.tools.local_servers import LocalPostgres, timescaledb_installed
 from tests.conftest import KafkaServer, PostgresServer, Topics
 from tests.pipeline import (
     NO_POLICIES,
@@ -96,7 +96,7 @@ def _rows(url: str) -> dict[str, list[tuple[object, ...]]]:
 
 
 def _partials(meters: int, windows: int, size_s: int) -> list[tuple[object, ...]]:
-    """Rows of segs.sink.PARTIAL_COLUMNS: two readings of 1 kW / 0.5 kWh per window."""
+    """Rows of segs.checkpoint.sink.PARTIAL_COLUMNS: two readings of 1 kW / 0.5 kWh per window."""
     return [(f"m{m}", "north", T0_MS + w * size_s * 1000, 2, 2.0, 1.5, 0.5, 1.0,
              T0_MS + w * size_s * 1000 + 1000, 0)
             for m in range(meters) for w in range(windows)]

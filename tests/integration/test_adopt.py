@@ -21,9 +21,9 @@ from typing import Any
 import psycopg
 import pytest
 
-from segs.local_servers import LocalPostgres
-from segs.migrate import timescale
-from segs.sink import Sink
+from segs.checkpoint.migrate import timescale
+from segs.checkpoint.sink import Sink
+from segs.tools.local_servers import LocalPostgres
 from tests import original_stack
 from tests.conftest import KafkaServer, PostgresServer, Topics
 from tests.pipeline import SEGS, TABLES, expected, process_all, simulate, stored

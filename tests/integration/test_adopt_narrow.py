@@ -25,9 +25,9 @@ import psycopg
 import pytest
 from confluent_kafka import Producer
 
-from segs.local_servers import LocalPostgres
-from segs.migrate import migrate, timescale
-from segs.sink import _INSERT_FRESH_SQL, _MERGE_SQL, Sink, StoredTypes
+from segs.checkpoint.migrate import migrate, timescale
+from segs.checkpoint.sink import _INSERT_FRESH_SQL, _MERGE_SQL, Sink, StoredTypes
+from segs.tools.local_servers import LocalPostgres
 from tests import original_stack
 from tests.conftest import KafkaServer, PostgresServer, Topics
 from tests.pipeline import (

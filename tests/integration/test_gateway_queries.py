@@ -22,8 +22,8 @@ from typing import Any
 import psycopg
 import pytest
 
-from segs.local_servers import LocalPostgres
-from segs.migrate import storage_mode, timescale
+from segs.checkpoint.migrate import storage_mode, timescale
+from segs.tools.local_servers import LocalPostgres
 from tests.conftest import KafkaServer, PostgresServer, Topics
 from tests.pipeline import expected, process_all, simulate
 from tests.reference import RefAgg

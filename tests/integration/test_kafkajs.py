@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from segs.local_servers import cache_dir
+from segs.tools.local_servers import cache_dir
 from tests.conftest import KafkaServer, Topics
 from tests.pipeline import process_all, read_topic, simulate
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import psycopg
 import pytest
 
-from segs.migrate import migrate, migration_files, timescale
+from segs.checkpoint.migrate import migrate, migration_files, timescale
 
 pytestmark = pytest.mark.integration
 

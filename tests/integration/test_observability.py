@@ -12,7 +12,7 @@ import psycopg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from segs.metrics import METRIC_NAMES
+from segs.ops.metrics import METRIC_NAMES
 from tests.conftest import KafkaServer, PostgresServer, Topics
 from tests.pipeline import Service, end_offsets, read_topic, service_env, simulate, wait_consumed
 

@@ -25,7 +25,7 @@ import pytest
 from confluent_kafka import Producer
 from prometheus_client.parser import text_string_to_metric_families
 
-from segs.simulator import SimulatorOptions, generate
+from segs.tools.simulator import SimulatorOptions, generate
 from tests.conftest import KafkaServer, PostgresServer, Topics
 from tests.pipeline import (
     Service,
@@ -233,7 +233,7 @@ def signal_kill(pid: int) -> None:
 
 def test_exact_when_meters_send_on_every_partition(run: Run, cleanup: list[Service]) -> None:
     """A producer that ignores the meter key and spreads every meter over all partitions.
-    A worker then cannot cut its checkpoint along partitions (segs/payload.py) and writes
+    A worker then cannot cut its checkpoint along partitions (segs/checkpoint/payload.py) and writes
     it whole; results stay exact, also when a worker is killed mid-stream. Both workers
     write every meter's windows, so windows one takes for fresh are often stored by the
     other already: the plain insert falls back to the merge, and that too is exact."""
@@ -272,7 +272,7 @@ def messages_total(port: int) -> float:
 
 def test_the_loop_consumes_while_a_checkpoint_waits_on_the_database(
         run: Run, cleanup: list[Service]) -> None:
-    """Checkpoints are written by a thread of their own (segs/worker.py): while the database
+    """Checkpoints are written by a thread of their own (segs/runtime/worker.py): while the database
     holds one up, the poll loop goes on consuming (and alerting); results stay exact."""
     join = run.stream(45_000, 3_000)
     svc = run.service()

@@ -9,9 +9,9 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 
-from segs.local_servers import LocalPostgres
-from segs.migrate import Policies, migrate, timescale
-from segs.sink import Sink
+from segs.checkpoint.migrate import Policies, migrate, timescale
+from segs.checkpoint.sink import Sink
+from segs.tools.local_servers import LocalPostgres
 
 pytestmark = pytest.mark.integration
 

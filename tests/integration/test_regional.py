@@ -17,8 +17,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from segs.outputs import iso_ms
-from segs.simulator import SimMessage
+from segs.publish.outputs import iso_ms
+from segs.tools.simulator import SimMessage
 from tests.conftest import KafkaServer, Topics
 from tests.fault.conftest import produce_raw
 from tests.pipeline import (

@@ -1,4 +1,4 @@
-"""The regional roll-up against the real PostgreSQL server (segs.regional).
+"""The regional roll-up against the real PostgreSQL server (segs.publish.regional).
 
 Checkpoints (Sink.commit) record the windows they write; a pass computes the windows every
 partition's stored watermark has passed, exactly from the stored aggregates_1m rows, and
@@ -17,10 +17,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from segs.local_servers import LocalPostgres
-from segs.migrate import migrate
-from segs.regional import WINDOW_MS, Message, Regional
-from segs.sink import Sink
+from segs.checkpoint.migrate import migrate
+from segs.checkpoint.sink import Sink
+from segs.publish.regional import WINDOW_MS, Message, Regional
+from segs.tools.local_servers import LocalPostgres
 from tests.reference import RefAgg, RefRegional, regional
 
 pytestmark = pytest.mark.integration
@@ -105,7 +105,7 @@ def assert_regional(url: str, topic: Topic, *, published: bool = True) -> None:
             ref.meter_count, ref.total, ref.avg, ref.max, ref.min, ref.load, 60), key
         if published:
             assert done, key
-            from segs.outputs import iso_ms
+            from segs.publish.outputs import iso_ms
 
             msg = latest[(key[0], iso_ms(key[1]))]
             assert msg["windowEnd"] == iso_ms(key[1] + WINDOW_MS)
@@ -117,7 +117,7 @@ def assert_regional(url: str, topic: Topic, *, published: bool = True) -> None:
     if published:
         assert len(latest) == len(got)
         for region, start in emptied:
-            from segs.outputs import iso_ms
+            from segs.publish.outputs import iso_ms
 
             msg = latest[(region, iso_ms(start))]
             assert msg["meter_count"] == 0 and msg["active_meters"] == []

@@ -1,8 +1,9 @@
 """The checkpoint transaction against the real PostgreSQL server.
 
-The merge arithmetic exists twice, in Python (:func:`segs.merge.merge`) and in SQL
-(:data:`segs.sink.MERGE_SET`); these tests prove the two agree whichever way a row is sent
-(merged, or inserted as fresh and merged when it was not new after all), that positions are fenced,
+The merge arithmetic exists twice, in Python (:func:`segs.windows.partials.merge`) and in SQL
+(:data:`segs.checkpoint.sink.MERGE_SET`); these tests prove the two agree whichever way a row is
+sent (merged, or inserted as fresh and merged when it was not new after all), that positions are
+fenced,
 that publishing closed windows marks exactly the rows delivered and unchanged since, chunk
 by chunk, and that transactions written side by side
 commit or fail each on their own.
@@ -20,14 +21,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from segs.anomaly import BaselineState
-from segs.columns import Interner
+from segs.checkpoint.migrate import migrate
+from segs.checkpoint.payload import Payload
+from segs.checkpoint.pgcopy import TextFields
+from segs.checkpoint.sink import CommitStats, Position, Sink
+from segs.detection.detector import BaselineState
 from segs.errors import DatabaseError, FencedError
-from segs.merge import PartialRow, Partials, merge, region_ranks
-from segs.migrate import migrate
-from segs.payload import Payload
-from segs.pgcopy import TextFields
-from segs.sink import CommitStats, Position, Sink
+from segs.intake.readings import Interner
+from segs.windows.partials import PartialRow, Partials, merge, region_ranks
 
 pytestmark = pytest.mark.integration
 
@@ -218,7 +219,7 @@ def test_claim_closed_publishes_again_a_row_another_claim_marked_while_it_delive
 
 def test_claim_closed_keeps_each_delivered_chunk_and_stops_between_chunks(
         sink: Sink, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("segs.sink._CLAIM_CHUNK", 2)
+    monkeypatch.setattr("segs.checkpoint.sink._CLAIM_CHUNK", 2)
     sink.commit({60: [(f"m{i}", "r", 0, 1, 2.0, 2.0, 2.0, 0.5, 1_000, 0)
                       for i in range(5)]}, [], {})
     calls: list[int] = []
@@ -272,8 +273,8 @@ def test_commit_all_writes_each_partition_group_on_its_own(db_url: str, sink: Si
 
 
 def test_an_encoded_payload_lands_as_its_rows(db_url: str, sink: Sink) -> None:
-    """The worker's path: numpy columns → binary COPY data (segs.pgcopy) → the tables, the
-    15-minute rows rolled up from the 1-minute partials on the way."""
+    """The worker's path: numpy columns → binary COPY data (segs.checkpoint.pgcopy) → the tables,
+    the 15-minute rows rolled up from the 1-minute partials on the way."""
     meters = TextFields(["enc-ä", "enc-b"])
     region_names = Interner()
     for name in ("south", "nörth"):  # slots out of name order: the rank decides

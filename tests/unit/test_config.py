@@ -94,7 +94,7 @@ def test_env_example_lists_every_setting() -> None:
 
 
 def test_checkpoint_writers_default_is_the_sinks() -> None:
-    from segs.sink import DEFAULT_WRITERS
+    from segs.checkpoint.sink import DEFAULT_WRITERS
 
     assert load_settings(env={}, env_file=None).checkpoint_writers == DEFAULT_WRITERS
 

@@ -22,9 +22,9 @@ import pytest
 from click.testing import CliRunner, Result
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from segs.cli.main import main
 
-from cli.main import main
-from segs.logs import setup_logging
+from segs.ops.logs import setup_logging
 
 MARK = "Qj"
 SPECIALS = "@:/?#%&=,;' \"\\+!$*()[]{}<>|~^`"

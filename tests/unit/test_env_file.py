@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from segs.cli.main import main
 
-from cli.main import main
 from segs.config import ignored_settings, load_settings, read_env_file
 
 OLD_ENV = Path(__file__).with_name("data") / "stream-processor.env.example"

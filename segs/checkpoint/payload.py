@@ -1,0 +1,185 @@
+"""What one checkpoint writes, and its split into transactions that can run side by side.
+
+A checkpoint's :class:`Payload` holds the drained 1-minute partials, the changed detector
+baselines and the next position of every covered partition. Positions are per partition,
+so a payload can be cut along partitions into several payloads, each one a complete
+checkpoint of its partitions — as if those partitions alone had been checkpointed — and
+written in its own transaction on its own connection (:meth:`segs.checkpoint.sink.Sink.commit_all`),
+``CHECKPOINT_WRITERS`` of them. PostgreSQL runs each upsert on one core; two transactions
+side by side take about two thirds of the time of one (``benchmarks/README.md``,
+"Checkpoint").
+
+The cut is exact only when no partial or baseline mixes readings of partitions that land
+in different parts. Readings are keyed by meter id, so a meter's readings come from one
+partition; :class:`MeterPartitions` watches for the exception (a producer that changed its
+partitioning) and such a payload is written whole, in one transaction.
+
+Rows the worker has never written are sent apart from the others, as *fresh*
+(:class:`WrittenWindows` tells them): the sink inserts them plainly, without the
+``ON CONFLICT`` probe and speculative insertion that a merge costs per row, and merges them
+only if one of them was there after all (another worker wrote it, or this one before a
+restart). Which way a row goes changes the time, never the result.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from numpy.typing import NDArray
+
+from segs.checkpoint.pgcopy import CopyData, copy_data
+from segs.checkpoint.sink import TABLES, CommitJob, Positions
+from segs.detection.detector import BaselineState
+from segs.intake.readings import grown
+from segs.windows.partials import Partials, roll_up
+
+
+@dataclass(slots=True)
+class Payload:
+    """What one checkpoint writes; kept verbatim for retries after a database failure.
+
+    Partials and baselines stay numpy columns (tens of bytes a row) until :meth:`job`
+    encodes them as binary COPY data for the transaction (:mod:`segs.checkpoint.pgcopy`)."""
+
+    partials: Partials  # 1-minute partials
+    baselines: BaselineState
+    positions: Positions
+    # window size → per 1-minute partial, whether its window of that size is one this worker
+    # never wrote for the meter (WrittenWindows.fresh); a size missing here: none is
+    fresh: dict[int, NDArray[np.bool_]] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(len(self.partials) or len(self.baselines) or self.positions)
+
+    def job(self, meters: list[bytes], regions: list[bytes],
+            region_rank: NDArray[np.int64]) -> CommitJob:
+        """The arguments of :meth:`segs.checkpoint.sink.Sink.commit` for this payload: the 1-minute
+        partials and their roll-up into every coarser window size the sink stores, each
+        size as the rows that may be stored already and the fresh ones.
+
+        ``meters`` and ``regions`` are the encoded names by slot
+        (:class:`segs.checkpoint.pgcopy.TextFields`), ``region_rank`` the order of the region names
+        (:func:`segs.windows.partials.region_ranks`), which decides a merged window's region."""
+        p, b = self.partials, self.baselines
+        stored: dict[int, CopyData] = {}
+        fresh: dict[int, CopyData] = {}
+        for size in TABLES:
+            is_fresh = self.fresh.get(size)
+            # all of a coarse window's partials share its freshness: split, then roll up
+            split = [(stored, p)] if is_fresh is None else [(stored, p.take(~is_fresh)),
+                                                           (fresh, p.take(is_fresh))]
+            for into, part in split:
+                if len(part):
+                    rows = part if size == p.size_s else roll_up(part, size, region_rank)
+                    into[size] = _partials_copy(rows, meters, regions)
+        baselines = copy_data(
+            [("source_partition", b.partition), ("baseline", b.baseline),
+             ("samples", b.samples), ("last_outage_ms", b.last_outage_ms),
+             ("last_spike_ms", b.last_spike_ms), ("last_drop_ms", b.last_drop_ms)],
+            [("meter_id", b.meter, meters)])
+        windows = np.unique(p.window_start_ms).tolist()  # for the regional roll-up
+        return stored, baselines, self.positions, fresh, windows
+
+    def split(self, parts: int) -> list[Payload]:
+        """This payload as at most ``parts`` payloads over disjoint sets of partitions,
+        balanced by partial count (largest partition first into the lightest part).
+
+        Only exact when no partial or baseline mixes partitions of two parts; the caller
+        checks that with :class:`MeterPartitions`. Empty parts are left out.
+        """
+        pp, bp = self.partials.partition, self.baselines.partition
+        ids, counts = np.unique(pp, return_counts=True)
+        weight = dict.fromkeys([*self.positions, *np.unique(bp).tolist()], 0)
+        weight.update(zip(ids.tolist(), counts.tolist(), strict=True))
+        partitions = sorted(weight)
+        if parts <= 1 or len(partitions) <= 1:
+            return [self] if self else []
+        loads = [0] * parts
+        groups: list[list[int]] = [[] for _ in range(parts)]
+        for p in sorted(partitions, key=lambda q: (-weight[q], q)):
+            lightest = loads.index(min(loads))
+            groups[lightest].append(p)
+            loads[lightest] += weight[p] + 1
+        out = []
+        for group in groups:
+            if not group:
+                continue
+            keep = np.array(group, np.int32)
+            rows = np.isin(pp, keep)
+            out.append(Payload(
+                self.partials.take(rows),
+                self.baselines.take(np.isin(bp, keep)),
+                {p: pos for p, pos in self.positions.items() if p in group},
+                {size: is_fresh[rows] for size, is_fresh in self.fresh.items()},
+            ))
+        return out
+
+
+def _partials_copy(p: Partials, meters: list[bytes], regions: list[bytes]) -> CopyData:
+    return copy_data(
+        [("window_start_ms", p.window_start_ms), ("sample_count", p.count),
+         ("power_sum", p.power_sum), ("power_max", p.power_max), ("power_min", p.power_min),
+         ("energy_sum", p.energy_sum), ("last_ts_ms", p.last_ts_ms),
+         ("source_partition", p.partition), ("voltage_sum", p.voltage_sum),
+         ("voltage_count", p.voltage_count)],
+        [("meter_id", p.meter, meters), ("region", p.region, regions)])
+
+
+class MeterPartitions:
+    """The partition each meter's last reading came from, and whether some meter's readings
+    came from more than one partition since :meth:`take_mixed` was last called."""
+
+    def __init__(self) -> None:
+        self._home: NDArray[np.int32] = np.full(1024, -1, np.int32)
+        self._mixed = False
+
+    def note(self, meter: NDArray[np.int32], partition: NDArray[np.int32]) -> None:
+        if meter.size == 0:
+            return
+        top = int(meter.max()) + 1
+        if top > self._home.shape[0]:
+            self._home = grown(self._home, max(top, 2 * self._home.shape[0]), -1)
+        before = self._home[meter]
+        if not self._mixed and bool(((before >= 0) & (before != partition)).any()):
+            self._mixed = True
+        self._home[meter] = partition  # one of a meter's readings wins; if they differ, mixed
+        if not self._mixed and bool((self._home[meter] != partition).any()):
+            self._mixed = True  # one meter on two partitions within this batch
+
+    def take_mixed(self) -> bool:
+        mixed, self._mixed = self._mixed, False
+        return mixed
+
+
+_NONE = -(2**62)  # no window written yet
+
+
+class WrittenWindows:
+    """Per meter slot and window size, the latest window this worker has drained to write:
+    which windows of a checkpoint are *fresh*, never written by this worker.
+
+    A fresh window is almost always a new row. It is not one when another worker wrote it
+    (partitions moved, or a producer spread a meter over partitions) or this worker did
+    before a restart; the sink then merges it, so a wrong guess costs time, not exactness.
+    A window older than the latest one is never called fresh, so one that really is new
+    is merged (a late reading for a window nothing was written for).
+    """
+
+    def __init__(self, sizes: tuple[int, ...] = tuple(TABLES)) -> None:
+        self._latest = {size: np.full(1024, _NONE, np.int64) for size in sizes}
+
+    def fresh(self, partials: Partials) -> dict[int, NDArray[np.bool_]]:
+        """Per size, which of ``partials`` (distinct (meter, window) keys of windows that
+        nest in each size) fall in a window of that size fresh for their meter; the
+        windows count as written from now on."""
+        meter = partials.meter
+        out: dict[int, NDArray[np.bool_]] = {}
+        for size, latest in self._latest.items():
+            if len(meter) and int(meter.max()) >= latest.shape[0]:
+                latest = grown(latest, max(int(meter.max()) + 1, 2 * latest.shape[0]), _NONE)
+                self._latest[size] = latest
+            window = partials.window_start_ms // (size * 1000)
+            out[size] = window > latest[meter]
+            np.maximum.at(latest, meter, window)
+        return out

@@ -1,0 +1,690 @@
+"""The database side of a checkpoint: partial aggregates, baselines and positions, atomically.
+
+One :meth:`Sink.commit` is one transaction:
+
+1. binary ``COPY`` of the partial aggregates of each window size into a temporary table:
+   the drained 1-minute partials and their roll-up into 15-minute partials (the worker keeps
+   only 1-minute partials; they nest exactly in 15-minute windows, and
+   :func:`segs.windows.partials.roll_up` merges them per 15-minute window before the commit);
+2. one ``INSERT … SELECT … ON CONFLICT (meter_id, window_start) DO UPDATE`` per aggregate
+   table, merging partials into stored rows with the arithmetic of :mod:`segs.windows.partials`
+   (:data:`MERGE_SET` is that arithmetic in SQL, written once). Partials of windows the
+   worker never wrote (*fresh*, :class:`segs.checkpoint.payload.WrittenWindows`) come in a temporary
+   table of their own and are inserted plainly, in a savepoint: a plain insert skips the
+   conflict probe and speculative insertion that make a merge of new rows about a third
+   slower. Should one of them exist after all, the savepoint rolls back and they are
+   merged like the others;
+3. the detector's changed baselines, upserted;
+   with regional aggregates on, one ``regional_dirty`` row per 1-minute window written
+   (:mod:`segs.publish.regional`: that window's regional roll-up is due again);
+4. the next position of every covered partition, written with a compare-and-set on the
+   position this worker last read or wrote — when any compare fails the partition moved to
+   another owner, the transaction rolls back and :class:`~segs.errors.FencedError` is raised.
+
+:meth:`Sink.commit_all` writes several such transactions side by side, one connection each:
+the worker cuts a checkpoint along partitions (:mod:`segs.checkpoint.payload`) so that each
+transaction is a complete checkpoint of its own partitions, and PostgreSQL runs them on
+separate cores.
+
+Publishing closed windows is a second, separate step (:meth:`Sink.claim_closed`), chunk by
+chunk and never inside a transaction: a chunk of closed, unpublished rows is read, the caller
+delivers it to Kafka, and only then are exactly those rows marked ``published`` — each only if
+it is the version that was read. A crash in between publishes them again (at-least-once),
+never zero times.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg_pool import ConnectionPool
+
+from segs.checkpoint.pgcopy import CopyData
+from segs.errors import DatabaseError, FencedError, SegsError
+from segs.intake.decode import METER_ID_MAX, REGION_MAX
+
+log = logging.getLogger("segs.sink")
+
+TABLES = {60: "aggregates_1m", 900: "aggregates_15m"}
+# window size → the temporary table its partials are copied into
+_PARTIALS = {60: "segs_partials_1m", 900: "segs_partials_15m"}
+# … and the temporary table of its fresh partials
+_FRESH = {60: "segs_fresh_1m", 900: "segs_fresh_15m"}
+
+# One partial aggregate row as Python values; window times as epoch milliseconds.
+# Python rows may stop before the voltage columns: then no reading had a voltage.
+PARTIAL_COLUMNS = (
+    "meter_id", "region", "window_start_ms", "sample_count", "power_sum", "power_max",
+    "power_min", "energy_sum", "last_ts_ms", "source_partition", "voltage_sum",
+    "voltage_count",
+)
+_PARTIAL_TYPES = ("text", "text", "int8", "int8", "float8", "float8", "float8", "float8",
+                  "int8", "int4", "float8", "int8")
+_PARTIAL_DEFAULTS = {"voltage_sum": "0", "voltage_count": "0"}
+BASELINE_COLUMNS = ("meter_id", "source_partition", "baseline", "samples", "last_outage_ms",
+                    "last_spike_ms", "last_drop_ms")
+_BASELINE_TYPES = ("text", "int4", "float8", "int8", "int8", "int8", "int8")
+# Rows to COPY: binary COPY data naming its columns (segs.checkpoint.pgcopy), or Python rows.
+Rows = CopyData | Iterable[Sequence[Any]]
+
+_TS = "('epoch'::timestamptz + {} * interval '1 millisecond')"
+
+# The merge of two partials, in SQL: `a` is the stored row, EXCLUDED the incoming partial.
+# Region and source partition follow the greatest (last reading time, region, partition).
+_NEWER = ("ROW(EXCLUDED.last_reading_at, EXCLUDED.region COLLATE \"C\", "
+          "EXCLUDED.source_partition) > ROW(a.last_reading_at, a.region COLLATE \"C\", "
+          "a.source_partition)")
+# The original stack's names (schema/V006) are written in the same statement as the
+# contract's, from the same expressions: on an insert (from a partial p) and on a merge.
+_AVG = "(a.power_sum + EXCLUDED.power_sum) / (a.sample_count + EXCLUDED.sample_count)"
+_COUNT = "a.sample_count + EXCLUDED.sample_count"
+_VOLTAGE_AVG = ("(a.voltage_sum + EXCLUDED.voltage_sum)"
+                " / NULLIF(a.voltage_count + EXCLUDED.voltage_count, 0)")
+# original name → (its value on an insert, on a merge): the figures an adopted table keeps
+# as DECIMAL (see fitted())
+ORIGINAL_FIGURES = {
+    "avg_power_kw": ("power_sum / sample_count", _AVG),
+    "max_power_kw": ("power_max", "GREATEST(a.max_power, EXCLUDED.max_power)"),
+    "min_power_kw": ("power_min", "LEAST(a.min_power, EXCLUDED.min_power)"),
+    "energy_kwh_sum": ("energy_sum", "a.total_energy + EXCLUDED.total_energy"),
+    "voltage_avg": ("voltage_sum / NULLIF(voltage_count, 0)", _VOLTAGE_AVG),
+}
+# column → (precision, scale) of a NUMERIC(p, s) the original stack's names have
+Numeric = Mapping[str, tuple[int, int]]
+
+
+def fitted(column: str, expr: str, numeric: Numeric) -> str:
+    """``expr`` as written into ``column``: where the column is NUMERIC(p, s) (an adopted
+    table, schema/V000, keeps the original's DECIMAL(12, 4) and (8, 2)), NULL when the value
+    does not fit, instead of the error that would fail the checkpoint. The test is the
+    cast's own: the value rounded to s decimals has fewer than p - s integer digits."""
+    if column not in numeric:
+        return expr
+    precision, scale = numeric[column]
+    return (f"CASE WHEN abs(round(({expr})::numeric, {scale})) < 1e{precision - scale} "
+            f"THEN {expr} END")
+
+
+def merge_set(numeric: Numeric) -> str:
+    """The merge of two partials, in SQL, for a table whose original-name columns of
+    :data:`ORIGINAL_FIGURES` are ``numeric``."""
+    originals = "".join(f"    {c} = {fitted(c, merge, numeric)},\n"
+                        for c, (_, merge) in ORIGINAL_FIGURES.items())
+    return f"""
+    sample_count = {_COUNT},
+    power_sum = a.power_sum + EXCLUDED.power_sum,
+    avg_power = {_AVG},
+    max_power = GREATEST(a.max_power, EXCLUDED.max_power),
+    min_power = LEAST(a.min_power, EXCLUDED.min_power),
+    total_energy = a.total_energy + EXCLUDED.total_energy,
+{originals}    reading_count = {_COUNT},
+    "count" = {_COUNT},
+    voltage_sum = a.voltage_sum + EXCLUDED.voltage_sum,
+    voltage_count = a.voltage_count + EXCLUDED.voltage_count,
+    region = CASE WHEN {_NEWER} THEN EXCLUDED.region ELSE a.region END,
+    source_partition = CASE WHEN {_NEWER} THEN EXCLUDED.source_partition
+                            ELSE a.source_partition END,
+    last_reading_at = GREATEST(a.last_reading_at, EXCLUDED.last_reading_at),
+    published = false,
+    updated_at = now()
+"""
+
+
+MERGE_SET = merge_set({})  # on every table segs-stream made: all columns double precision
+
+_INSERT = """
+INSERT INTO {table} AS a (meter_id, region, window_start, window_end, avg_power, max_power,
+    min_power, total_energy, sample_count, power_sum, last_reading_at, source_partition,
+    published, avg_power_kw, max_power_kw, min_power_kw, energy_kwh_sum, voltage_avg,
+    reading_count, "count", voltage_sum, voltage_count)
+SELECT meter_id, region, {start}, {end}, power_sum / sample_count, power_max, power_min,
+    energy_sum, sample_count, power_sum, {last}, source_partition, false,
+    {originals}, sample_count, sample_count, voltage_sum, voltage_count
+FROM {source} AS p
+"""
+_MERGE = """
+WITH merged AS ({insert}
+ON CONFLICT (meter_id, window_start) DO UPDATE SET {merge_set}
+RETURNING (xmax = 0) AS inserted)
+SELECT count(*) FILTER (WHERE inserted), count(*) FROM merged
+"""
+
+
+def _insert(size: int, source: str, numeric: Numeric) -> str:
+    """The insert of one window size's partials from the temporary table ``source``."""
+    originals = ", ".join(fitted(c, insert, numeric)
+                          for c, (insert, _) in ORIGINAL_FIGURES.items())
+    return _INSERT.format(
+        table=TABLES[size], source=source, start=_TS.format("window_start_ms"),
+        end=_TS.format(f"(window_start_ms + {size * 1000})"), last=_TS.format("last_ts_ms"),
+        originals=originals)
+
+
+def _statements(numeric: Mapping[str, Numeric]) -> tuple[dict[str, bytes], dict[int, bytes]]:
+    """Per temporary table: the merge of its partials into their aggregate table; per window
+    size: the plain insert of its fresh partials. ``numeric``: table → its NUMERIC columns
+    of :data:`ORIGINAL_FIGURES` (none on a table segs-stream made)."""
+    merges, inserts = {}, {}
+    for size, table in TABLES.items():
+        cols = numeric.get(table, {})
+        for source in (_PARTIALS[size], _FRESH[size]):
+            merges[source] = _MERGE.format(insert=_insert(size, source, cols),
+                                           merge_set=merge_set(cols)).encode()
+        inserts[size] = _insert(size, _FRESH[size], cols).encode()
+    return merges, inserts
+
+
+# the longest names the contract allows: a column at least this long limits nothing
+CONTRACT_NAME_MAX = {"meter_id": METER_ID_MAX, "region": REGION_MAX}
+# the columns whose types limit what a table stores: read once per sink (Sink.stored_types)
+_COLUMN_TYPES = """
+SELECT table_name::text, column_name::text, data_type::text,
+    character_maximum_length::int, numeric_precision::int, numeric_scale::int
+FROM information_schema.columns
+WHERE table_schema = current_schema() AND table_name = ANY(%s) AND column_name = ANY(%s)
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class StoredTypes:
+    """What the aggregate tables can store where their columns are narrower than the
+    contract's (a database adopted from the original stack, schema/V000): the longest meter
+    id and region (None: TEXT, no limit), and per table the original-name figures kept as
+    NUMERIC(p, s). On a database segs-stream made: nothing."""
+
+    meter_id_max: int | None = None
+    region_max: int | None = None
+    numeric: Mapping[str, Numeric] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, rows: Iterable[Sequence[Any]]) -> StoredTypes:
+        """From rows of :data:`_COLUMN_TYPES`."""
+        lengths: dict[str, list[int]] = {"meter_id": [], "region": []}
+        numeric: dict[str, dict[str, tuple[int, int]]] = {}
+        for table, column, data_type, length, precision, scale in rows:
+            if column in lengths and length is not None:
+                lengths[column].append(int(length))
+            elif column in ORIGINAL_FIGURES and data_type == "numeric" and precision:
+                numeric.setdefault(table, {})[column] = (int(precision), int(scale or 0))
+        return cls(min(lengths["meter_id"], default=None), min(lengths["region"], default=None),
+                   numeric)
+
+    def __str__(self) -> str:
+        parts = [f"{what} longer than {n} characters are dead-lettered ({column}_too_long_"
+                 "for_table)" for what, column, n in (
+                     ("meter ids", "meter_id", self.meter_id_max),
+                     ("regions", "region", self.region_max))
+                 if n is not None and n < CONTRACT_NAME_MAX[column]]
+        columns = sorted({f"{c} NUMERIC({p},{s})" for cols in self.numeric.values()
+                          for c, (p, s) in cols.items()})
+        if columns:
+            parts.append(f"a figure that does not fit {', '.join(columns)} is written NULL "
+                         "there (the contract's columns keep it exactly)")
+        return "; ".join(parts)
+
+
+_MERGE_SQL, _INSERT_FRESH_SQL = _statements({})
+
+# One chunk of closed, unpublished rows: per partition (w.p) at most %s rows of windows ending
+# by its watermark (w.wm), after its keyset position (w.after_end, w.after_meter; NULL at the
+# start), in the order of the index of V005 (source_partition, window_end, meter_id).
+_CLAIM_READ = """
+SELECT w.p, c.window_end, c.version, c.meter_id, c.region, c.start_ms, c.avg_power,
+    c.max_power, c.min_power, c.total_energy, c.sample_count
+FROM unnest(%s::int4[], %s::int8[], %s::timestamptz[], %s::text[])
+    AS w(p, wm, after_end, after_meter)
+CROSS JOIN LATERAL (
+    SELECT a.xmin::text AS version, a.window_end, a.meter_id, a.region,
+        (extract(epoch FROM a.window_start) * 1000)::int8 AS start_ms, a.avg_power,
+        a.max_power, a.min_power, a.total_energy, a.sample_count
+    FROM {table} AS a
+    WHERE NOT a.published AND a.source_partition = w.p
+      AND a.window_end <= ('epoch'::timestamptz + w.wm * interval '1 millisecond')
+      AND (a.window_end, a.meter_id)
+          > (COALESCE(w.after_end, '-infinity'), COALESCE(w.after_meter, ''))
+    ORDER BY a.window_end, a.meter_id
+    LIMIT %s) AS c
+ORDER BY w.p, c.window_end, c.meter_id
+"""
+# After delivery: a row still at the version read (xmin) is published; a row written since
+# (a merge, or another worker's claim) is left unpublished, written once more so that any
+# other claim of it in flight fails its own check too (Sink.claim_closed says why).
+_CLAIM_MARK = """
+WITH marked AS (
+    UPDATE {table} AS a SET published = (a.xmin::text = k.version)
+    FROM unnest(%s::text[], %s::int8[], %s::text[]) AS k(meter_id, start_ms, version)
+    WHERE a.meter_id = k.meter_id
+      AND a.window_start = ('epoch'::timestamptz + k.start_ms * interval '1 millisecond')
+    RETURNING a.published)
+SELECT count(*) FILTER (WHERE published) FROM marked
+"""
+_CLAIM_SQL = {size: (sql.SQL(_CLAIM_READ).format(table=sql.Identifier(table)),
+                     sql.SQL(_CLAIM_MARK).format(table=sql.Identifier(table)))
+              for size, table in TABLES.items()}
+
+
+@dataclass(frozen=True, slots=True)
+class Position:
+    """A partition's stored position: the next offset to read, and its watermark."""
+
+    next_offset: int
+    watermark_ms: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class CommitStats:
+    rows: dict[str, int]  # table → rows written (inserted or merged into)
+    new_rows: dict[str, int]  # table → rows inserted (windows seen for the first time)
+    baselines: int
+    seconds: float
+
+
+ClosedRow = tuple[str, str, int, float, float, float, float, int]
+# A worker that stalls (SIGSTOP, a paused VM) inside a transaction keeps its row locks (the
+# positions it updates), and the worker that took its partitions over would wait on them
+# until the stalled one resumed. PostgreSQL ends such a session after this long idle in a
+# transaction. A healthy worker is never idle in one: no transaction spans a Kafka delivery.
+IDLE_IN_TXN_MS = 20_000
+# Rows per chunk of claim_closed: read, delivered (produce + flush) and marked as one.
+_CLAIM_CHUNK = 10_000
+# Checkpoint transactions of one worker that run side by side (Sink.commit_all), the default
+# of CHECKPOINT_WRITERS. Two cut the checkpoint of 100,000 partials on the 2-core benchmark
+# machine by a third; three gain nothing more there.
+DEFAULT_WRITERS = 2
+
+# partition → (stored position or None, next position, watermark ms or None)
+Positions = dict[int, tuple[int | None, int, int | None]]
+# Partials to write, by window size (a key of TABLES); a missing size has none.
+PartialsBySize = Mapping[int, Rows]
+# One transaction of Sink.commit_all: (partials, baseline rows, positions, fresh partials,
+# the 1-minute window starts (ms) of its partials), as commit().
+CommitJob = tuple[PartialsBySize, Rows, Positions, PartialsBySize, Sequence[int]]
+
+
+class Sink:
+    """PostgreSQL access of one worker, through a small psycopg pool."""
+
+    def __init__(self, url: str, *, consumer_group: str, topic: str,
+                 statement_timeout_ms: int = 60_000, writers: int = DEFAULT_WRITERS,
+                 regional: bool = False) -> None:
+        """``writers``: connections that write checkpoint transactions side by side; the
+        pool has one more, for publishing and reads. ``regional``: checkpoints record the
+        windows they wrote for the regional roll-up."""
+        self.group = consumer_group
+        self.regional = regional
+        self.topic = topic
+        self.writers = writers
+        self._threads: ThreadPoolExecutor | None = None  # started by the first commit_all
+        self._types: StoredTypes | None = None  # learnt by the first stored_types()
+        self._types_lock = threading.Lock()
+        self._merge_sql, self._insert_fresh_sql = _MERGE_SQL, _INSERT_FRESH_SQL
+        self._pool = ConnectionPool(
+            url, min_size=1, max_size=writers + 1, open=False, timeout=5.0, reconnect_timeout=0,
+            check=ConnectionPool.check_connection, configure=_create_temp_tables,
+            name="segs-sink",
+            kwargs={"connect_timeout": 5,
+                    "options": f"-c statement_timeout={statement_timeout_ms} "
+                               f"-c idle_in_transaction_session_timeout={IDLE_IN_TXN_MS}"},
+        )
+
+    def open(self) -> None:
+        """Start the pool without waiting: a database that is still away is tried again on
+        each use (``reconnect_timeout=0`` gives up a failed attempt at once, and the next
+        request starts a new one), so recovery is as fast as the caller's retry."""
+        self._pool.open(wait=False)
+
+    def pool_stats(self) -> tuple[int, int, int]:
+        """Connections of the pool, how many of them are idle, requests waiting for one."""
+        stats = self._pool.get_stats()
+        return (stats.get("pool_size", 0), stats.get("pool_available", 0),
+                stats.get("requests_waiting", 0))
+
+    def close(self) -> None:
+        if self._threads is not None:
+            self._threads.shutdown(wait=True)
+            self._threads = None
+        self._pool.close()
+
+    def ping(self) -> bool:
+        try:
+            with self._pool.connection(timeout=2.0) as conn:
+                conn.execute("SELECT 1")
+            return True
+        except (psycopg.Error, psycopg_pool_error()):
+            return False
+
+    # ------------------------------------------------------------------ reads on assign
+
+    def stored_types(self) -> StoredTypes:
+        """What the aggregate tables can store, read from the catalogue by the first call
+        (raises :class:`~segs.errors.DatabaseError` while the database is away); it also
+        chooses the statements of every commit, so a table segs-stream made (all TEXT and
+        double precision) pays nothing. A change of those column types takes a restart."""
+        with self._types_lock:
+            if self._types is None:
+                types = StoredTypes.of(self._query(
+                    _COLUMN_TYPES, (list(TABLES.values()),
+                                    ["meter_id", "region", *ORIGINAL_FIGURES])))
+                if types.numeric:
+                    self._merge_sql, self._insert_fresh_sql = _statements(types.numeric)
+                self._types = types
+                if str(types):
+                    log.info("the aggregate tables keep the original stack's column types: "
+                             "%s", types)
+            return self._types
+
+    def load_positions(self, partitions: Sequence[int]) -> dict[int, Position]:
+        rows = self._query(
+            "SELECT kafka_partition, next_offset, watermark_ms FROM stream_positions "
+            "WHERE consumer_group = %s AND topic = %s AND kafka_partition = ANY(%s)",
+            (self.group, self.topic, list(partitions)),
+        )
+        return {int(p): Position(int(o), None if w is None else int(w)) for p, o, w in rows}
+
+    def load_baselines(self, partitions: Sequence[int]) -> list[tuple[Any, ...]]:
+        """Rows of :data:`BASELINE_COLUMNS` for meters last seen on these partitions."""
+        return self._query(
+            f"SELECT {', '.join(BASELINE_COLUMNS)} FROM meter_baselines "
+            "WHERE consumer_group = %s AND source_partition = ANY(%s)",
+            (self.group, list(partitions)),
+        )
+
+    def connection(self) -> Any:
+        """A pooled connection as a context manager (it commits on leaving, as psycopg's
+        pool does), for the regional roll-up (:mod:`segs.publish.regional`)."""
+        return self._pool.connection()
+
+    def _query(self, query: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+        try:
+            with self._pool.connection() as conn:
+                return conn.execute(query.encode(), params).fetchall()
+        except (psycopg.Error, psycopg_pool_error()) as exc:
+            raise DatabaseError(_one_line(exc)) from exc
+
+    # ------------------------------------------------------------------ checkpoint
+
+    def commit(self, partials: PartialsBySize, baselines: Rows, positions: Positions,
+               fresh: PartialsBySize | None = None,
+               windows: Sequence[int] = ()) -> CommitStats:
+        """Write one checkpoint atomically (see the module docstring for the steps).
+
+        ``partials`` maps a window size of :data:`TABLES` to its partials (distinct (meter,
+        window) keys; the 15-minute ones the roll-up of the 1-minute ones) and
+        ``baselines`` are detector states: binary COPY data
+        (:class:`segs.checkpoint.pgcopy.CopyData`), or Python rows of :data:`PARTIAL_COLUMNS` /
+        :data:`BASELINE_COLUMNS`.
+        ``positions`` maps partition → (previous stored offset or None when there was none,
+        next offset, watermark ms or None). ``fresh`` holds more partials as ``partials``
+        does, of windows the worker never wrote, expected to be new rows (none may have the
+        key of a row in ``partials``). ``windows`` are the 1-minute window starts (ms) the
+        partials cover, recorded for the regional roll-up when it is on.
+        """
+        t0 = time.perf_counter()
+        self.stored_types()  # once: the statements that fit the tables
+        merge_sql = self._merge_sql
+        try:
+            with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+                # Asynchronous commit is safe here: a server crash loses this transaction
+                # whole — aggregates and the positions that cover them together — so the
+                # worker re-reads exactly what was lost. work_mem keeps the merges' RETURNING
+                # rows in memory. JIT would compile a merge anew in every large checkpoint
+                # (the estimate passes jit_above_cost at about 500,000 partials) to save
+                # nothing: the time goes into index probes and heap writes, not expressions.
+                cur.execute(b"SET LOCAL synchronous_commit = off")
+                cur.execute(b"SET LOCAL work_mem = '64MB'")
+                cur.execute(b"SET LOCAL jit = off")
+                rows, new_rows = {}, {}
+                for size, table in TABLES.items():
+                    inserted = written = 0
+                    if _copy(cur, _FRESH[size], (fresh or {}).get(size, ()), PARTIAL_COLUMNS,
+                             _PARTIAL_TYPES):
+                        inserted, written = _insert_fresh(
+                            conn, cur, self._insert_fresh_sql[size], merge_sql[_FRESH[size]])
+                    if _copy(cur, _PARTIALS[size], partials.get(size, ()), PARTIAL_COLUMNS,
+                             _PARTIAL_TYPES):
+                        cur.execute(merge_sql[_PARTIALS[size]])
+                        more_inserted, more_written = cur.fetchone() or (0, 0)
+                        inserted, written = inserted + more_inserted, written + more_written
+                    rows[table], new_rows[table] = int(written), int(inserted)
+                n_base = _copy(cur, "segs_baselines", baselines, BASELINE_COLUMNS,
+                               _BASELINE_TYPES)
+                if n_base:
+                    cur.execute(_UPSERT_BASELINES, (self.group,))
+                if self.regional and len(windows):
+                    cur.execute(_DIRTY_WINDOWS, (self.group, list(windows)))
+                self._write_positions(cur, positions)
+        except FencedError:
+            raise
+        except (psycopg.Error, psycopg_pool_error()) as exc:
+            raise DatabaseError(_one_line(exc)) from exc
+        return CommitStats(rows, new_rows, n_base, time.perf_counter() - t0)
+
+    def commit_all(self, jobs: Sequence[CommitJob]) -> list[CommitStats | SegsError]:
+        """Write each job with :meth:`commit` in a transaction of its own, side by side.
+
+        The jobs must cover disjoint partitions (and so disjoint rows). Each one commits or
+        fails on its own; the result list holds, per job, its stats or the
+        :class:`~segs.errors.DatabaseError` / :class:`~segs.errors.FencedError` it raised.
+        """
+        if len(jobs) <= 1 or self.writers <= 1:
+            return [self._try_commit(job) for job in jobs]
+        if self._threads is None:
+            self._threads = ThreadPoolExecutor(self.writers - 1,
+                                               thread_name_prefix="segs-sink")
+        others: list[Future[CommitStats | SegsError]] = [
+            self._threads.submit(self._try_commit, job) for job in jobs[1:]]
+        first = self._try_commit(jobs[0])  # this thread writes one of them itself
+        return [first, *(f.result() for f in others)]
+
+    def _try_commit(self, job: CommitJob) -> CommitStats | SegsError:
+        try:
+            return self.commit(*job)
+        except (DatabaseError, FencedError) as exc:
+            return exc
+
+    def _write_positions(self, cur: psycopg.Cursor[Any], positions: Positions) -> None:
+        for partition, (prev, nxt, wm) in sorted(positions.items()):
+            if prev is None:
+                cur.execute(
+                    "INSERT INTO stream_positions (consumer_group, topic, kafka_partition, "
+                    "next_offset, watermark_ms) VALUES (%s, %s, %s, %s, %s) "
+                    "ON CONFLICT DO NOTHING",
+                    (self.group, self.topic, partition, nxt, wm),
+                )
+            else:
+                cur.execute(
+                    "UPDATE stream_positions SET next_offset = %s, watermark_ms = %s, "
+                    "updated_at = now() WHERE consumer_group = %s AND topic = %s "
+                    "AND kafka_partition = %s AND next_offset = %s",
+                    (nxt, wm, self.group, self.topic, partition, prev),
+                )
+            if cur.rowcount != 1:
+                raise FencedError(
+                    f"position of {self.topic}/{partition} moved away from {prev}: "
+                    "another worker owns it now"
+                )
+
+    # ------------------------------------------------------------------ publishing
+
+    def claim_closed(self, watermarks: dict[int, int],
+                     deliver: Callable[[int, list[ClosedRow]], None], *,
+                     stop: Callable[[], bool] = lambda: False) -> dict[int, int]:
+        """Deliver closed, unpublished rows in chunks and mark each chunk published after it.
+
+        ``watermarks`` maps partition → watermark ms: rows of that source partition whose
+        window ended by it are closed. ``deliver(size_s, rows)`` is called with chunks of at
+        most :data:`_CLAIM_CHUNK` rows and must have handed them to Kafka durably (produce
+        + flush) before it returns. Each chunk is read in a short transaction of its own,
+        delivered with no transaction open (none can outlast the server's idle timeout or
+        hold locks that merges wait on), then marked in a second short one; a chunk marked
+        stays marked whatever happens to the next. If ``deliver`` raises, its chunk stays
+        pending and the error propagates. ``stop()`` is asked before every chunk: when it
+        says so the claim ends there, and the next one takes up what is left. Window sizes
+        take turns chunk by chunk, partitions share each chunk, and each partition is read
+        in key order (keyset pagination), so a claim reads each row at most once. Returns
+        size → rows delivered.
+
+        A row is marked only if it is still the version that was read, compared by
+        ``xmin`` (the transaction that wrote that version): every write of a row, a merge by
+        any worker or another claim's mark, makes a new version with a new ``xmin``, while
+        VACUUM, freezing and row locks keep it. ``updated_at`` would not do (two writers can
+        share a transaction start time), nor would the values: a row changed since the read
+        is also written once more, keeping ``published = false``, which only a new version
+        can signal to other claims. That write is needed because the message just flushed
+        carries older values than the row and may have landed after a newer message of it
+        from another producer (after a rebalance, or for a meter whose readings came on two
+        partitions); every claim of the row still in flight now fails its check too, so the
+        row is published again by a claim that reads it after all those messages are on
+        the topic, and the newest value is the last one there.
+        """
+        if not watermarks:
+            return {}
+        done = dict.fromkeys(TABLES, 0)
+        # per window size: partition → (watermark ms, keyset position or None)
+        todo: dict[int, dict[int, tuple[int, tuple[Any, str] | None]]] = {
+            size: {p: (watermarks[p], None) for p in sorted(watermarks)} for size in TABLES}
+        try:
+            while any(todo.values()):
+                for size, parts in todo.items():
+                    if parts and not stop():
+                        done[size] += self._claim_chunk(size, parts, deliver)
+                if stop():
+                    break
+        except (psycopg.Error, psycopg_pool_error()) as exc:
+            raise DatabaseError(_one_line(exc)) from exc
+        return done
+
+    def _claim_chunk(self, size: int, parts: dict[int, tuple[int, tuple[Any, str] | None]],
+                     deliver: Callable[[int, list[ClosedRow]], None]) -> int:
+        """Read, deliver and mark one chunk of ``size``'s closed rows of ``parts``; moves
+        each partition's keyset position on, or drops the partition when it has no more.
+        Returns the rows delivered."""
+        read, mark = _CLAIM_SQL[size]
+        order = sorted(parts)
+        per_part = max(1, _CLAIM_CHUNK // len(order))
+        after = [parts[p][1] for p in order]
+        with self._pool.connection() as conn:  # commits (ends the read) on leaving
+            got = conn.execute(read, (
+                order, [parts[p][0] for p in order], [a and a[0] for a in after],
+                [a and a[1] for a in after], per_part)).fetchall()
+        counts: dict[int, int] = {}
+        for p, end, _, meter, *_rest in got:  # ordered by partition, then key
+            counts[p] = counts.get(p, 0) + 1
+            parts[p] = (parts[p][0], (end, meter))
+        for p in order:
+            if counts.get(p, 0) < per_part:
+                del parts[p]  # read to its end
+        if got:
+            deliver(size, [tuple(r[3:]) for r in got])  # type: ignore[misc]
+            with self._pool.connection() as conn:
+                marked = conn.execute(mark, ([r[3] for r in got], [r[5] for r in got],
+                                             [r[2] for r in got])).fetchone()
+            if marked and marked[0] < len(got):
+                log.debug("%d closed %d s windows changed while delivered: they are "
+                          "published again", len(got) - marked[0], size)
+        return len(got)
+
+
+_UPSERT_BASELINES = b"""
+INSERT INTO meter_baselines AS b (consumer_group, meter_id, source_partition, baseline,
+    samples, last_outage_ms, last_spike_ms, last_drop_ms)
+SELECT %s, meter_id, source_partition, baseline, samples, last_outage_ms, last_spike_ms,
+    last_drop_ms FROM segs_baselines
+ON CONFLICT (consumer_group, meter_id) DO UPDATE SET
+    source_partition = EXCLUDED.source_partition, baseline = EXCLUDED.baseline,
+    samples = EXCLUDED.samples, last_outage_ms = EXCLUDED.last_outage_ms,
+    last_spike_ms = EXCLUDED.last_spike_ms, last_drop_ms = EXCLUDED.last_drop_ms,
+    updated_at = now()
+"""
+
+
+# appended, never updated: concurrent checkpoints of one window never wait on each other
+_DIRTY_WINDOWS = b"""
+INSERT INTO regional_dirty (consumer_group, window_start)
+SELECT %s, 'epoch'::timestamptz + w * interval '1 millisecond' FROM unnest(%s::int8[]) AS w
+"""
+
+
+def _insert_fresh(conn: psycopg.Connection[Any], cur: psycopg.Cursor[Any], insert: bytes,
+                  merge: bytes) -> tuple[int, int]:
+    """Insert the fresh partials of a window size plainly (``insert``), or merge them
+    (``merge``) if one of them is stored already; returns (rows inserted, rows written)."""
+    try:
+        with conn.transaction():  # a savepoint
+            cur.execute(insert)
+            inserted = max(cur.rowcount, 0)
+            return inserted, inserted
+    except psycopg.errors.UniqueViolation:
+        # written by another worker, or by this one before a restart: merge them all
+        log.debug("fresh partials were stored already: merged instead")
+        cur.execute(merge)
+        inserted, written = cur.fetchone() or (0, 0)
+        return int(inserted), int(written)
+
+
+def _copy(cur: psycopg.Cursor[Any], table: str, data: Rows, columns: Sequence[str],
+          types: Sequence[str]) -> int:
+    """COPY binary data or Python rows (of ``columns``, ``types``) into a temporary table;
+    returns the rows copied."""
+    rows: Iterator[Sequence[Any]] = iter(())
+    if isinstance(data, CopyData):
+        names: Sequence[str] = data.columns
+    else:  # Python rows name the leading columns they have
+        rows = iter(data)
+        first = next(rows, None)
+        if first is None:
+            return 0
+        rows = itertools.chain([first], rows)
+        names, types = columns[:len(first)], types[:len(first)]
+    statement = f"COPY {table} ({', '.join(names)}) FROM STDIN (FORMAT BINARY)"
+    with cur.copy(statement.encode()) as copy:
+        if isinstance(data, CopyData):
+            for chunk in data.chunks:
+                copy.write(chunk)
+        else:
+            copy.set_types(types)
+            for row in rows:
+                copy.write_row(row)
+    return max(cur.rowcount, 0)
+
+
+def _create_temp_tables(conn: psycopg.Connection[Any]) -> None:
+    """Create the checkpoint's temporary tables; the pool runs this on every new connection.
+
+    In a transaction of their own, committed before any checkpoint: created inside the
+    first checkpoint's transaction, they vanished with its rollback (a fenced or failed
+    first checkpoint) while the connection was remembered as ready, and every later
+    checkpoint on it failed for good. A replacement connection, after the database
+    restarted or a backend was terminated, gets them here too.
+    """
+    tables: list[tuple[str, Sequence[str], Sequence[str]]] = [
+        (name, PARTIAL_COLUMNS, _PARTIAL_TYPES)
+        for name in (*_PARTIALS.values(), *_FRESH.values())]
+    tables.append(("segs_baselines", BASELINE_COLUMNS, _BASELINE_TYPES))
+    with conn.transaction():
+        for name, columns, types in tables:
+            spec = ", ".join(f"{c} {t}" + (f" DEFAULT {_PARTIAL_DEFAULTS[c]}"
+                                           if c in _PARTIAL_DEFAULTS else "")
+                             for c, t in zip(columns, types, strict=True))
+            conn.execute(f"CREATE TEMP TABLE IF NOT EXISTS {name} ({spec}) "
+                         "ON COMMIT DELETE ROWS".encode())
+
+
+def psycopg_pool_error() -> type[Exception]:
+    from psycopg_pool import PoolTimeout
+
+    return PoolTimeout
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,0 +1,1 @@
+"""Detection: per-meter spike, drop and outage detection over columnar batches."""

@@ -1,0 +1,3 @@
+"""Operation: Prometheus metrics, the HTTP endpoint and readiness, structured logs, systemd
+notification.
+"""

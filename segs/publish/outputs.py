@@ -1,0 +1,81 @@
+"""Kafka output messages: aggregates of closed windows and dead letters, in the contract's JSON."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import msgspec
+
+from segs.checkpoint.sink import ClosedRow
+
+GRANULARITY = {60: "1m", 900: "15m"}
+_TYPE_HEADER = {60: b"1m_aggregate", 900: b"15m_aggregate"}
+_encode = msgspec.json.Encoder().encode
+
+
+def iso_ms(ms: int) -> str:
+    """Epoch milliseconds as ISO-8601 UTC with milliseconds and ``Z``."""
+    secs, milli = divmod(ms, 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)) + f".{milli:03d}Z"
+
+
+def encode_aggregates(
+    size_s: int, rows: Sequence[ClosedRow]
+) -> list[tuple[bytes, bytes, list[tuple[str, bytes]]]]:
+    """(key, value, headers) of each closed-window row, compatible with the original service."""
+    granularity = GRANULARITY[size_s]
+    headers = [("type", _TYPE_HEADER[size_s])]
+    size_ms = size_s * 1000
+    out = []
+    for meter_id, region, start_ms, avg, mx, mn, energy, count in rows:
+        value = {
+            "meterId": meter_id,
+            "region": region,
+            "windowStart": iso_ms(start_ms),
+            "windowEnd": iso_ms(start_ms + size_ms),
+            "avgPowerKw": avg,
+            "maxPowerKw": mx,
+            "minPowerKw": mn,
+            "energyKwhSum": energy,
+            "readingCount": count,
+            "granularity": granularity,
+        }
+        out.append((meter_id.encode(), _encode(value), headers))
+    return out
+
+
+# Room left in a record for Kafka's own framing (record batch and record headers, varints).
+_RECORD_OVERHEAD = 512
+_KEY_KEPT = 1024  # bytes of an oversize key kept in a cut dead letter
+
+
+def fit_dead_letter(key: bytes | None, value: bytes | None, headers: list[tuple[str, bytes]],
+                    limit: int) -> tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]:
+    """The dead letter itself, or, when it would exceed ``limit`` bytes, cut to fit.
+
+    A cut keeps the first 1,024 bytes of the key and as much of the value as fits, and adds
+    the header ``segs.truncated`` = ``key=<bytes>,value=<bytes>`` with the original sizes;
+    ``segs.source`` still points at the whole message in the input topic. Cutting an already
+    cut letter keeps its first sizes, so a letter is never larger than the first cut.
+    """
+    k, v = key or b"", value or b""
+    budget = limit - _RECORD_OVERHEAD - sum(len(n) + len(b) for n, b in headers) - 64
+    if len(k) + len(v) <= budget:
+        return key, value, headers
+    known = dict(headers).get("segs.truncated")
+    sizes = known or f"key={len(k) if key is not None else -1},value={len(v)}".encode()
+    k = k[:min(_KEY_KEPT, max(0, budget))]
+    v = v[:max(0, budget - len(k))]
+    kept = [(n, b) for n, b in headers if n != "segs.truncated"]
+    return (k if key is not None else None, v if value is not None else None,
+            [*kept, ("segs.truncated", sizes)])
+
+
+def dead_letter_headers(reason: str, detail: str, topic: str, partition: int,
+                        offset: int) -> list[tuple[str, bytes]]:
+    return [
+        ("segs.error", reason.encode()),
+        ("segs.detail", detail.encode("utf-8", "replace")[:1024]),
+        ("segs.source", f"{topic}/{partition}/{offset}".encode()),
+    ]

@@ -1,0 +1,3 @@
+"""Runtime: the worker process (consume, process, checkpoint) and the supervisor that runs N of
+them.
+"""

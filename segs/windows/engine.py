@@ -1,0 +1,404 @@
+"""Tumbling event-time windows per meter, kept as mergeable partials in numpy arrays.
+
+State of one :class:`WindowEngine` (one window size) is a ring of ``R`` cells per meter
+slot, flattened to 1-D arrays indexed ``meter * R + window_index % R``. A batch is applied
+with a handful of vectorised ufuncs (``np.add.at`` / ``np.maximum.at`` / ``np.minimum.at``),
+no per-reading Python.
+
+Late-data policy (nothing is ever dropped):
+
+* a reading for the window its cell holds is added to the cell;
+* a reading for a newer window than its cell holds first moves the cell's pending partial
+  to the *overflow* list (drained with everything else) and takes the cell over;
+* a reading for an older window than its cell holds becomes a one-reading partial in
+  overflow;
+* a reading whose window end is ≤ its partition's watermark as it was before the batch
+  is *late*: :meth:`WindowEngine.add` counts it, and its window is reported by
+  :meth:`WindowEngine.closed` once more so it is re-published.
+
+Watermark per partition = highest event time seen − ``allowed_lateness_ms``, raised to
+``now − allowed_lateness_ms`` by :meth:`WindowEngine.advance_idle` when the partition saw
+no reading for ``idle_advance_ms`` of wall clock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+
+import numpy as np
+from numpy.typing import NDArray
+
+from segs.intake.readings import Interner, Readings, grown
+from segs.windows.partials import Partials, combine, region_ranks
+
+__all__ = ["Partials", "WindowEngine"]
+
+
+NEG = -(2**62)  # "nothing here" for window indices, timestamps and watermarks
+_MIN_CAPACITY = 1024
+
+
+def default_ring(size_s: int, allowed_lateness_ms: int) -> int:
+    """Cells per meter: enough windows to cover the lateness plus three minutes, ≥ 2."""
+    size_ms = size_s * 1000
+    return max(2, -(-(allowed_lateness_ms + 180_000) // size_ms))
+
+
+class WindowEngine:
+    """Partial aggregates of one window size for every meter slot."""
+
+    _win: NDArray[np.int64]
+    _count: NDArray[np.int32]
+    _psum: NDArray[np.float64]
+    _pmax: NDArray[np.float64]
+    _pmin: NDArray[np.float64]
+    _esum: NDArray[np.float64]
+    _vsum: NDArray[np.float64]
+    _vcnt: NDArray[np.int32]
+    _last: NDArray[np.int64]
+    _region: NDArray[np.int32]
+    _part: NDArray[np.int32]
+    _open: NDArray[np.bool_]
+    _scratch: NDArray[np.int64]
+
+    def __init__(
+        self,
+        size_s: int,
+        *,
+        regions: Interner,
+        allowed_lateness_ms: int = 5000,
+        idle_advance_ms: int = 10000,
+        ring: int | None = None,
+    ) -> None:
+        if size_s <= 0:
+            raise ValueError(f"window size must be positive, got {size_s}")
+        self.size_s = size_s
+        self.size_ms = size_s * 1000
+        self.regions = regions
+        self.allowed_lateness_ms = allowed_lateness_ms
+        self.idle_advance_ms = idle_advance_ms
+        self.ring = ring if ring is not None else default_ring(size_s, allowed_lateness_ms)
+        if self.ring < 1:
+            raise ValueError(f"ring must be ≥ 1, got {self.ring}")
+        self._capacity = 0  # meter slots
+        self._alloc_cells(0)
+        # per partition
+        self._max_ts = np.empty(0, np.int64)
+        self._wm = np.empty(0, np.int64)
+        self._last_wall = np.empty(0, np.int64)
+        self._seen = np.empty(0, np.bool_)
+        # overflow: pending partials and windows that still have to be reported closed
+        self._over: list[Partials] = []
+        self._over_open: list[tuple[NDArray[np.int32], NDArray[np.int64], NDArray[np.int32]]]
+        self._over_open = []
+        self._rank = np.empty(0, np.int64)
+        self.use_packed_keys = True  # False forces the general (slower) latest-tuple path
+
+    # -----------------------------------------------------------------------------------
+    # storage
+
+    def _alloc_cells(self, capacity: int) -> None:
+        n = capacity * self.ring
+        first = self._capacity == 0
+        self._win = grown(None if first else self._win, n, NEG)  # window index held
+        self._count = grown(None if first else self._count, n, 0, np.int32)
+        self._psum = grown(None if first else self._psum, n, 0.0)
+        self._pmax = grown(None if first else self._pmax, n, -np.inf)
+        self._pmin = grown(None if first else self._pmin, n, np.inf)
+        self._esum = grown(None if first else self._esum, n, 0.0)
+        self._vsum = grown(None if first else self._vsum, n, 0.0)  # readings with a voltage
+        self._vcnt = grown(None if first else self._vcnt, n, 0, np.int32)
+        self._last = grown(None if first else self._last, n, NEG)  # ts of latest reading
+        self._region = grown(None if first else self._region, n, -1, np.int32)
+        self._part = grown(None if first else self._part, n, -1, np.int32)
+        self._open = grown(None if first else self._open, n, False)  # not reported closed
+        self._scratch = grown(None if first else self._scratch, n, 0)
+        self._capacity = capacity
+
+    def _ensure_meters(self, n: int) -> None:
+        if n > self._capacity:
+            self._alloc_cells(max(n, 2 * self._capacity, _MIN_CAPACITY))
+
+    def _ensure_partitions(self, n: int) -> None:
+        old = self._wm.shape[0]
+        if n <= old:
+            return
+        size = max(n, 2 * old, 8)
+
+        def ext(a: NDArray[np.generic], fill: int | bool) -> NDArray[np.generic]:
+            b = np.full(size, fill, a.dtype)
+            b[:old] = a
+            return b
+
+        self._max_ts = ext(self._max_ts, NEG)  # type: ignore[assignment]
+        self._wm = ext(self._wm, NEG)  # type: ignore[assignment]
+        self._last_wall = ext(self._last_wall, NEG)  # type: ignore[assignment]
+        self._seen = ext(self._seen, False)  # type: ignore[assignment]
+
+    def _ranks(self) -> NDArray[np.int64]:
+        if self._rank.shape[0] != len(self.regions):
+            self._rank = region_ranks(self.regions)
+        return self._rank
+
+    def _reset_pending(self, cells: NDArray[np.intp]) -> None:
+        self._count[cells] = 0
+        self._psum[cells] = 0.0
+        self._pmax[cells] = -np.inf
+        self._pmin[cells] = np.inf
+        self._esum[cells] = 0.0
+        self._vsum[cells] = 0.0
+        self._vcnt[cells] = 0
+        self._last[cells] = NEG
+
+    def _cell_partials(self, cells: NDArray[np.intp], win: NDArray[np.int64]) -> Partials:
+        return Partials(
+            size_s=self.size_s,
+            meter=(cells // self.ring).astype(np.int32),
+            window_start_ms=win * self.size_ms,
+            count=self._count[cells].astype(np.int64),
+            power_sum=self._psum[cells],
+            power_max=self._pmax[cells],
+            power_min=self._pmin[cells],
+            energy_sum=self._esum[cells],
+            last_ts_ms=self._last[cells],
+            region=self._region[cells],
+            partition=self._part[cells],
+            voltage_sum=self._vsum[cells],
+            voltage_count=self._vcnt[cells].astype(np.int64),
+        )
+
+    # -----------------------------------------------------------------------------------
+    # updates
+
+    def add(self, r: Readings, now_ms: int) -> int:
+        """Apply a batch of readings; returns how many of them were late."""
+        n = len(r)
+        if n == 0:
+            return 0
+        part = r.partition
+        if int(part.min()) < 0:
+            raise ValueError("partitions must be ≥ 0")
+        self._ensure_partitions(int(part.max()) + 1)
+        self._ensure_meters(int(r.meter.max()) + 1)
+        ts = r.ts_ms
+        size_ms = self.size_ms
+        w = ts // size_ms
+        late = int(np.count_nonzero((w + 1) * size_ms <= self._wm[part]))
+        self._advance(part, ts, now_ms)
+
+        ring = self.ring
+        cell = r.meter.astype(np.intp) * ring + (w % ring)
+        old = self._win[cell]
+        np.maximum.at(self._win, cell, w)
+        new = self._win[cell]
+        moved = new != old
+        if moved.any():
+            self._evict(cell[moved], old[moved])
+        stale = w != new  # the cell holds a newer window
+        if stale.any():
+            self._to_overflow(r.take(stale), w[stale])
+            keep = ~stale
+            r, w, cell = r.take(keep), w[keep], cell[keep]
+        self._accumulate(r, w, cell)
+        return late
+
+    def _advance(self, part: NDArray[np.int32], ts: NDArray[np.int64], now_ms: int) -> None:
+        p0 = int(part[0])
+        if (part == p0).all():
+            self._max_ts[p0] = max(int(self._max_ts[p0]), int(ts.max()))
+            touched: NDArray[np.intp] | int = p0
+        else:
+            np.maximum.at(self._max_ts, part, ts)
+            touched = np.flatnonzero(np.bincount(part))
+        self._seen[touched] = True
+        self._last_wall[touched] = now_ms
+        self._wm[touched] = np.maximum(
+            self._wm[touched], self._max_ts[touched] - self.allowed_lateness_ms
+        )
+
+    def _evict(self, cells: NDArray[np.intp], old: NDArray[np.int64]) -> None:
+        """Cells taking a newer window: pending partial → overflow, open window → overflow."""
+        cells, first = np.unique(cells, return_index=True)
+        old = old[first]
+        pend = self._count[cells] > 0
+        if pend.any():
+            pc = cells[pend]
+            self._over.append(self._cell_partials(pc, old[pend]))
+            self._reset_pending(pc)
+        opened = self._open[cells]
+        if opened.any():
+            oc = cells[opened]
+            meters = (oc // self.ring).astype(np.int32)
+            self._over_open.append((meters, old[opened], self._part[oc].copy()))
+            self._open[oc] = False
+
+    def _to_overflow(self, r: Readings, w: NDArray[np.int64]) -> None:
+        """Readings for windows older than their cell holds: one-reading partials."""
+        self._over.append(
+            Partials(
+                size_s=self.size_s,
+                meter=r.meter.astype(np.int32),
+                window_start_ms=w * self.size_ms,
+                count=np.ones(len(r), np.int64),
+                power_sum=r.power.astype(np.float64),
+                power_max=r.power.astype(np.float64),
+                power_min=r.power.astype(np.float64),
+                energy_sum=r.energy.astype(np.float64),
+                last_ts_ms=r.ts_ms.astype(np.int64),
+                region=r.region.astype(np.int32),
+                partition=r.partition.astype(np.int32),
+                voltage_sum=np.nan_to_num(r.voltage, nan=0.0),
+                voltage_count=(~np.isnan(r.voltage)).astype(np.int64),
+            )
+        )
+        self._over_open.append((r.meter.astype(np.int32), w.copy(), r.partition.astype(np.int32)))
+
+    def _accumulate(self, r: Readings, w: NDArray[np.int64], cell: NDArray[np.intp]) -> None:
+        if len(r) == 0:
+            return
+        # an array, not the scalar 1: ufunc.at has no fast path for broadcast scalars
+        np.add.at(self._count, cell, np.ones(len(cell), np.int32))
+        np.add.at(self._psum, cell, r.power)
+        np.maximum.at(self._pmax, cell, r.power)
+        np.minimum.at(self._pmin, cell, r.power)
+        np.add.at(self._esum, cell, r.energy)
+        has_voltage = ~np.isnan(r.voltage)  # absent voltages are NaN
+        if has_voltage.any():
+            np.add.at(self._vsum, cell[has_voltage], r.voltage[has_voltage])
+            np.add.at(self._vcnt, cell[has_voltage],
+                      np.ones(int(has_voltage.sum()), np.int32))
+        self._open[cell] = True
+        self._update_latest(r, w, cell)
+
+    def _update_latest(self, r: Readings, w: NDArray[np.int64], cell: NDArray[np.intp]) -> None:
+        """Per cell keep region/partition of the reading greatest by (ts, region, partition)."""
+        rank = self._ranks()
+        size_ms = self.size_ms
+        bits_off = max(1, (size_ms - 1).bit_length())
+        bits_rank = max(1, (len(rank) - 1).bit_length())
+        bits_part = max(1, (self._wm.shape[0] - 1).bit_length())  # every partition seen
+        if self.use_packed_keys and bits_off + bits_rank + bits_part <= 62:
+            sh_p, sh_t = bits_part, bits_part + bits_rank
+            key = (
+                ((r.ts_ms - w * size_ms) << sh_t)
+                | (rank[r.region] << sh_p)
+                | r.partition.astype(np.int64)
+            )
+            last = self._last[cell]
+            cur = np.where(
+                last == NEG,
+                -1,
+                ((last - w * size_ms) << sh_t)
+                | (rank[np.maximum(self._region[cell], 0)] << sh_p)
+                | self._part[cell].astype(np.int64),
+            )
+            scratch = self._scratch
+            scratch[cell] = cur
+            np.maximum.at(scratch, cell, key)
+            win = key == scratch[cell]
+        else:
+            win = self._latest_general(r, cell, rank)
+        cw = cell[win]
+        self._last[cw] = r.ts_ms[win]
+        self._region[cw] = r.region[win]
+        self._part[cw] = r.partition[win]
+
+    def _latest_general(
+        self, r: Readings, cell: NDArray[np.intp], rank: NDArray[np.int64]
+    ) -> NDArray[np.bool_]:
+        """Mask of readings that beat their cell's latest tuple (one per cell at most)."""
+        rr = rank[r.region]
+        order = np.lexsort((r.partition, rr, r.ts_ms, cell))
+        c_sorted = cell[order]
+        last_of_group = np.append(c_sorted[1:] != c_sorted[:-1], True)
+        cand = order[last_of_group]
+        c = cell[cand]
+        ts, rk, pt = r.ts_ms[cand], rr[cand], r.partition[cand]
+        o_ts = self._last[c]
+        o_rk = rank[np.maximum(self._region[c], 0)]
+        o_pt = self._part[c]
+        beats = (ts > o_ts) | ((ts == o_ts) & ((rk > o_rk) | ((rk == o_rk) & (pt >= o_pt))))
+        mask = np.zeros(len(r), np.bool_)
+        mask[cand[beats]] = True
+        return mask
+
+    def advance_idle(self, now_ms: int) -> None:
+        """Raise the watermark of partitions silent for ``idle_advance_ms`` of wall clock."""
+        idle = self._seen & (self._last_wall <= now_ms - self.idle_advance_ms)
+        self._wm[idle] = np.maximum(self._wm[idle], now_ms - self.allowed_lateness_ms)
+
+    def watermarks(self) -> dict[int, int]:
+        return {int(p): int(self._wm[p]) for p in np.flatnonzero(self._seen)}
+
+    # -----------------------------------------------------------------------------------
+    # output
+
+    def drain(self) -> Partials:
+        """All pending partials (distinct (meter, window) keys); pending is reset."""
+        cells = np.flatnonzero(self._count > 0)
+        out = self._cell_partials(cells, self._win[cells])
+        self._reset_pending(cells)
+        if self._over:
+            out = combine(Partials.concat(self.size_s, [out, *self._over]), self._ranks())
+            self._over = []
+        return out
+
+    def closed(self) -> tuple[NDArray[np.int32], NDArray[np.int64]]:
+        """(meter slots, window starts) of windows newly closed by the watermarks."""
+        size_ms = self.size_ms
+        cells = np.flatnonzero(self._open)
+        part = self._part[cells]
+        done = (self._win[cells] + 1) * size_ms <= self._wm[part]
+        cells = cells[done]
+        self._open[cells] = False
+        meters = [(cells // self.ring).astype(np.int32)]
+        starts = [self._win[cells] * size_ms]
+        if self._over_open:
+            m = np.concatenate([o[0] for o in self._over_open])
+            w = np.concatenate([o[1] for o in self._over_open])
+            p = np.concatenate([o[2] for o in self._over_open])
+            done = (w + 1) * size_ms <= self._wm[p]
+            meters.append(m[done])
+            starts.append(w[done] * size_ms)
+            keep = ~done
+            self._over_open = [(m[keep], w[keep], p[keep])] if keep.any() else []
+        m_all = np.concatenate(meters)
+        s_all = np.concatenate(starts)
+        if len(meters) > 1 and len(m_all):
+            order = np.lexsort((s_all, m_all))
+            m_all, s_all = m_all[order], s_all[order]
+            first = np.append(True, (m_all[1:] != m_all[:-1]) | (s_all[1:] != s_all[:-1]))
+            m_all, s_all = m_all[first], s_all[first]
+        return m_all, s_all
+
+    def drop_partitions(self, partitions: Collection[int]) -> None:
+        """Forget cells, overflow and watermarks of ``partitions`` (after a revoke)."""
+        ps = np.fromiter(partitions, np.int64, len(partitions))
+        if ps.size == 0:
+            return
+        cells = np.flatnonzero(np.isin(self._part, ps))
+        self._reset_pending(cells)
+        self._win[cells] = NEG
+        self._open[cells] = False
+        self._region[cells] = -1
+        self._part[cells] = -1
+        self._over = [o.take(~np.isin(o.partition, ps)) for o in self._over]
+        self._over = [o for o in self._over if len(o)]
+        kept = []
+        for m, w, p in self._over_open:
+            k = ~np.isin(p, ps)
+            if k.any():
+                kept.append((m[k], w[k], p[k]))
+        self._over_open = kept
+        known = ps[ps < self._wm.shape[0]]
+        known = known[known >= 0]
+        self._max_ts[known] = NEG
+        self._wm[known] = NEG
+        self._last_wall[known] = NEG
+        self._seen[known] = False
+
+    def pending_readings(self) -> int:
+        return int(self._count.sum(dtype=np.int64)) + sum(int(o.count.sum()) for o in self._over)
+
+    def pending_windows(self) -> int:
+        return int(np.count_nonzero(self._count)) + sum(len(o) for o in self._over)
