@@ -13,8 +13,14 @@ chunks compressed, retention policies (30 / 365 days), and the continuous aggreg
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import psycopg
+import pytest
+
+from segs.checkpoint.migrate import timescale
+from segs.tools.local_servers import LocalPostgres
 
 DAY_MS = 86_400_000
 DUPLICATE_AVG = 9.0
@@ -124,3 +130,24 @@ def create(url: str, *, timescaledb: bool, unique: bool = False) -> dict[str, li
             for statement in filter(str.strip, _TIMESCALE.split(";\n")):
                 conn.execute(statement.encode())  # one at a time: caggs refuse a transaction
     return rows
+
+
+@contextmanager
+def adopted(request: pytest.FixtureRequest,
+            variant: str) -> Iterator[tuple[str, dict[str, list[Row]]]]:
+    """(URL, history) of a database the original stack made, not migrated yet: ``variant``
+    "plain" or "plain, unique key" is a plain PostgreSQL cluster of its own, closed after;
+    "timescaledb" is the session's server (skipped when it does not preload the extension)."""
+    if variant.startswith("plain"):
+        pg = LocalPostgres(preload=False).start()
+        try:
+            yield pg.url, create(pg.url, timescaledb=False, unique="unique" in variant)
+        finally:
+            pg.close()
+        return
+    url = request.getfixturevalue("db_url")
+    with psycopg.connect(url) as conn:
+        ts = timescale(conn)
+    if ts.available is None or not ts.preloaded:
+        pytest.skip("the test server does not preload timescaledb")
+    yield url, create(url, timescaledb=True)

@@ -21,9 +21,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from segs.checkpoint.migrate import timescale
 from segs.checkpoint.sink import Sink
-from segs.tools.local_servers import LocalPostgres
 from tests import original_stack
 from tests.conftest import KafkaServer, PostgresServer, Topics
 from tests.pipeline import SEGS, TABLES, expected, process_all, simulate, stored
@@ -37,21 +35,8 @@ SIZE_MS = {"aggregates_1m": 60_000, "aggregates_15m": 900_000}
 def adopted(request: pytest.FixtureRequest,
             postgres_server: PostgresServer) -> Iterator[tuple[str, str, dict[str, Any]]]:
     """(variant, url, history) of a database the original stack made."""
-    if request.param.startswith("plain"):
-        pg = LocalPostgres(preload=False).start()
-        try:
-            rows = original_stack.create(pg.url, timescaledb=False,
-                                         unique="unique" in request.param)
-            yield request.param, pg.url, rows
-        finally:
-            pg.close()
-        return
-    url = request.getfixturevalue("db_url")
-    with psycopg.connect(url) as conn:
-        ts = timescale(conn)
-    if ts.available is None or not ts.preloaded:
-        pytest.skip("the test server does not preload timescaledb")
-    yield request.param, url, original_stack.create(url, timescaledb=True)
+    with original_stack.adopted(request, request.param) as (url, rows):
+        yield request.param, url, rows
 
 
 def _migrate(url: str) -> subprocess.CompletedProcess[str]:

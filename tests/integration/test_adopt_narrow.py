@@ -25,9 +25,8 @@ import psycopg
 import pytest
 from confluent_kafka import Producer
 
-from segs.checkpoint.migrate import migrate, timescale
+from segs.checkpoint.migrate import migrate
 from segs.checkpoint.sink import _INSERT_FRESH_SQL, _MERGE_SQL, Sink, StoredTypes
-from segs.tools.local_servers import LocalPostgres
 from tests import original_stack
 from tests.conftest import KafkaServer, PostgresServer, Topics
 from tests.pipeline import (
@@ -70,21 +69,8 @@ METERS = sorted({*PHASE_1, *PHASE_2})  # a meter's place: its partition and regi
 @pytest.fixture(params=["plain", "timescaledb"])
 def adopted(request: pytest.FixtureRequest, postgres_server: PostgresServer) -> Iterator[str]:
     """The URL of a database the original stack made (not migrated yet)."""
-    if request.param == "plain":
-        pg = LocalPostgres(preload=False).start()
-        try:
-            original_stack.create(pg.url, timescaledb=False)
-            yield pg.url
-        finally:
-            pg.close()
-        return
-    url = request.getfixturevalue("db_url")
-    with psycopg.connect(url) as conn:
-        ts = timescale(conn)
-    if ts.available is None or not ts.preloaded:
-        pytest.skip("the test server does not preload timescaledb")
-    original_stack.create(url, timescaledb=True)
-    yield url
+    with original_stack.adopted(request, request.param) as (url, _):
+        yield url
 
 
 def _produce(bootstrap: str, topic: str, window_ms: int,
