@@ -25,8 +25,8 @@ from collections.abc import Iterator
 
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from segs.tools import simulator
 from segs.tools.simulator import SimulatorOptions, generate, produce
+from segs.tools.simulator.model import Simulation, limited
 
 
 def _options(count: int, meters: int, disorder: bool) -> SimulatorOptions:
@@ -48,7 +48,7 @@ def bench_generation(count: int, meters: int, disorder: bool) -> tuple[float, fl
     """(batches msg/s wall, batches msg per CPU-second, generate() msg/s wall)."""
     opts = _options(count, meters, disorder)
     t, cpu = time.perf_counter(), time.thread_time()
-    n = sum(len(b) for b in simulator._limited(simulator._Simulation(opts), opts))
+    n = sum(len(b) for b in limited(Simulation(opts), opts))
     internal = n / (time.perf_counter() - t)
     internal_cpu = n / (time.thread_time() - cpu)
     t = time.perf_counter()
