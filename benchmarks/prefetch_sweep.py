@@ -21,6 +21,7 @@ from rich.table import Table
 
 from segs.bench import infra
 from segs.bench.pipeline import run_pipeline
+from segs.tools.harness import end_offsets
 from segs.tools.simulator import SimulatorOptions
 
 SMALL = ("max.partition.fetch.bytes=2097152,fetch.max.bytes=16777216,"
@@ -54,7 +55,7 @@ def main() -> None:
         topic = f"raw_readings.sweep.{infra.tag()}"
         infra.preload(srv.bootstrap, topic,
                       SimulatorOptions(meters=args.meters, count=args.readings))
-        ends = infra.end_offsets(srv.bootstrap, topic)
+        ends = end_offsets(srv.bootstrap, topic)
         for rnd in range(1, args.rounds + 1):
             for name, env in SETTINGS.items():
                 r = run_pipeline(srv, topic, ends, workers=args.workers, workdir=Path(tmp),
