@@ -1,6 +1,7 @@
 """What anomaly detection costs the pipeline: the same run with ANOMALY_DETECTION on and off.
 
-    python benchmarks/detector_cost.py [--readings 3000000] [--meters 100000] [--rounds 2]
+    .venv/bin/python -m segs.bench.detector_cost [--readings 3000000] [--meters 100000]
+                                                 [--rounds 2]
 
 Starts a local Kafka and PostgreSQL, pre-loads the input topic once, then runs
 ``segs-stream run --workers 1`` over it alternately with detection on and off (each in a

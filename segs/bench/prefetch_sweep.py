@@ -1,7 +1,7 @@
 """How prefetch and batch size trade worker memory for throughput.
 
-    python benchmarks/prefetch_sweep.py [--readings 3000000] [--meters 100000]
-                                        [--workers 2] [--rounds 2]
+    .venv/bin/python -m segs.bench.prefetch_sweep [--readings 3000000] [--meters 100000]
+                                                  [--workers 2] [--rounds 2]
 
 Starts a local Kafka and PostgreSQL, pre-loads a 6-partition topic once, then runs
 ``segs-stream run`` over it once per setting below and round (fresh database and group
