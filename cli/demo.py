@@ -10,27 +10,30 @@ way out, also on Ctrl+C.
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import click
 import psycopg
-from confluent_kafka import Consumer, TopicPartition
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
 from segs.checkpoint.migrate import migrate
-from segs.tools.local_servers import LocalKafka, LocalPostgres, create_topics, free_port
+from segs.tools.harness import (
+    Service,
+    create_topics,
+    end_offsets,
+    service_env,
+    stored_positions,
+)
+from segs.tools.local_servers import LocalKafka, LocalPostgres
 from segs.tools.simulator import SimulatorOptions, produce
 
-TOPICS = {"raw_readings": 6, "raw_readings.dlq": 1, "aggregates_1m": 3, "aggregates_15m": 3,
+INPUT, GROUP = "raw_readings", "segs-stream"  # the service's default names
+TOPICS = {INPUT: 6, "raw_readings.dlq": 1, "aggregates_1m": 3, "aggregates_15m": 3,
           "alerts": 3}
 console = Console(stderr=True, width=None if sys.stderr.isatty() else 110)
 
@@ -74,16 +77,11 @@ def _demo(stack: contextlib.ExitStack, base: Path, meters: int, count: int, rate
     console.print(f"[green]✓[/] Kafka {kafka.bootstrap}, PostgreSQL {pg.url} "
                   f"({result.mode}), topics {', '.join(TOPICS)}")
 
-    port = free_port()
-    env = {**os.environ, "KAFKA_BROKERS": kafka.bootstrap, "POSTGRES_URL": pg.url,
-           "PORT": str(port), "HOST": "127.0.0.1", "FLUSH_INTERVAL_1M": "2000",
-           "IDLE_ADVANCE": "3", "LOG_FORMAT": "json", "LOG_LEVEL": "info"}
+    env = service_env(kafka.bootstrap, pg.url, HOST="127.0.0.1", FLUSH_INTERVAL_1M="2000",
+                      IDLE_ADVANCE="3")
     log_path = base / "service.log"
-    with log_path.open("ab") as log:
-        service = subprocess.Popen(
-            [sys.executable, "-m", "segs.cli", "--env-file", "/dev/null", "run", "--workers",
-             str(workers)], env=env, stdout=log, stderr=subprocess.STDOUT)
-    stack.callback(_stop, service)
+    service = stack.enter_context(Service(env, log_path, workers, stop_timeout_s=40))
+    port = service.http_port()
     console.print(f"[green]✓[/] segs-stream run --workers {workers} (pid {service.pid}); "
                   f"metrics at http://127.0.0.1:{port}/metrics, log {log_path}")
 
@@ -93,23 +91,22 @@ def _demo(stack: contextlib.ExitStack, base: Path, meters: int, count: int, rate
                             invalid_fraction=0.005)
     console.print(f"streaming {count:,} readings from {meters:,} meters"
                   f"{f' at {rate:,}/s' if rate else ''}…")
-    summary = produce(opts, {"bootstrap.servers": kafka.bootstrap}, "raw_readings",
+    summary = produce(opts, {"bootstrap.servers": kafka.bootstrap}, INPUT,
                       progress=True)
     console.print(f"[green]✓[/] produced {summary.messages:,} messages at "
                   f"{summary.rate:,.0f}/s")
 
-    ends = _end_offsets(kafka.bootstrap)
-    total = sum(ends.values())
+    total = sum(end_offsets(kafka.bootstrap, INPUT).values())
     t0 = time.monotonic()
     # transient: the final line is printed below, also where no terminal shows the live one
     with Live(console=console, refresh_per_second=4, transient=True) as live:
         while True:
-            done = _stored_positions(pg.url)
+            done = sum(stored_positions(pg.url, GROUP, INPUT).values())
             live.update(f"stored positions cover {done:,} / {total:,} messages")
             if done >= total:
                 break
-            if service.poll() is not None:
-                raise RuntimeError(f"the service exited with code {service.returncode}; "
+            if not service.running():
+                raise RuntimeError(f"the service exited with code {service.exit_code}; "
                                    f"see {log_path}")
             if time.monotonic() - t0 > 300:
                 raise RuntimeError("the service did not catch up within 5 minutes")
@@ -118,44 +115,9 @@ def _demo(stack: contextlib.ExitStack, base: Path, meters: int, count: int, rate
                   f"({time.monotonic() - t0:.1f} s after the last was produced)")
     time.sleep(4)  # idle advance closes the newest windows; one more checkpoint publishes
     _wait_regional(pg.url)
-    code = _stop(service)
+    code = service.stop()
     console.print(f"[green]✓[/] service stopped with exit code {code}")
     _summary(pg.url, kafka.bootstrap, summary.messages)
-
-
-def _stop(service: subprocess.Popen[bytes]) -> int:
-    if service.poll() is None:
-        service.send_signal(signal.SIGTERM)
-        try:
-            service.wait(40)
-        except subprocess.TimeoutExpired:
-            service.kill()
-            service.wait(5)
-    return int(service.returncode or 0)
-
-
-@contextlib.contextmanager
-def _consumer(bootstrap: str) -> Iterator[Consumer]:
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": "segs-demo-inspect"})
-    try:
-        yield c
-    finally:
-        c.close()
-
-
-def _end_offsets(bootstrap: str, topic: str = "raw_readings") -> dict[int, int]:
-    with _consumer(bootstrap) as c:
-        parts = c.list_topics(topic, timeout=10).topics[topic].partitions
-        return {p: c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
-                for p in parts}
-
-
-def _stored_positions(url: str) -> int:
-    with contextlib.suppress(psycopg.Error), psycopg.connect(url) as conn:
-        row = conn.execute("SELECT coalesce(sum(next_offset), 0) FROM stream_positions "
-                           "WHERE topic = 'raw_readings'").fetchone()
-        return int(row[0]) if row else 0
-    return 0
 
 
 def _wait_regional(url: str, timeout_s: float = 20) -> None:
@@ -187,7 +149,7 @@ def _summary(url: str, bootstrap: str, produced: int) -> None:
             " round(max_power::numeric, 3), round(min_power::numeric, 3),"
             " round(total_energy::numeric, 4) FROM aggregates_1m "
             "ORDER BY window_start DESC, meter_id LIMIT 8").fetchall()
-    counts = {t: sum(_end_offsets(bootstrap, t).values())
+    counts = {t: sum(end_offsets(bootstrap, t).values())
               for t in ("alerts", "raw_readings.dlq", "aggregates_1m", "aggregates_15m",
                         "aggregates_1m_regional")}
     table = Table(title="segs-stream demo summary", show_header=False)

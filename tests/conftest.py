@@ -15,13 +15,8 @@ from dataclasses import dataclass
 import psycopg
 import pytest
 
-from segs.tools.local_servers import (
-    LocalKafka,
-    LocalPostgres,
-    create_topics,
-    kafka_from_env,
-    postgres_from_env,
-)
+from segs.tools.harness import create_topics
+from segs.tools.local_servers import LocalKafka, LocalPostgres, kafka_from_env, postgres_from_env
 
 
 @dataclass

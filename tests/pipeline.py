@@ -8,25 +8,22 @@ aggregates computed from the file by :mod:`tests.reference`.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
-import re
-import signal
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import psycopg
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
-from segs.bench.infra import status_kb, worker_pids
+from segs.tools import harness
+
+# SEGS, end_offsets and stored_positions: the fault tests import them from here too
+from segs.tools.harness import SEGS, end_offsets, stored_positions  # noqa: F401
+from segs.tools.procfs import status_kb
 from segs.tools.simulator import SimMessage, SimulatorOptions, produce, read_file
 from tests.reference import (
     RefAgg,
@@ -37,7 +34,6 @@ from tests.reference import (
     timestamp_ms,
 )
 
-SEGS = str(Path(sys.executable).with_name("segs-stream"))
 TABLES = {60: "aggregates_1m", 900: "aggregates_15m"}
 
 
@@ -49,82 +45,22 @@ NO_POLICIES = {"TIMESCALEDB_RETENTION_1M": "off", "TIMESCALEDB_RETENTION_15M": "
 
 def service_env(bootstrap: str, db_url: str, topics_env: dict[str, str],
                 **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("KAFKA_", "POSTGRES_"))}
-    env.update(topics_env)
-    env.update({
-        "KAFKA_BROKERS": bootstrap, "POSTGRES_URL": db_url, "FLUSH_INTERVAL_1M": "1000",
-        "PORT": "0", "LOG_LEVEL": "info", "LOG_FORMAT": "json", "IDLE_ADVANCE": "2",
-        "SHUTDOWN_TIMEOUT": "20", "PROMETHEUS_MULTIPROC_DIR": "",
-        **NO_POLICIES,
-    })
-    env.update(extra)
-    return env
+    """The harness's environment with the tests' settings: quick flushes and idle advance,
+    a 20 s shutdown, the service's own metrics folder, no TimescaleDB policies."""
+    return harness.service_env(bootstrap, db_url, topics_env, **{
+        "FLUSH_INTERVAL_1M": "1000", "IDLE_ADVANCE": "2", "SHUTDOWN_TIMEOUT": "20",
+        "PROMETHEUS_MULTIPROC_DIR": "", **NO_POLICIES, **extra})
 
 
-@dataclass
-class Service:
-    """One `segs-stream run` process (a supervisor and its workers)."""
+class Service(harness.Service):
+    """The harness's service; a clean stop also proves the metrics folder it made is gone."""
 
-    env: dict[str, str]
-    log_path: Path
-    workers: int = 2
-    proc: subprocess.Popen[bytes] | None = None
-    args: list[str] = field(default_factory=list)
-
-    def start(self) -> Service:
-        with self.log_path.open("ab") as log:  # the child keeps its own fd
-            self.proc = subprocess.Popen(
-                [SEGS, "--env-file", "/dev/null", "run", "--workers", str(self.workers),
-                 *self.args],
-                env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=self.log_path.parent)
-        return self
-
-    def worker_pids(self) -> list[int]:
-        assert self.proc is not None
-        return worker_pids(self.proc.pid)
-
-    def signal(self, sig: int) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-
-    def stop(self, timeout_s: float = 60) -> int:
-        if self.proc is None:
-            return 0
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            code = self.proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            raise
-        if code >= 0:  # it ended itself, so it removed the metrics folder it made
+    def stop(self, timeout_s: float | None = None) -> int:
+        code = super().stop(timeout_s)
+        if self.proc is not None and code >= 0:  # it ended itself, so it removed its folder
             own = Path(tempfile.gettempdir(), f"segs-stream-metrics-{self.proc.pid}")
             assert not own.exists(), f"{own} left behind"
         return code
-
-    def kill(self) -> None:
-        """SIGKILL the supervisor and all its workers (as a power cut would)."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        pids = self.worker_pids()
-        self.proc.kill()
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        self.proc.wait(10)
-
-    def http_port(self, timeout_s: float = 30) -> int:
-        """The port the service's HTTP endpoint bound (PORT=0 picks a free one)."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            m = re.search(r"serving /metrics, /health, /ready on [^:]+:(\d+)", self.log_text())
-            if m:
-                return int(m.group(1))
-            time.sleep(0.1)
-        raise AssertionError("the service never logged its HTTP port")
-
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace")
 
 
 def rss_kb(pid: int) -> int:
@@ -139,26 +75,6 @@ def simulate(bootstrap: str, topic: str, path: Path, **options: Any) -> list[Sim
                       progress=False)
     assert summary.delivery_errors == 0, summary.last_error
     return list(read_file(path))
-
-
-def end_offsets(bootstrap: str, topic: str, partitions: int = 6) -> dict[int, int]:
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": "segs-test-offsets"})
-    try:
-        return {p: c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
-                for p in range(partitions)}
-    finally:
-        c.close()
-
-
-def stored_positions(db_url: str, group: str, topic: str) -> dict[int, int]:
-    try:
-        with psycopg.connect(db_url, connect_timeout=3) as conn:
-            rows = conn.execute(
-                "SELECT kafka_partition, next_offset FROM stream_positions "
-                "WHERE consumer_group = %s AND topic = %s", (group, topic)).fetchall()
-    except psycopg.Error:
-        return {}
-    return {int(p): int(o) for p, o in rows}
 
 
 def wait_consumed(db_url: str, group: str, topic: str, ends: dict[int, int],

@@ -24,18 +24,10 @@ import numpy as np
 import psycopg
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
-from segs.bench.infra import (
-    OutputTopics,
-    Servers,
-    Service,
-    create_topics,
-    end_offsets,
-    fresh_database,
-    stored_positions,
-    tag,
-)
+from segs.bench.infra import OutputTopics, Servers, fresh_database, service, tag
 from segs.errors import InfraError
 from segs.intake.decode import parse_timestamp_ms
+from segs.tools.harness import Service, covered, create_topics, end_offsets, stored_positions
 from segs.tools.simulator import SimulatorOptions, produce
 
 ROW_SAMPLE = 3000
@@ -138,11 +130,11 @@ def run_latency(srv: Servers, *, rate: float, meters: int, duration_s: float, wo
                             interval_s=max(0.001, meters / rate * time_speedup),
                             anomaly_fraction=0.001)
     with fresh_database(srv.postgres_url) as db:
-        svc = Service(srv.bootstrap, db, topics, workers, workdir / f"latency-{topic}.log",
-                      extra_env={"FLUSH_INTERVAL_1M": str(flush_interval_ms)})
+        svc = service(srv.bootstrap, db, topics, workers, workdir / f"latency-{topic}.log",
+                      FLUSH_INTERVAL_1M=str(flush_interval_ms))
         watcher = _CommitWatcher(db, topics.group)
         with svc:
-            _wait_assigned(svc, db, topics.group)
+            _wait_assigned(svc)
             watcher.start()
             summary = produce(opts, {"bootstrap.servers": srv.bootstrap}, topic,
                               progress=False)
@@ -150,8 +142,7 @@ def run_latency(srv: Servers, *, rate: float, meters: int, duration_s: float, wo
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline:
                 svc.check_alive()
-                stored = stored_positions(db, topics.group, topic)
-                if all(stored.get(p, 0) >= e for p, e in ends.items() if e > 0):
+                if covered(ends, stored_positions(db, topics.group, topic)):
                     break
                 time.sleep(0.2)
             time.sleep(0.3)
@@ -198,20 +189,7 @@ def run_latency(srv: Servers, *, rate: float, meters: int, duration_s: float, wo
     }
 
 
-def _wait_assigned(svc: Service, db: str, group: str, timeout_s: float = 60) -> None:
+def _wait_assigned(svc: Service) -> None:
     """Until the service answers /ready and its consumers had time to join the group."""
-    import urllib.request
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        svc.check_alive()
-        try:
-            with urllib.request.urlopen(
-                    f"http://127.0.0.1:{svc.port}/ready", timeout=2) as resp:
-                if resp.status == 200:
-                    time.sleep(3)  # group join and assignment
-                    return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise InfraError("segs-stream run did not become ready within 60 s")
+    svc.wait_ready(timeout_s=60)
+    time.sleep(3)  # group join and assignment

@@ -23,8 +23,9 @@ from typing import Any
 
 from confluent_kafka import Consumer, TopicPartition
 
-from segs.bench.infra import Servers, cpu_seconds, status_kb, tag
+from segs.bench.infra import Servers, tag
 from segs.tools.local_servers import cache_dir
+from segs.tools.procfs import cpu_seconds, status_kb
 
 QUIX_VERSION = "3.28.1"
 JOB = Path(__file__).with_name("quix_job.py")

@@ -14,16 +14,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from segs.bench.infra import (
-    OutputTopics,
-    Servers,
-    Service,
-    cpu_seconds,
-    fresh_database,
-    status_kb,
-    stored_positions,
-)
+from segs.bench.infra import OutputTopics, Servers, fresh_database, service
 from segs.errors import InfraError
+from segs.tools.harness import covered, stored_positions
+from segs.tools.procfs import cpu_seconds, status_kb
 
 POLL_S = 0.1
 
@@ -36,8 +30,7 @@ def run_pipeline(srv: Servers, topic: str, ends: dict[int, int], *, workers: int
     topics.create(srv.bootstrap)
     with fresh_database(srv.postgres_url) as db:
         log_path = workdir / f"pipeline-{topics.suffix}.log"
-        svc = Service(srv.bootstrap, db, topics, workers, log_path,
-                      extra_env=extra_env or {})
+        svc = service(srv.bootstrap, db, topics, workers, log_path, **(extra_env or {}))
         peak_kb: dict[int, int] = {}
         cpu: dict[int, float] = {}
 
@@ -55,7 +48,7 @@ def run_pipeline(srv: Servers, topic: str, ends: dict[int, int], *, workers: int
                 if time.monotonic() > deadline:
                     raise InfraError(f"pipeline consumed {n:.0f} of {total} in {timeout_s} s")
                 svc.check_alive()
-                n = svc.messages_total()
+                n = svc.metric("stream_messages_total")
                 if first_t is None and n > 0:
                     first_t, first_n = time.perf_counter(), n
                 sample()
@@ -66,8 +59,7 @@ def run_pipeline(srv: Servers, topic: str, ends: dict[int, int], *, workers: int
             svc.proc.terminate()  # final checkpoint now, not at the next flush interval
             while True:
                 sample()
-                stored = stored_positions(db, topics.group, topic)
-                if all(stored.get(p, 0) >= end for p, end in ends.items() if end > 0):
+                if covered(ends, stored_positions(db, topics.group, topic)):
                     break
                 if svc.proc.poll() is not None:
                     raise InfraError("segs-stream run exited before storing every position: "

@@ -26,6 +26,7 @@ from segs.bench.latency import run_latency
 from segs.bench.peer import PeerUnavailable, run_peer
 from segs.bench.pipeline import run_pipeline
 from segs.intake.decode import NATIVE
+from segs.tools.harness import end_offsets
 from segs.tools.simulator import SimulatorOptions
 
 SCENARIOS = ("ceiling", "pipeline", "scaling", "latency", "checkpoint", "peer")
@@ -134,7 +135,7 @@ class Suite:
         topic = f"raw_readings.bench.{meters}.{infra.tag()}"
         summary = infra.preload(self.srv.bootstrap, topic,
                                 SimulatorOptions(meters=meters, count=readings))
-        return topic, infra.end_offsets(self.srv.bootstrap, topic), summary
+        return topic, end_offsets(self.srv.bootstrap, topic), summary
 
     def _preload(self) -> None:
         p = self.plan

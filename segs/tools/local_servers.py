@@ -241,38 +241,6 @@ class LocalKafka:
         self.close()
 
 
-def create_topics(bootstrap: str, topics: dict[str, int], extra: dict[str, str] | None = None,
-                  timeout_s: float = 30.0) -> None:
-    """Create topics (name → partitions) if they do not exist yet."""
-    from confluent_kafka import KafkaException
-    from confluent_kafka.admin import AdminClient
-    from confluent_kafka.cimpl import NewTopic
-
-    admin = AdminClient({"bootstrap.servers": bootstrap, **(extra or {})})
-    existing = set(admin.list_topics(timeout=timeout_s).topics)
-    new = [NewTopic(name, n, 1) for name, n in topics.items() if name not in existing]
-    if not new:
-        return
-    for name, fut in admin.create_topics(new, request_timeout=timeout_s).items():
-        try:
-            fut.result(timeout_s)
-        except KafkaException as exc:
-            if "TOPIC_ALREADY_EXISTS" not in str(exc):
-                raise InfraError(f"could not create topic {name}: {exc}") from exc
-
-
-def delete_topics(bootstrap: str, names: list[str], timeout_s: float = 30.0) -> None:
-    from confluent_kafka.admin import AdminClient
-
-    admin = AdminClient({"bootstrap.servers": bootstrap})
-    existing = set(admin.list_topics(timeout=timeout_s).topics)
-    todo = [n for n in names if n in existing]
-    if todo:
-        for fut in admin.delete_topics(todo, request_timeout=timeout_s).values():
-            with contextlib.suppress(Exception):
-                fut.result(timeout_s)
-
-
 # --------------------------------------------------------------------------- PostgreSQL
 
 

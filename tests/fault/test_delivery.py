@@ -24,7 +24,7 @@ from confluent_kafka.admin._config import ConfigResource
 from confluent_kafka.admin._resource import ResourceType
 
 from segs.publish.topics import REGIONAL_RECORD_LIMIT
-from segs.tools.local_servers import create_topics, delete_topics
+from segs.tools.harness import create_topics, delete_topics
 from tests.conftest import Topics
 from tests.fault.conftest import Fault
 from tests.pipeline import (

@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from segs.tools.local_servers import create_topics
+from segs.tools.harness import create_topics
 from tests.fault.conftest import Fault
 from tests.pipeline import Service
 

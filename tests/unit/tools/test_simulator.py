@@ -23,7 +23,6 @@ from segs.detection.detector import AnomalyDetector
 from segs.errors import ConfigError, KafkaError
 from segs.intake.decode import Decoder
 from segs.intake.readings import Interner
-from segs.tools import simulator
 from segs.tools.simulator import (
     ANOMALY_KINDS,
     INVALID_VARIANTS,
@@ -37,6 +36,7 @@ from segs.tools.simulator import (
     region_names,
     write_file,
 )
+from segs.tools.simulator.model import Simulation, limited
 
 START = 1_790_000_000_000  # 2026-09-21T…Z, well in the past
 ISO_MS_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
@@ -222,7 +222,7 @@ def test_holding_back_ends_promptly_when_stopped() -> None:
     opts = SimulatorOptions(meters=10, interval_s=60.0, seed=1)  # round 1 is ~1 min ahead
     t = time.monotonic()
     batches = list(
-        simulator._limited(simulator._Simulation(opts), opts, lambda: time.monotonic() - t > 0.5)
+        limited(Simulation(opts), opts, lambda: time.monotonic() - t > 0.5)
     )
     assert 0.4 < time.monotonic() - t < 1.5
     assert [len(b) for b in batches] == [10]
@@ -659,7 +659,7 @@ def test_bad_producer_setting_is_one_line(mock_cluster: str) -> None:
 def test_default_start_of_a_throttled_run(rate: float, meters: int) -> None:
     opts = SimulatorOptions(meters=meters, count=100_000, rate=rate, seed=1)
     now = time.time() * 1000
-    sim = simulator._Simulation(opts, now_ms=int(now))
+    sim = Simulation(opts, now_ms=int(now))
     span = 100_000 / meters * 1000  # ms of event time
     run_ms = 100_000 / rate * 1000
     if run_ms < span:  # event time outruns the clock: ends at about the end of the run

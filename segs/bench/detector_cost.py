@@ -1,6 +1,7 @@
 """What anomaly detection costs the pipeline: the same run with ANOMALY_DETECTION on and off.
 
-    python benchmarks/detector_cost.py [--readings 3000000] [--meters 100000] [--rounds 2]
+    .venv/bin/python -m segs.bench.detector_cost [--readings 3000000] [--meters 100000]
+                                                 [--rounds 2]
 
 Starts a local Kafka and PostgreSQL, pre-loads the input topic once, then runs
 ``segs-stream run --workers 1`` over it alternately with detection on and off (each in a
@@ -11,10 +12,6 @@ position, the worker's CPU seconds per reading and its peak RSS.
 from __future__ import annotations
 
 import argparse
-import os
-import signal
-import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -22,11 +19,11 @@ from pathlib import Path
 
 import psycopg
 
-from segs.bench.infra import cpu_seconds, status_kb, worker_pids
-from segs.tools.local_servers import LocalKafka, LocalPostgres, create_topics
+from segs.tools.harness import Service, create_topics, service_env, stored_positions
+from segs.tools.local_servers import LocalKafka, LocalPostgres
+from segs.tools.procfs import cpu_seconds, status_kb
 from segs.tools.simulator import SimulatorOptions, produce
 
-SEGS = str(Path(sys.executable).with_name("segs-stream"))
 TOPICS = {"raw_readings": 6, "raw_readings.dlq": 1, "aggregates_1m": 1, "aggregates_15m": 1,
           "alerts": 1}
 
@@ -37,33 +34,21 @@ def run_once(kafka: LocalKafka, pg: LocalPostgres, readings: int, detection: str
     with psycopg.connect(pg.url, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{db}"')
     url = pg.url.rsplit("/", 1)[0] + "/" + db
-    env = {**os.environ, "KAFKA_BROKERS": kafka.bootstrap, "POSTGRES_URL": url, "PORT": "0",
-           "FLUSH_INTERVAL_1M": "5000", "LOG_LEVEL": "warning", "ANOMALY_DETECTION": detection,
-           "KAFKA_GROUP_ID": f"bench-{db}"}
+    env = service_env(kafka.bootstrap, url, FLUSH_INTERVAL_1M="5000", LOG_LEVEL="warning",
+                      ANOMALY_DETECTION=detection, KAFKA_GROUP_ID=f"bench-{db}")
     t0 = time.monotonic()
-    with log.open("ab") as out:
-        svc = subprocess.Popen([SEGS, "--env-file", "/dev/null", "run", "--workers", "1"],
-                               env=env, stdout=out, stderr=subprocess.STDOUT)
     stats: dict[int, tuple[float, int]] = {}
-    try:
+    with Service(env, log, workers=1, stop_timeout_s=120) as svc:
         while True:
             time.sleep(0.5)
-            for pid in worker_pids(svc.pid):
+            svc.check_alive()
+            for pid in svc.worker_pids():
                 cpu = cpu_seconds(pid)
                 if cpu:  # 0: it just exited, keep what was read before
                     stats[pid] = (cpu, status_kb(pid, "VmHWM") // 1024)
-            try:
-                with psycopg.connect(url) as conn:
-                    row = conn.execute("SELECT coalesce(sum(next_offset), 0) "
-                                       "FROM stream_positions").fetchone()
-            except psycopg.Error:
-                continue
-            if row and row[0] >= readings:
+            if sum(stored_positions(url, f"bench-{db}", "raw_readings").values()) >= readings:
                 break
         elapsed = time.monotonic() - t0
-    finally:
-        svc.send_signal(signal.SIGTERM)
-        svc.wait(120)
     cpu = max((c for c, _ in stats.values()), default=0.0)
     return {"readings_per_s": readings / elapsed, "cpu_us_per_reading": 1e6 * cpu / readings,
             "peak_rss_mb": max((m for _, m in stats.values()), default=0)}

@@ -1,8 +1,8 @@
 """Simulator throughput: generation alone, and generation + produce to Kafka.
 
-    .venv/bin/python benchmarks/bench_simulator.py                      # mock cluster
-    .venv/bin/python benchmarks/bench_simulator.py --local-kafka        # real broker, started here
-    .venv/bin/python benchmarks/bench_simulator.py --brokers host:9092  # your broker
+    .venv/bin/python -m segs.bench.simulator                      # mock cluster
+    .venv/bin/python -m segs.bench.simulator --local-kafka        # real broker, started here
+    .venv/bin/python -m segs.bench.simulator --brokers host:9092  # your broker
 
 Generation is measured twice: the batches :func:`segs.tools.simulator.produce` sends (message
 bytes only) and the public :func:`segs.tools.simulator.generate` (``SimMessage`` lists). The
@@ -23,10 +23,9 @@ import time
 import uuid
 from collections.abc import Iterator
 
-from confluent_kafka.admin import AdminClient, NewTopic
-
-from segs.tools import simulator
+from segs.tools.harness import create_topics, delete_topics
 from segs.tools.simulator import SimulatorOptions, generate, produce
+from segs.tools.simulator.model import Simulation, limited
 
 
 def _options(count: int, meters: int, disorder: bool) -> SimulatorOptions:
@@ -48,7 +47,7 @@ def bench_generation(count: int, meters: int, disorder: bool) -> tuple[float, fl
     """(batches msg/s wall, batches msg per CPU-second, generate() msg/s wall)."""
     opts = _options(count, meters, disorder)
     t, cpu = time.perf_counter(), time.thread_time()
-    n = sum(len(b) for b in simulator._limited(simulator._Simulation(opts), opts))
+    n = sum(len(b) for b in limited(Simulation(opts), opts))
     internal = n / (time.perf_counter() - t)
     internal_cpu = n / (time.thread_time() - cpu)
     t = time.perf_counter()
@@ -62,9 +61,8 @@ def bench_produce(
 ) -> tuple[float, float, int]:
     """(wall msg/s, msg per CPU-second of the producing thread, delivery errors)."""
     topic = f"bench-sim-{uuid.uuid4().hex[:8]}"
-    admin = AdminClient({"bootstrap.servers": brokers})
     with contextlib.suppress(Exception):  # the mock cluster creates topics by itself
-        admin.create_topics([NewTopic(topic, partitions, 1)])[topic].result(15)
+        create_topics(brokers, {topic: partitions}, timeout_s=15)
     cpu = time.thread_time()
     summary = produce(
         _options(count, meters, disorder),
@@ -74,7 +72,7 @@ def bench_produce(
     )
     cpu = time.thread_time() - cpu
     with contextlib.suppress(Exception):
-        admin.delete_topics([topic])[topic].result(15)
+        delete_topics(brokers, [topic], timeout_s=15)
     return summary.rate, summary.messages / cpu, summary.delivery_errors
 
 

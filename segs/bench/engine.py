@@ -1,12 +1,13 @@
 """Single-core micro-benchmarks of the decoder and the window engine.
 
-    python benchmarks/bench_engine.py [--quick] [--json PATH]
+    .venv/bin/python -m segs.bench.engine [--quick] [--json PATH]
 
 * decode: msgs/s on simulator-like ~290-byte messages, validation included, with the native
   path (``segs/intake/_fastscan.c``) and the Python paths alone; the same fields at ~330 bytes; and
   the simulator's own stream (100,000 meters in random order, 1 % invalid);
 * windows: readings/s of ``add`` of the 1-minute engine (the only one the worker keeps;
-  15-minute rows are rolled up from its partials in SQL), 100,000 meters,
+  at each checkpoint :func:`segs.windows.partials.roll_up` rolls its partials up into the
+  15-minute ones), 100,000 meters,
   each reporting every 10 s of event time, 50,000 readings per batch;
 * memory: RSS growth of the engine with 100,000 and 1,000,000 active meters.
 """
@@ -28,8 +29,6 @@ from typing import Any
 import numpy as np
 from rich.console import Console
 from rich.table import Table
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from segs.intake.decode import NATIVE, Decoder
 from segs.intake.readings import Interner, Readings
@@ -167,7 +166,7 @@ def bench_windows(meters: int, batch: int, n_batches: int) -> dict[str, float]:
 def bench_memory(meters: int) -> dict[str, float]:
     """RSS growth of the window engine with ``meters`` active meters, in a fresh process."""
     out = subprocess.run(
-        [sys.executable, __file__, "--memory-child", str(meters)],
+        [sys.executable, "-m", "segs.bench.engine", "--memory-child", str(meters)],
         check=True,
         capture_output=True,
         text=True,

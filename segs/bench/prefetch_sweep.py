@@ -1,7 +1,7 @@
 """How prefetch and batch size trade worker memory for throughput.
 
-    python benchmarks/prefetch_sweep.py [--readings 3000000] [--meters 100000]
-                                        [--workers 2] [--rounds 2]
+    .venv/bin/python -m segs.bench.prefetch_sweep [--readings 3000000] [--meters 100000]
+                                                  [--workers 2] [--rounds 2]
 
 Starts a local Kafka and PostgreSQL, pre-loads a 6-partition topic once, then runs
 ``segs-stream run`` over it once per setting below and round (fresh database and group
@@ -21,6 +21,7 @@ from rich.table import Table
 
 from segs.bench import infra
 from segs.bench.pipeline import run_pipeline
+from segs.tools.harness import end_offsets
 from segs.tools.simulator import SimulatorOptions
 
 SMALL = ("max.partition.fetch.bytes=2097152,fetch.max.bytes=16777216,"
@@ -54,7 +55,7 @@ def main() -> None:
         topic = f"raw_readings.sweep.{infra.tag()}"
         infra.preload(srv.bootstrap, topic,
                       SimulatorOptions(meters=args.meters, count=args.readings))
-        ends = infra.end_offsets(srv.bootstrap, topic)
+        ends = end_offsets(srv.bootstrap, topic)
         for rnd in range(1, args.rounds + 1):
             for name, env in SETTINGS.items():
                 r = run_pipeline(srv, topic, ends, workers=args.workers, workdir=Path(tmp),

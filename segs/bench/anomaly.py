@@ -1,6 +1,6 @@
 """Throughput of :meth:`segs.detection.detector.AnomalyDetector.check` (readings per second).
 
-Run: ``.venv/bin/python benchmarks/bench_anomaly.py [--meters 100000] [--repeat 20]``
+Run: ``.venv/bin/python -m segs.bench.anomaly [--meters 100000] [--repeat 20]``
 
 Scenarios (all on warmed-up state, every meter past ``min_samples``):
 - typical: batches of 10k / 25k / 50k readings over 100k meters drawn uniformly
