@@ -102,6 +102,18 @@ class Service:
     def worker_pids(self) -> list[int]:
         return [] if self.proc is None else worker_pids(self.proc.pid)
 
+    def wait_workers(self, n: int, timeout_s: float = 60) -> list[int]:
+        """Until the service runs ``n`` worker processes; their pids. A loaded machine takes
+        seconds to spawn them, so callers wait for this rather than sleep."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            pids = self.worker_pids()
+            if len(pids) == n:
+                return pids
+            self.check_alive()
+            time.sleep(0.1)
+        raise InfraError(f"{self.log_path.name}: {n} workers never ran")
+
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")
 

@@ -194,15 +194,8 @@ class Fault:
         self.entry.faults[kind] += n
 
     def wait_workers(self, svc: Service, n: int, timeout_s: float = 60) -> list[int]:
-        """Until ``svc`` runs ``n`` workers that have started their loop; their pids."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            pids = svc.worker_pids()
-            if len(pids) == n:
-                return pids
-            assert svc.proc is not None and svc.proc.poll() is None, svc.log_text()[-3000:]
-            time.sleep(0.1)
-        raise AssertionError(f"{svc.log_path.name}: {n} workers never ran")
+        """Until ``svc`` runs ``n`` workers; their pids."""
+        return svc.wait_workers(n, timeout_s)
 
     def wait_log(self, svc: Service, text: str, timeout_s: float = 60, *,
                  count: int = 1) -> None:

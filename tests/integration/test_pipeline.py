@@ -145,9 +145,8 @@ def test_exact_when_a_worker_is_killed(run: Run, cleanup: list[Service]) -> None
     svc = run.service()
     cleanup.append(svc)
     svc.start()
-    time.sleep(3)
-    pids = svc.worker_pids()
-    assert len(pids) == 2
+    pids = svc.wait_workers(2)
+    time.sleep(1)  # the kill lands mid-stream
     victim = random.choice(pids)
     signal_kill(victim)
     messages = join()
@@ -162,9 +161,9 @@ def test_exact_when_a_second_service_joins_and_the_first_leaves(run: Run,
     first = run.service(workers=1, name="first")
     second = run.service(workers=1, name="second")
     cleanup += [first, second]
-    first.start()
-    time.sleep(2)
-    second.start()
+    first.start().wait_workers(1)
+    time.sleep(1)
+    second.start().wait_workers(1)
     time.sleep(2.5)
     assert first.stop() == 0
     messages = join()
@@ -178,8 +177,8 @@ def test_sigterm_exits_zero_and_a_restart_finishes_exactly(run: Run,
     join = run.stream(30_000, 8_000)
     svc = run.service()
     cleanup.append(svc)
-    svc.start()
-    time.sleep(2)
+    svc.start().wait_workers(2)
+    time.sleep(1)
     t0 = time.monotonic()
     assert svc.stop(timeout_s=25) == 0
     assert time.monotonic() - t0 < 20  # SHUTDOWN_TIMEOUT
