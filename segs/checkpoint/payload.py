@@ -32,6 +32,7 @@ from segs.checkpoint.pgcopy import CopyData, copy_data
 from segs.checkpoint.sink import TABLES, CommitJob, Positions
 from segs.detection.detector import BaselineState
 from segs.intake.readings import grown
+from segs.times import NEVER
 from segs.windows.partials import Partials, roll_up
 
 
@@ -152,9 +153,6 @@ class MeterPartitions:
         return mixed
 
 
-_NONE = -(2**62)  # no window written yet
-
-
 class WrittenWindows:
     """Per meter slot and window size, the latest window this worker has drained to write:
     which windows of a checkpoint are *fresh*, never written by this worker.
@@ -167,7 +165,7 @@ class WrittenWindows:
     """
 
     def __init__(self, sizes: tuple[int, ...] = tuple(TABLES)) -> None:
-        self._latest = {size: np.full(1024, _NONE, np.int64) for size in sizes}
+        self._latest = {size: np.full(1024, NEVER, np.int64) for size in sizes}
 
     def fresh(self, partials: Partials) -> dict[int, NDArray[np.bool_]]:
         """Per size, which of ``partials`` (distinct (meter, window) keys of windows that
@@ -177,7 +175,7 @@ class WrittenWindows:
         out: dict[int, NDArray[np.bool_]] = {}
         for size, latest in self._latest.items():
             if len(meter) and int(meter.max()) >= latest.shape[0]:
-                latest = grown(latest, max(int(meter.max()) + 1, 2 * latest.shape[0]), _NONE)
+                latest = grown(latest, max(int(meter.max()) + 1, 2 * latest.shape[0]), NEVER)
                 self._latest[size] = latest
             window = partials.window_start_ms // (size * 1000)
             out[size] = window > latest[meter]

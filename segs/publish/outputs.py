@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 
 import msgspec
 
 from segs.checkpoint.sink import ClosedRow
+from segs.times import iso_ms as iso_ms  # also imported from here by the worker
 
 GRANULARITY = {60: "1m", 900: "15m"}
 _TYPE_HEADER = {60: b"1m_aggregate", 900: b"15m_aggregate"}
 _encode = msgspec.json.Encoder().encode
-
-
-def iso_ms(ms: int) -> str:
-    """Epoch milliseconds as ISO-8601 UTC with milliseconds and ``Z``."""
-    secs, milli = divmod(ms, 1000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)) + f".{milli:03d}Z"
 
 
 def encode_aggregates(

@@ -49,7 +49,7 @@ import psycopg
 
 from segs.config import DEFAULT_REGION_CAPACITY_KW
 from segs.errors import DatabaseError
-from segs.publish.outputs import iso_ms
+from segs.times import iso_ms
 
 log = logging.getLogger("segs.regional")
 

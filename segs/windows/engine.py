@@ -29,12 +29,12 @@ import numpy as np
 from numpy.typing import NDArray
 
 from segs.intake.readings import Interner, Readings, grown
+from segs.times import NEVER
 from segs.windows.partials import Partials, combine, region_ranks
 
 __all__ = ["Partials", "WindowEngine"]
 
 
-NEG = -(2**62)  # "nothing here" for window indices, timestamps and watermarks
 _MIN_CAPACITY = 1024
 
 
@@ -100,7 +100,7 @@ class WindowEngine:
     def _alloc_cells(self, capacity: int) -> None:
         n = capacity * self.ring
         first = self._capacity == 0
-        self._win = grown(None if first else self._win, n, NEG)  # window index held
+        self._win = grown(None if first else self._win, n, NEVER)  # window index held
         self._count = grown(None if first else self._count, n, 0, np.int32)
         self._psum = grown(None if first else self._psum, n, 0.0)
         self._pmax = grown(None if first else self._pmax, n, -np.inf)
@@ -108,7 +108,7 @@ class WindowEngine:
         self._esum = grown(None if first else self._esum, n, 0.0)
         self._vsum = grown(None if first else self._vsum, n, 0.0)  # readings with a voltage
         self._vcnt = grown(None if first else self._vcnt, n, 0, np.int32)
-        self._last = grown(None if first else self._last, n, NEG)  # ts of latest reading
+        self._last = grown(None if first else self._last, n, NEVER)  # ts of latest reading
         self._region = grown(None if first else self._region, n, -1, np.int32)
         self._part = grown(None if first else self._part, n, -1, np.int32)
         self._open = grown(None if first else self._open, n, False)  # not reported closed
@@ -130,9 +130,9 @@ class WindowEngine:
             b[:old] = a
             return b
 
-        self._max_ts = ext(self._max_ts, NEG)  # type: ignore[assignment]
-        self._wm = ext(self._wm, NEG)  # type: ignore[assignment]
-        self._last_wall = ext(self._last_wall, NEG)  # type: ignore[assignment]
+        self._max_ts = ext(self._max_ts, NEVER)  # type: ignore[assignment]
+        self._wm = ext(self._wm, NEVER)  # type: ignore[assignment]
+        self._last_wall = ext(self._last_wall, NEVER)  # type: ignore[assignment]
         self._seen = ext(self._seen, False)  # type: ignore[assignment]
 
     def _ranks(self) -> NDArray[np.int64]:
@@ -148,7 +148,7 @@ class WindowEngine:
         self._esum[cells] = 0.0
         self._vsum[cells] = 0.0
         self._vcnt[cells] = 0
-        self._last[cells] = NEG
+        self._last[cells] = NEVER
 
     def _cell_partials(self, cells: NDArray[np.intp], win: NDArray[np.int64]) -> Partials:
         return Partials(
@@ -286,7 +286,7 @@ class WindowEngine:
             )
             last = self._last[cell]
             cur = np.where(
-                last == NEG,
+                last == NEVER,
                 -1,
                 ((last - w * size_ms) << sh_t)
                 | (rank[np.maximum(self._region[cell], 0)] << sh_p)
@@ -378,7 +378,7 @@ class WindowEngine:
             return
         cells = np.flatnonzero(np.isin(self._part, ps))
         self._reset_pending(cells)
-        self._win[cells] = NEG
+        self._win[cells] = NEVER
         self._open[cells] = False
         self._region[cells] = -1
         self._part[cells] = -1
@@ -392,9 +392,9 @@ class WindowEngine:
         self._over_open = kept
         known = ps[ps < self._wm.shape[0]]
         known = known[known >= 0]
-        self._max_ts[known] = NEG
-        self._wm[known] = NEG
-        self._last_wall[known] = NEG
+        self._max_ts[known] = NEVER
+        self._wm[known] = NEVER
+        self._last_wall[known] = NEVER
         self._seen[known] = False
 
     def pending_readings(self) -> int:
