@@ -29,11 +29,12 @@ import numpy as np
 from numpy.typing import NDArray
 
 from segs.checkpoint.pgcopy import CopyData, copy_data
-from segs.checkpoint.sink import TABLES, CommitJob, Positions
+from segs.checkpoint.sink import CommitJob, Positions
 from segs.detection.detector import BaselineState
 from segs.intake.readings import grown
 from segs.times import NEVER
 from segs.windows.partials import Partials, roll_up
+from segs.windows.sizes import BY_SECONDS
 
 
 @dataclass(slots=True)
@@ -65,7 +66,7 @@ class Payload:
         p, b = self.partials, self.baselines
         stored: dict[int, CopyData] = {}
         fresh: dict[int, CopyData] = {}
-        for size in TABLES:
+        for size in BY_SECONDS:
             is_fresh = self.fresh.get(size)
             # all of a coarse window's partials share its freshness: split, then roll up
             split = [(stored, p)] if is_fresh is None else [(stored, p.take(~is_fresh)),
@@ -164,7 +165,7 @@ class WrittenWindows:
     is merged (a late reading for a window nothing was written for).
     """
 
-    def __init__(self, sizes: tuple[int, ...] = tuple(TABLES)) -> None:
+    def __init__(self, sizes: tuple[int, ...] = tuple(BY_SECONDS)) -> None:
         self._latest = {size: np.full(1024, NEVER, np.int64) for size in sizes}
 
     def fresh(self, partials: Partials) -> dict[int, NDArray[np.bool_]]:

@@ -51,14 +51,11 @@ from psycopg_pool import ConnectionPool
 from segs.checkpoint.pgcopy import CopyData
 from segs.errors import DatabaseError, FencedError, SegsError
 from segs.intake.decode import METER_ID_MAX, REGION_MAX
+from segs.windows.sizes import SIZES
 
 log = logging.getLogger("segs.sink")
 
-TABLES = {60: "aggregates_1m", 900: "aggregates_15m"}
-# window size → the temporary table its partials are copied into
-_PARTIALS = {60: "segs_partials_1m", 900: "segs_partials_15m"}
-# … and the temporary table of its fresh partials
-_FRESH = {60: "segs_fresh_1m", 900: "segs_fresh_15m"}
+TABLES = {size.seconds: size.table for size in SIZES}  # window size (s) → aggregate table
 
 # One partial aggregate row as Python values; window times as epoch milliseconds.
 # Python rows may stop before the voltage columns: then no reading had a voltage.
@@ -174,12 +171,12 @@ def _statements(numeric: Mapping[str, Numeric]) -> tuple[dict[str, bytes], dict[
     size: the plain insert of its fresh partials. ``numeric``: table → its NUMERIC columns
     of :data:`ORIGINAL_FIGURES` (none on a table segs-stream made)."""
     merges, inserts = {}, {}
-    for size, table in TABLES.items():
-        cols = numeric.get(table, {})
-        for source in (_PARTIALS[size], _FRESH[size]):
-            merges[source] = _MERGE.format(insert=_insert(size, source, cols),
+    for size in SIZES:
+        cols = numeric.get(size.table, {})
+        for source in (size.partials_table, size.fresh_table):
+            merges[source] = _MERGE.format(insert=_insert(size.seconds, source, cols),
                                            merge_set=merge_set(cols)).encode()
-        inserts[size] = _insert(size, _FRESH[size], cols).encode()
+        inserts[size.seconds] = _insert(size.seconds, size.fresh_table, cols).encode()
     return merges, inserts
 
 
@@ -443,18 +440,19 @@ class Sink:
                 cur.execute(b"SET LOCAL work_mem = '64MB'")
                 cur.execute(b"SET LOCAL jit = off")
                 rows, new_rows = {}, {}
-                for size, table in TABLES.items():
+                for size in SIZES:
                     inserted = written = 0
-                    if _copy(cur, _FRESH[size], (fresh or {}).get(size, ()), PARTIAL_COLUMNS,
-                             _PARTIAL_TYPES):
+                    if _copy(cur, size.fresh_table, (fresh or {}).get(size.seconds, ()),
+                             PARTIAL_COLUMNS, _PARTIAL_TYPES):
                         inserted, written = _insert_fresh(
-                            conn, cur, self._insert_fresh_sql[size], merge_sql[_FRESH[size]])
-                    if _copy(cur, _PARTIALS[size], partials.get(size, ()), PARTIAL_COLUMNS,
-                             _PARTIAL_TYPES):
-                        cur.execute(merge_sql[_PARTIALS[size]])
+                            conn, cur, self._insert_fresh_sql[size.seconds],
+                            merge_sql[size.fresh_table])
+                    if _copy(cur, size.partials_table, partials.get(size.seconds, ()),
+                             PARTIAL_COLUMNS, _PARTIAL_TYPES):
+                        cur.execute(merge_sql[size.partials_table])
                         more_inserted, more_written = cur.fetchone() or (0, 0)
                         inserted, written = inserted + more_inserted, written + more_written
-                    rows[table], new_rows[table] = int(written), int(inserted)
+                    rows[size.table], new_rows[size.table] = int(written), int(inserted)
                 n_base = _copy(cur, "segs_baselines", baselines, BASELINE_COLUMNS,
                                _BASELINE_TYPES)
                 if n_base:
@@ -668,7 +666,7 @@ def _create_temp_tables(conn: psycopg.Connection[Any]) -> None:
     """
     tables: list[tuple[str, Sequence[str], Sequence[str]]] = [
         (name, PARTIAL_COLUMNS, _PARTIAL_TYPES)
-        for name in (*_PARTIALS.values(), *_FRESH.values())]
+        for size in SIZES for name in (size.partials_table, size.fresh_table)]
     tables.append(("segs_baselines", BASELINE_COLUMNS, _BASELINE_TYPES))
     with conn.transaction():
         for name, columns, types in tables:

@@ -8,9 +8,9 @@ import msgspec
 
 from segs.checkpoint.sink import ClosedRow
 from segs.times import iso_ms as iso_ms  # also imported from here by the worker
+from segs.windows.sizes import BY_SECONDS, SIZES
 
-GRANULARITY = {60: "1m", 900: "15m"}
-_TYPE_HEADER = {60: b"1m_aggregate", 900: b"15m_aggregate"}
+GRANULARITY = {size.seconds: size.granularity for size in SIZES}  # window size (s) → label
 _encode = msgspec.json.Encoder().encode
 
 
@@ -18,9 +18,9 @@ def encode_aggregates(
     size_s: int, rows: Sequence[ClosedRow]
 ) -> list[tuple[bytes, bytes, list[tuple[str, bytes]]]]:
     """(key, value, headers) of each closed-window row, compatible with the original service."""
-    granularity = GRANULARITY[size_s]
-    headers = [("type", _TYPE_HEADER[size_s])]
-    size_ms = size_s * 1000
+    size = BY_SECONDS[size_s]
+    granularity, size_ms = size.granularity, size.ms
+    headers = [("type", size.type_header)]
     out = []
     for meter_id, region, start_ms, avg, mx, mn, energy, count in rows:
         value = {

@@ -32,6 +32,7 @@ from confluent_kafka.cimpl import NewTopic
 
 from segs.config import Settings
 from segs.errors import ConfigError, KafkaError
+from segs.windows.sizes import SIZES
 
 log = logging.getLogger("segs.topics")
 
@@ -43,8 +44,7 @@ _TIMEOUT_S = 10.0
 def output_topics(settings: Settings) -> dict[str, str]:
     """Setting name → topic name of every topic the service writes to."""
     return {
-        "KAFKA_TOPIC_AGG_1M": settings.topic_agg_1m,
-        "KAFKA_TOPIC_AGG_15M": settings.topic_agg_15m,
+        **{size.topic_setting: size.topic(settings) for size in SIZES},
         "KAFKA_TOPIC_ALERTS": settings.topic_alerts,
         "KAFKA_TOPIC_DLQ": settings.topic_dlq,
         **({"KAFKA_TOPIC_REGIONAL_AGG_1M": settings.topic_regional_1m}
