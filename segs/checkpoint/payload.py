@@ -23,13 +23,14 @@ restart). Which way a row goes changes the time, never the result.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 from numpy.typing import NDArray
 
 from segs.checkpoint.pgcopy import CopyData, copy_data
-from segs.checkpoint.sink import CommitJob, Positions
+from segs.checkpoint.sink import BaselineRow, CommitJob, Positions
 from segs.detection.detector import BaselineState
 from segs.intake.readings import grown
 from segs.times import NEVER
@@ -116,6 +117,19 @@ class Payload:
                 {size: is_fresh[rows] for size, is_fresh in self.fresh.items()},
             ))
         return out
+
+
+def baseline_state(rows: Sequence[BaselineRow], slot: Callable[[str], int]) -> BaselineState:
+    """Stored baselines as detector state, meter ids turned into slots by ``slot``."""
+    return BaselineState(
+        meter=np.fromiter((slot(r.meter_id) for r in rows), np.int32, len(rows)),
+        partition=np.array([r.source_partition for r in rows], np.int32),
+        baseline=np.array([r.baseline for r in rows], np.float64),
+        samples=np.array([r.samples for r in rows], np.int64),
+        last_outage_ms=np.array([r.last_outage_ms for r in rows], np.int64),
+        last_spike_ms=np.array([r.last_spike_ms for r in rows], np.int64),
+        last_drop_ms=np.array([r.last_drop_ms for r in rows], np.int64),
+    )
 
 
 def _partials_copy(p: Partials, meters: list[bytes], regions: list[bytes]) -> CopyData:

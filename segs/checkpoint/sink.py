@@ -42,7 +42,8 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from datetime import datetime
+from typing import Any, NamedTuple
 
 import psycopg
 from psycopg import sql
@@ -67,8 +68,21 @@ PARTIAL_COLUMNS = (
 _PARTIAL_TYPES = ("text", "text", "int8", "int8", "float8", "float8", "float8", "float8",
                   "int8", "int4", "float8", "int8")
 _PARTIAL_DEFAULTS = {"voltage_sum": "0", "voltage_count": "0"}
-BASELINE_COLUMNS = ("meter_id", "source_partition", "baseline", "samples", "last_outage_ms",
-                    "last_spike_ms", "last_drop_ms")
+
+
+class BaselineRow(NamedTuple):
+    """One meter's stored detector state (table ``meter_baselines``)."""
+
+    meter_id: str
+    source_partition: int
+    baseline: float
+    samples: int
+    last_outage_ms: int
+    last_spike_ms: int
+    last_drop_ms: int
+
+
+BASELINE_COLUMNS = BaselineRow._fields
 _BASELINE_TYPES = ("text", "int4", "float8", "int8", "int8", "int8", "int8")
 # Rows to COPY: binary COPY data naming its columns (segs.checkpoint.pgcopy), or Python rows.
 Rows = CopyData | Iterable[Sequence[Any]]
@@ -285,7 +299,28 @@ class CommitStats:
     seconds: float
 
 
-ClosedRow = tuple[str, str, int, float, float, float, float, int]
+class ClosedRow(NamedTuple):
+    """A closed window's stored figures, as read for publishing."""
+
+    meter_id: str
+    region: str
+    window_start_ms: int
+    avg_power: float
+    max_power: float
+    min_power: float
+    total_energy: float
+    sample_count: int
+
+
+class PoolStats(NamedTuple):
+    size: int  # connections of the pool
+    idle: int
+    waiting: int  # requests waiting for a connection
+
+
+# A claim's place in one partition's closed rows: the last (window_end, meter_id) read.
+_Keyset = tuple[datetime, str]
+
 # A worker that stalls (SIGSTOP, a paused VM) inside a transaction keeps its row locks (the
 # positions it updates), and the worker that took its partitions over would wait on them
 # until the stalled one resumed. PostgreSQL ends such a session after this long idle in a
@@ -339,11 +374,10 @@ class Sink:
         request starts a new one), so recovery is as fast as the caller's retry."""
         self._pool.open(wait=False)
 
-    def pool_stats(self) -> tuple[int, int, int]:
-        """Connections of the pool, how many of them are idle, requests waiting for one."""
+    def pool_stats(self) -> PoolStats:
         stats = self._pool.get_stats()
-        return (stats.get("pool_size", 0), stats.get("pool_available", 0),
-                stats.get("requests_waiting", 0))
+        return PoolStats(stats.get("pool_size", 0), stats.get("pool_available", 0),
+                         stats.get("requests_waiting", 0))
 
     def close(self) -> None:
         if self._threads is not None:
@@ -388,12 +422,16 @@ class Sink:
         return {int(p): Position(int(o), None if w is None else int(w)) for p, o, w in rows}
 
     def load_baselines(self, partitions: Sequence[int]) -> list[tuple[Any, ...]]:
-        """Rows of :data:`BASELINE_COLUMNS` for meters last seen on these partitions."""
-        return self._query(
+        """:meth:`stored_baselines`, typed as the worker still expects."""
+        return list(self.stored_baselines(partitions))
+
+    def stored_baselines(self, partitions: Sequence[int]) -> list[BaselineRow]:
+        """The stored state of the meters last seen on these partitions."""
+        return [BaselineRow._make(row) for row in self._query(
             f"SELECT {', '.join(BASELINE_COLUMNS)} FROM meter_baselines "
             "WHERE consumer_group = %s AND source_partition = ANY(%s)",
             (self.group, list(partitions)),
-        )
+        )]
 
     def connection(self) -> Any:
         """A pooled connection as a context manager (it commits on leaving, as psycopg's
@@ -548,7 +586,7 @@ class Sink:
             return {}
         done = dict.fromkeys(TABLES, 0)
         # per window size: partition → (watermark ms, keyset position or None)
-        todo: dict[int, dict[int, tuple[int, tuple[Any, str] | None]]] = {
+        todo: dict[int, dict[int, tuple[int, _Keyset | None]]] = {
             size: {p: (watermarks[p], None) for p in sorted(watermarks)} for size in TABLES}
         try:
             while any(todo.values()):
@@ -561,7 +599,7 @@ class Sink:
             raise DatabaseError(_one_line(exc)) from exc
         return done
 
-    def _claim_chunk(self, size: int, parts: dict[int, tuple[int, tuple[Any, str] | None]],
+    def _claim_chunk(self, size: int, parts: dict[int, tuple[int, _Keyset | None]],
                      deliver: Callable[[int, list[ClosedRow]], None]) -> int:
         """Read, deliver and mark one chunk of ``size``'s closed rows of ``parts``; moves
         each partition's keyset position on, or drops the partition when it has no more.
@@ -575,17 +613,23 @@ class Sink:
                 order, [parts[p][0] for p in order], [a and a[0] for a in after],
                 [a and a[1] for a in after], per_part)).fetchall()
         counts: dict[int, int] = {}
-        for p, end, _, meter, *_rest in got:  # ordered by partition, then key
+        closed: list[ClosedRow] = []
+        versions: list[str] = []  # xmin of each row as read
+        for p, end, version, *figures in got:  # ordered by partition, then key
+            row = ClosedRow._make(figures)
             counts[p] = counts.get(p, 0) + 1
-            parts[p] = (parts[p][0], (end, meter))
+            parts[p] = (parts[p][0], (end, row.meter_id))
+            closed.append(row)
+            versions.append(version)
         for p in order:
             if counts.get(p, 0) < per_part:
                 del parts[p]  # read to its end
         if got:
-            deliver(size, [tuple(r[3:]) for r in got])  # type: ignore[misc]
+            deliver(size, closed)
             with self._pool.connection() as conn:
-                marked = conn.execute(mark, ([r[3] for r in got], [r[5] for r in got],
-                                             [r[2] for r in got])).fetchone()
+                marked = conn.execute(mark, ([r.meter_id for r in closed],
+                                             [r.window_start_ms for r in closed],
+                                             versions)).fetchone()
             if marked and marked[0] < len(got):
                 log.debug("%d closed %d s windows changed while delivered: they are "
                           "published again", len(got) - marked[0], size)

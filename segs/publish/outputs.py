@@ -22,20 +22,20 @@ def encode_aggregates(
     granularity, size_ms = size.granularity, size.ms
     headers = [("type", size.type_header)]
     out = []
-    for meter_id, region, start_ms, avg, mx, mn, energy, count in rows:
+    for row in rows:
         value = {
-            "meterId": meter_id,
-            "region": region,
-            "windowStart": iso_ms(start_ms),
-            "windowEnd": iso_ms(start_ms + size_ms),
-            "avgPowerKw": avg,
-            "maxPowerKw": mx,
-            "minPowerKw": mn,
-            "energyKwhSum": energy,
-            "readingCount": count,
+            "meterId": row.meter_id,
+            "region": row.region,
+            "windowStart": iso_ms(row.window_start_ms),
+            "windowEnd": iso_ms(row.window_start_ms + size_ms),
+            "avgPowerKw": row.avg_power,
+            "maxPowerKw": row.max_power,
+            "minPowerKw": row.min_power,
+            "energyKwhSum": row.total_energy,
+            "readingCount": row.sample_count,
             "granularity": granularity,
         }
-        out.append((meter_id.encode(), _encode(value), headers))
+        out.append((row.meter_id.encode(), _encode(value), headers))
     return out
 
 
