@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -73,7 +72,7 @@ def copy_data(fixed: Sequence[FixedColumn], texts: Sequence[TextColumn],
                                      rows_per_chunk))
 
 
-def _chunks(layout: np.dtype[Any], fixed: Sequence[NDArray[np.generic]],
+def _chunks(layout: np.dtype[np.void], fixed: Sequence[NDArray[np.generic]],
             texts: Sequence[tuple[NDArray[np.integer], list[bytes]]],
             rows_per_chunk: int) -> Iterator[bytes]:
     yield HEADER
