@@ -27,12 +27,11 @@ import msgspec
 
 from segs.detection.detector import KINDS, SEVERITIES, Detections
 from segs.intake.readings import Interner, Readings
+from segs.publish.outputs import Message
 from segs.times import iso_ms
 
 ALERT_ID_NAMESPACE: Final = uuid.UUID("da9fb15b-ce3c-5890-97be-649371a0ddf8")
 """``uuid5(NAMESPACE_URL, "urn:segs-stream:alerts")``; never change it (ids must be stable)."""
-
-Message = tuple[bytes, bytes, list[tuple[str, bytes]]]  # key, value, headers
 
 class AlertMetadata(msgspec.Struct):
     kind: str

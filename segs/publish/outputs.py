@@ -10,18 +10,19 @@ from segs.checkpoint.sink import ClosedRow
 from segs.times import iso_ms as iso_ms  # also imported from here by the worker
 from segs.windows.sizes import BY_SECONDS, SIZES
 
+Headers = list[tuple[str, bytes]]
+Message = tuple[bytes, bytes, Headers]  # key, value, headers: what the service produces
+
 GRANULARITY = {size.seconds: size.granularity for size in SIZES}  # window size (s) → label
 _encode = msgspec.json.Encoder().encode
 
 
-def encode_aggregates(
-    size_s: int, rows: Sequence[ClosedRow]
-) -> list[tuple[bytes, bytes, list[tuple[str, bytes]]]]:
+def encode_aggregates(size_s: int, rows: Sequence[ClosedRow]) -> list[Message]:
     """(key, value, headers) of each closed-window row, compatible with the original service."""
     size = BY_SECONDS[size_s]
     granularity, size_ms = size.granularity, size.ms
     headers = [("type", size.type_header)]
-    out = []
+    out: list[Message] = []
     for row in rows:
         value = {
             "meterId": row.meter_id,
@@ -44,8 +45,8 @@ _RECORD_OVERHEAD = 512
 _KEY_KEPT = 1024  # bytes of an oversize key kept in a cut dead letter
 
 
-def fit_dead_letter(key: bytes | None, value: bytes | None, headers: list[tuple[str, bytes]],
-                    limit: int) -> tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]:
+def fit_dead_letter(key: bytes | None, value: bytes | None, headers: Headers,
+                    limit: int) -> tuple[bytes | None, bytes | None, Headers]:
     """The dead letter itself, or, when it would exceed ``limit`` bytes, cut to fit.
 
     A cut keeps the first 1,024 bytes of the key and as much of the value as fits, and adds
@@ -67,7 +68,7 @@ def fit_dead_letter(key: bytes | None, value: bytes | None, headers: list[tuple[
 
 
 def dead_letter_headers(reason: str, detail: str, topic: str, partition: int,
-                        offset: int) -> list[tuple[str, bytes]]:
+                        offset: int) -> Headers:
     return [
         ("segs.error", reason.encode()),
         ("segs.detail", detail.encode("utf-8", "replace")[:1024]),

@@ -49,6 +49,7 @@ import psycopg
 
 from segs.config import DEFAULT_REGION_CAPACITY_KW
 from segs.errors import DatabaseError
+from segs.publish.outputs import Headers, Message
 from segs.times import iso_ms
 
 log = logging.getLogger("segs.regional")
@@ -101,7 +102,7 @@ def capacity(capacities: Mapping[str, float], region: str) -> float:
 
 
 def encode(f: Figures, meters: Sequence[str] | None, limit: int
-           ) -> tuple[bytes, bytes, list[tuple[str, bytes]], bool]:
+           ) -> tuple[bytes, bytes, Headers, bool]:
     """(key, value, headers, list omitted) of one region-window's message; ``meters`` None
     means the list is omitted, as it is when the message would exceed ``limit`` bytes."""
     key = f.region.encode()
@@ -127,8 +128,6 @@ def encode(f: Figures, meters: Sequence[str] | None, limit: int
         body = _encode(value)
     return key, body, headers, bool(value["active_meters_omitted"])
 
-
-Message = tuple[bytes, bytes, list[tuple[str, bytes]]]
 
 
 @dataclass(slots=True)
@@ -309,13 +308,16 @@ class Regional:
             got = conn.execute(_CLAIM, (_CHUNK,)).fetchall()
         if not got:
             return False
-        got.sort(key=lambda r: (r[2], r[1]))  # window, then region
-        keys = ([r[1] for r in got], [r[2] for r in got], [r[0] for r in got])
+        claimed = sorted(((version, Figures(region, int(start), *values))
+                          for version, region, start, *values in got),
+                         key=lambda c: (c[1].window_start_ms, c[1].region))
+        keys = ([f.region for _, f in claimed], [f.window_start_ms for _, f in claimed],
+                [version for version, _ in claimed])
         try:
             messages: list[Message] = []
             by_window: dict[int, list[Figures]] = {}
-            for _, region, start, *values in got:
-                by_window.setdefault(int(start), []).append(Figures(region, int(start), *values))
+            for _, f in claimed:
+                by_window.setdefault(f.window_start_ms, []).append(f)
             for start, rows in by_window.items():
                 meters = self._meters(start, [f.region for f in rows])
                 for f in rows:
@@ -334,9 +336,10 @@ class Regional:
             log.debug("%d region-windows changed while delivered: they are published again",
                       len(got) - marked[0])
         out.published += len(got)
-        for _, region, start, *_rest, load in got:
-            if start >= out.loads.get(region, (start, 0.0))[0]:
-                out.loads[region] = (int(start), float(load))
+        for _, f in claimed:
+            start = f.window_start_ms
+            if start >= out.loads.get(f.region, (start, 0.0))[0]:
+                out.loads[f.region] = (start, float(f.load_percentage))
         return True
 
     def _meters(self, start_ms: int, regions: list[str]) -> dict[str, list[str] | None]:
