@@ -24,6 +24,7 @@ no reading for ``idle_advance_ms`` of wall clock.
 from __future__ import annotations
 
 from collections.abc import Collection
+from typing import NamedTuple
 
 import numpy as np
 from numpy.typing import NDArray
@@ -36,6 +37,14 @@ __all__ = ["Partials", "WindowEngine"]
 
 
 _MIN_CAPACITY = 1024
+
+
+class _Unreported(NamedTuple):
+    """Windows that left their cells (overflow) and are still to be reported closed."""
+
+    meter: NDArray[np.int32]
+    window: NDArray[np.int64]  # window index: start // size
+    partition: NDArray[np.int32]
 
 
 def default_ring(size_s: int, allowed_lateness_ms: int) -> int:
@@ -89,8 +98,7 @@ class WindowEngine:
         self._seen = np.empty(0, np.bool_)
         # overflow: pending partials and windows that still have to be reported closed
         self._over: list[Partials] = []
-        self._over_open: list[tuple[NDArray[np.int32], NDArray[np.int64], NDArray[np.int32]]]
-        self._over_open = []
+        self._over_open: list[_Unreported] = []
         self._rank = np.empty(0, np.int64)
         self.use_packed_keys = True  # False forces the general (slower) latest-tuple path
 
@@ -229,7 +237,7 @@ class WindowEngine:
         if opened.any():
             oc = cells[opened]
             meters = (oc // self.ring).astype(np.int32)
-            self._over_open.append((meters, old[opened], self._part[oc].copy()))
+            self._over_open.append(_Unreported(meters, old[opened], self._part[oc].copy()))
             self._open[oc] = False
 
     def _to_overflow(self, r: Readings, w: NDArray[np.int64]) -> None:
@@ -251,7 +259,8 @@ class WindowEngine:
                 voltage_count=(~np.isnan(r.voltage)).astype(np.int64),
             )
         )
-        self._over_open.append((r.meter.astype(np.int32), w.copy(), r.partition.astype(np.int32)))
+        self._over_open.append(
+            _Unreported(r.meter.astype(np.int32), w.copy(), r.partition.astype(np.int32)))
 
     def _accumulate(self, r: Readings, w: NDArray[np.int64], cell: NDArray[np.intp]) -> None:
         if len(r) == 0:
@@ -354,14 +363,14 @@ class WindowEngine:
         meters = [(cells // self.ring).astype(np.int32)]
         starts = [self._win[cells] * size_ms]
         if self._over_open:
-            m = np.concatenate([o[0] for o in self._over_open])
-            w = np.concatenate([o[1] for o in self._over_open])
-            p = np.concatenate([o[2] for o in self._over_open])
+            m = np.concatenate([o.meter for o in self._over_open])
+            w = np.concatenate([o.window for o in self._over_open])
+            p = np.concatenate([o.partition for o in self._over_open])
             done = (w + 1) * size_ms <= self._wm[p]
             meters.append(m[done])
             starts.append(w[done] * size_ms)
             keep = ~done
-            self._over_open = [(m[keep], w[keep], p[keep])] if keep.any() else []
+            self._over_open = [_Unreported(m[keep], w[keep], p[keep])] if keep.any() else []
         m_all = np.concatenate(meters)
         s_all = np.concatenate(starts)
         if len(meters) > 1 and len(m_all):
@@ -384,11 +393,11 @@ class WindowEngine:
         self._part[cells] = -1
         self._over = [o.take(~np.isin(o.partition, ps)) for o in self._over]
         self._over = [o for o in self._over if len(o)]
-        kept = []
+        kept: list[_Unreported] = []
         for m, w, p in self._over_open:
             k = ~np.isin(p, ps)
             if k.any():
-                kept.append((m[k], w[k], p[k]))
+                kept.append(_Unreported(m[k], w[k], p[k]))
         self._over_open = kept
         known = ps[ps < self._wm.shape[0]]
         known = known[known >= 0]
