@@ -41,12 +41,14 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, NamedTuple
 
 import psycopg
 from psycopg import sql
+from psycopg.rows import TupleRow
 from psycopg_pool import ConnectionPool
 
 from segs.checkpoint.pgcopy import CopyData
@@ -433,7 +435,7 @@ class Sink:
             (self.group, list(partitions)),
         )]
 
-    def connection(self) -> Any:
+    def connection(self) -> AbstractContextManager[psycopg.Connection[TupleRow]]:
         """A pooled connection as a context manager (it commits on leaving, as psycopg's
         pool does), for the regional roll-up (:mod:`segs.publish.regional`)."""
         return self._pool.connection()

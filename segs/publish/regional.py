@@ -40,12 +40,14 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
 import msgspec
 import psycopg
+from psycopg.rows import TupleRow
 
 from segs.config import DEFAULT_REGION_CAPACITY_KW
 from segs.errors import DatabaseError
@@ -224,7 +226,7 @@ SELECT least(
     (SELECT min(window_start) FROM aggregates_1m_regional WHERE NOT published))
 """
 
-Connect = Callable[[], Any]  # a context manager yielding a psycopg connection
+Connect = Callable[[], AbstractContextManager[psycopg.Connection[TupleRow]]]
 
 
 class Regional:
@@ -267,7 +269,8 @@ class Regional:
                                (_LOCK_CLASS, self.group)).fetchone()
             if not got or not got[0]:
                 return False
-            wms = dict(conn.execute(_HORIZON, (self.group, self.topic, partitions)).fetchall())
+            wms: dict[int, int | None] = dict(
+                conn.execute(_HORIZON, (self.group, self.topic, partitions)).fetchall())
             horizon, out.holding = closed_horizon(wms, partitions)
             out.horizon_ms = horizon
             if horizon is None:
@@ -287,7 +290,7 @@ class Regional:
             out.windows = len(closed)
         return True
 
-    def _compute_window(self, conn: Any, start_ms: int) -> int:
+    def _compute_window(self, conn: psycopg.Connection[TupleRow], start_ms: int) -> int:
         rows = [figures(region, start_ms, avgs, maxes, capacity(self.capacities, region))
                 for region, avgs, maxes in conn.execute(_WINDOW, (start_ms,)).fetchall()]
         conn.execute(_GONE, (start_ms, [f.region for f in rows]))
