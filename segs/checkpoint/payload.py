@@ -5,9 +5,8 @@ baselines and the next position of every covered partition. Positions are per pa
 so a payload can be cut along partitions into several payloads, each one a complete
 checkpoint of its partitions — as if those partitions alone had been checkpointed — and
 written in its own transaction on its own connection (:meth:`segs.checkpoint.sink.Sink.commit_all`),
-``CHECKPOINT_WRITERS`` of them. PostgreSQL runs each upsert on one core; two transactions
-side by side take about two thirds of the time of one (``benchmarks/README.md``,
-"Checkpoint").
+``CHECKPOINT_WRITERS`` of them: PostgreSQL runs each upsert on one core, so transactions side
+by side use more of them (``benchmarks/README.md``, "Checkpoint").
 
 The cut is exact only when no partial or baseline mixes readings of partitions that land
 in different parts. Readings are keyed by meter id, so a meter's readings come from one

@@ -11,9 +11,8 @@ One :meth:`Sink.commit` is one transaction:
    (:data:`MERGE_SET` is that arithmetic in SQL, written once). Partials of windows the
    worker never wrote (*fresh*, :class:`segs.checkpoint.payload.WrittenWindows`) come in a temporary
    table of their own and are inserted plainly, in a savepoint: a plain insert skips the
-   conflict probe and speculative insertion that make a merge of new rows about a third
-   slower. Should one of them exist after all, the savepoint rolls back and they are
-   merged like the others;
+   conflict probe and speculative insertion a merge costs per row. Should one of them exist
+   after all, the savepoint rolls back and they are merged like the others;
 3. the detector's changed baselines, upserted;
    with regional aggregates on, one ``regional_dirty`` row per 1-minute window written
    (:mod:`segs.publish.regional`: that window's regional roll-up is due again);
@@ -331,8 +330,7 @@ IDLE_IN_TXN_MS = 20_000
 # Rows per chunk of claim_closed: read, delivered (produce + flush) and marked as one.
 _CLAIM_CHUNK = 10_000
 # Checkpoint transactions of one worker that run side by side (Sink.commit_all), the default
-# of CHECKPOINT_WRITERS. Two cut the checkpoint of 100,000 partials on the 2-core benchmark
-# machine by a third; three gain nothing more there.
+# of CHECKPOINT_WRITERS (the evidence: benchmarks/README.md, "Checkpoint").
 DEFAULT_WRITERS = 2
 
 # partition → (stored position or None, next position, watermark ms or None)
@@ -470,12 +468,10 @@ class Sink:
         merge_sql = self._merge_sql
         try:
             with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
-                # Asynchronous commit is safe here: a server crash loses this transaction
-                # whole — aggregates and the positions that cover them together — so the
-                # worker re-reads exactly what was lost. work_mem keeps the merges' RETURNING
-                # rows in memory. JIT would compile a merge anew in every large checkpoint
-                # (the estimate passes jit_above_cost at about 500,000 partials) to save
-                # nothing: the time goes into index probes and heap writes, not expressions.
+                # Asynchronous commit is safe: a server crash loses this transaction whole,
+                # positions included, so the worker re-reads exactly what was lost. work_mem
+                # keeps the merges' RETURNING rows in memory. No JIT: a merge's time is index
+                # probes and heap writes, and compiling would cost every large checkpoint.
                 cur.execute(b"SET LOCAL synchronous_commit = off")
                 cur.execute(b"SET LOCAL work_mem = '64MB'")
                 cur.execute(b"SET LOCAL jit = off")
@@ -704,11 +700,10 @@ def _copy(cur: psycopg.Cursor[Any], table: str, data: Rows, columns: Sequence[st
 def _create_temp_tables(conn: psycopg.Connection[Any]) -> None:
     """Create the checkpoint's temporary tables; the pool runs this on every new connection.
 
-    In a transaction of their own, committed before any checkpoint: created inside the
-    first checkpoint's transaction, they vanished with its rollback (a fenced or failed
-    first checkpoint) while the connection was remembered as ready, and every later
-    checkpoint on it failed for good. A replacement connection, after the database
-    restarted or a backend was terminated, gets them here too.
+    In a transaction of their own, committed before any checkpoint: created inside a
+    checkpoint's transaction, a rollback (fenced, failed) would drop them from a connection
+    the pool holds as ready. A replacement connection (database restarted, backend
+    terminated) gets them here too.
     """
     tables: list[tuple[str, Sequence[str], Sequence[str]]] = [
         (name, PARTIAL_COLUMNS, _PARTIAL_TYPES)

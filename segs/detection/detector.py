@@ -63,8 +63,8 @@ LOW: Final = 0
 MEDIUM: Final = 1
 HIGH: Final = 2
 
-# Below this many meters in a round, the remaining readings go through the scalar path
-# (measured: one small vectorized round costs about as much as ~300 scalar steps).
+# Below this many meters in a round, the remaining readings go through the scalar path: a
+# small vectorized round costs more in numpy calls than the loop does in steps.
 _SCALAR_BELOW: Final = 256
 
 

@@ -1,7 +1,7 @@
 """Every Prometheus metric of the service, defined once, safe in multiprocess mode.
 
-The names are those of the original TypeScript service (DESIGN.md, "Operation") plus a few
-new ones. Workers count per batch, never per message. The original's dashboards select
+The names are those of the original TypeScript service (``docs/contract.md``, "Operation")
+plus a few new ones. Workers count per batch, never per message. The original's dashboards select
 aggregate and flush metrics by ``window_type`` (``1m``, ``15m``, ``1m_regional``): those
 carry it beside our ``granularity`` (the same value), and its other metrics are exported
 under its names too (``db_write_errors_total``, ``kafka_publish_errors_total``,
