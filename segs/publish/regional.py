@@ -53,11 +53,12 @@ from segs.config import DEFAULT_REGION_CAPACITY_KW
 from segs.errors import DatabaseError
 from segs.publish.outputs import Headers, Message
 from segs.times import iso_ms
+from segs.windows.sizes import REGIONAL_GRANULARITY
 
 log = logging.getLogger("segs.regional")
 
 WINDOW_MS = 60_000
-GRANULARITY = "1m_regional"  # the label value of stream_aggregates_published_total
+GRANULARITY = REGIONAL_GRANULARITY  # the label value of stream_aggregates_published_total
 _LOCK_CLASS = 0x5E65  # first key of the advisory lock; the second is hashtext(group)
 _MAX_WINDOWS = 120  # windows computed per pass at most (oldest first); the rest next time
 _CHUNK = 32  # region-windows per publishing chunk (each may carry a long meter list)

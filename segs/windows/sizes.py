@@ -48,3 +48,6 @@ FIFTEEN_MINUTES: Final = WindowSize(
 SIZES: Final = (ONE_MINUTE, FIFTEEN_MINUTES)
 """Finest first: the worker keeps the first in memory and rolls it up into the others."""
 BY_SECONDS: Final[Mapping[int, WindowSize]] = {size.seconds: size for size in SIZES}
+
+REGIONAL_GRANULARITY: Final = "1m_regional"
+"""The label of the regional 1-minute roll-up (:mod:`segs.publish.regional`) beside them."""
