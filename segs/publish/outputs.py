@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import msgspec
 
-from segs.checkpoint.sink import ClosedRow
 from segs.times import iso_ms as iso_ms  # also imported from here by the worker
 from segs.windows.sizes import BY_SECONDS, SIZES
+
+if TYPE_CHECKING:  # the rows' type only: publishing needs no database driver to import
+    from segs.checkpoint.sink import ClosedRow
 
 Headers = list[tuple[str, bytes]]
 Message = tuple[bytes, bytes, Headers]  # key, value, headers: what the service produces
