@@ -29,8 +29,14 @@ class SchemaError(DatabaseError):
     """PostgreSQL answered and refused a migration: trying again gives the same answer."""
 
 
-class KafkaError(SegsError):
-    """The Kafka cluster is unreachable or refused an operation."""
+class BrokerError(SegsError):
+    """The Kafka cluster is unreachable or refused an operation.
+
+    Not named ``KafkaError``: that is ``confluent_kafka.KafkaError``, the client's error
+    code, which the same modules use."""
+
+
+KafkaError = BrokerError  # the old name, until segs/tools/simulator.py imports BrokerError
 
 
 class FencedError(SegsError):

@@ -1,4 +1,4 @@
-"""Slow, plain reference implementations of the contract (DESIGN.md), for tests only.
+"""Slow, plain reference implementations of the contract (docs/contract.md), for tests only.
 
 Dependency-free on purpose: ``json`` + ``datetime`` + ``re``. Fields are checked in the
 order meterId, region, timestamp, powerKw, energyKwh, voltage; the first rule broken gives

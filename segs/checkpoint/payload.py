@@ -5,9 +5,8 @@ baselines and the next position of every covered partition. Positions are per pa
 so a payload can be cut along partitions into several payloads, each one a complete
 checkpoint of its partitions — as if those partitions alone had been checkpointed — and
 written in its own transaction on its own connection (:meth:`segs.checkpoint.sink.Sink.commit_all`),
-``CHECKPOINT_WRITERS`` of them. PostgreSQL runs each upsert on one core; two transactions
-side by side take about two thirds of the time of one (``benchmarks/README.md``,
-"Checkpoint").
+``CHECKPOINT_WRITERS`` of them: PostgreSQL runs each upsert on one core, so transactions side
+by side use more of them (``benchmarks/README.md``, "Checkpoint").
 
 The cut is exact only when no partial or baseline mixes readings of partitions that land
 in different parts. Readings are keyed by meter id, so a meter's readings come from one
@@ -23,16 +22,19 @@ restart). Which way a row goes changes the time, never the result.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 from numpy.typing import NDArray
 
 from segs.checkpoint.pgcopy import CopyData, copy_data
-from segs.checkpoint.sink import TABLES, CommitJob, Positions
+from segs.checkpoint.sink import BaselineRow, CommitJob, Positions
 from segs.detection.detector import BaselineState
 from segs.intake.readings import grown
+from segs.times import NEVER
 from segs.windows.partials import Partials, roll_up
+from segs.windows.sizes import BY_SECONDS
 
 
 @dataclass(slots=True)
@@ -64,7 +66,7 @@ class Payload:
         p, b = self.partials, self.baselines
         stored: dict[int, CopyData] = {}
         fresh: dict[int, CopyData] = {}
-        for size in TABLES:
+        for size in BY_SECONDS:
             is_fresh = self.fresh.get(size)
             # all of a coarse window's partials share its freshness: split, then roll up
             split = [(stored, p)] if is_fresh is None else [(stored, p.take(~is_fresh)),
@@ -116,6 +118,19 @@ class Payload:
         return out
 
 
+def baseline_state(rows: Sequence[BaselineRow], slot: Callable[[str], int]) -> BaselineState:
+    """Stored baselines as detector state, meter ids turned into slots by ``slot``."""
+    return BaselineState(
+        meter=np.fromiter((slot(r.meter_id) for r in rows), np.int32, len(rows)),
+        partition=np.array([r.source_partition for r in rows], np.int32),
+        baseline=np.array([r.baseline for r in rows], np.float64),
+        samples=np.array([r.samples for r in rows], np.int64),
+        last_outage_ms=np.array([r.last_outage_ms for r in rows], np.int64),
+        last_spike_ms=np.array([r.last_spike_ms for r in rows], np.int64),
+        last_drop_ms=np.array([r.last_drop_ms for r in rows], np.int64),
+    )
+
+
 def _partials_copy(p: Partials, meters: list[bytes], regions: list[bytes]) -> CopyData:
     return copy_data(
         [("window_start_ms", p.window_start_ms), ("sample_count", p.count),
@@ -152,9 +167,6 @@ class MeterPartitions:
         return mixed
 
 
-_NONE = -(2**62)  # no window written yet
-
-
 class WrittenWindows:
     """Per meter slot and window size, the latest window this worker has drained to write:
     which windows of a checkpoint are *fresh*, never written by this worker.
@@ -166,8 +178,8 @@ class WrittenWindows:
     is merged (a late reading for a window nothing was written for).
     """
 
-    def __init__(self, sizes: tuple[int, ...] = tuple(TABLES)) -> None:
-        self._latest = {size: np.full(1024, _NONE, np.int64) for size in sizes}
+    def __init__(self, sizes: tuple[int, ...] = tuple(BY_SECONDS)) -> None:
+        self._latest = {size: np.full(1024, NEVER, np.int64) for size in sizes}
 
     def fresh(self, partials: Partials) -> dict[int, NDArray[np.bool_]]:
         """Per size, which of ``partials`` (distinct (meter, window) keys of windows that
@@ -177,7 +189,7 @@ class WrittenWindows:
         out: dict[int, NDArray[np.bool_]] = {}
         for size, latest in self._latest.items():
             if len(meter) and int(meter.max()) >= latest.shape[0]:
-                latest = grown(latest, max(int(meter.max()) + 1, 2 * latest.shape[0]), _NONE)
+                latest = grown(latest, max(int(meter.max()) + 1, 2 * latest.shape[0]), NEVER)
                 self._latest[size] = latest
             window = partials.window_start_ms // (size * 1000)
             out[size] = window > latest[meter]

@@ -1,11 +1,10 @@
 """PostgreSQL binary ``COPY`` data made from numpy columns, with no Python call per value.
 
-A checkpoint streams 100,000s of rows. Formatting them through psycopg's ``write_row``
-costs about 1.7 µs a row of Python (tuples, then one dumper per value), which two
-transactions side by side have to share under the GIL. Here the fixed-width columns
-become one numpy record array (big-endian, each value behind its 4-byte length, as the
-binary format wants), strings come from a per-slot cache of encoded fields, and the rows
-are joined a chunk at a time while COPY sends them.
+Formatting a checkpoint's rows through psycopg's ``write_row`` costs Python work per value
+(a tuple per row, a dumper per value), which transactions written side by side share under
+the GIL. Here the fixed-width columns become one numpy record array (big-endian, each value
+behind its 4-byte length, as the binary format wants), strings come from a per-slot cache of
+encoded fields, and the rows are joined a chunk at a time while COPY sends them.
 
 Layout (PostgreSQL docs, "COPY", binary format): signature, flags and header extension
 length; per row an int16 field count, then per field an int32 byte length and the bytes;
@@ -17,7 +16,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -73,7 +71,7 @@ def copy_data(fixed: Sequence[FixedColumn], texts: Sequence[TextColumn],
                                      rows_per_chunk))
 
 
-def _chunks(layout: np.dtype[Any], fixed: Sequence[NDArray[np.generic]],
+def _chunks(layout: np.dtype[np.void], fixed: Sequence[NDArray[np.generic]],
             texts: Sequence[tuple[NDArray[np.integer], list[bytes]]],
             rows_per_chunk: int) -> Iterator[bytes]:
     yield HEADER

@@ -11,9 +11,8 @@ One :meth:`Sink.commit` is one transaction:
    (:data:`MERGE_SET` is that arithmetic in SQL, written once). Partials of windows the
    worker never wrote (*fresh*, :class:`segs.checkpoint.payload.WrittenWindows`) come in a temporary
    table of their own and are inserted plainly, in a savepoint: a plain insert skips the
-   conflict probe and speculative insertion that make a merge of new rows about a third
-   slower. Should one of them exist after all, the savepoint rolls back and they are
-   merged like the others;
+   conflict probe and speculative insertion a merge costs per row. Should one of them exist
+   after all, the savepoint rolls back and they are merged like the others;
 3. the detector's changed baselines, upserted;
    with regional aggregates on, one ``regional_dirty`` row per 1-minute window written
    (:mod:`segs.publish.regional`: that window's regional roll-up is due again);
@@ -41,24 +40,24 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any
+from datetime import datetime
+from typing import Any, NamedTuple
 
 import psycopg
 from psycopg import sql
+from psycopg.rows import TupleRow
 from psycopg_pool import ConnectionPool
 
 from segs.checkpoint.pgcopy import CopyData
 from segs.errors import DatabaseError, FencedError, SegsError
 from segs.intake.decode import METER_ID_MAX, REGION_MAX
+from segs.windows.sizes import SIZES
 
 log = logging.getLogger("segs.sink")
 
-TABLES = {60: "aggregates_1m", 900: "aggregates_15m"}
-# window size → the temporary table its partials are copied into
-_PARTIALS = {60: "segs_partials_1m", 900: "segs_partials_15m"}
-# … and the temporary table of its fresh partials
-_FRESH = {60: "segs_fresh_1m", 900: "segs_fresh_15m"}
+TABLES = {size.seconds: size.table for size in SIZES}  # window size (s) → aggregate table
 
 # One partial aggregate row as Python values; window times as epoch milliseconds.
 # Python rows may stop before the voltage columns: then no reading had a voltage.
@@ -70,8 +69,21 @@ PARTIAL_COLUMNS = (
 _PARTIAL_TYPES = ("text", "text", "int8", "int8", "float8", "float8", "float8", "float8",
                   "int8", "int4", "float8", "int8")
 _PARTIAL_DEFAULTS = {"voltage_sum": "0", "voltage_count": "0"}
-BASELINE_COLUMNS = ("meter_id", "source_partition", "baseline", "samples", "last_outage_ms",
-                    "last_spike_ms", "last_drop_ms")
+
+
+class BaselineRow(NamedTuple):
+    """One meter's stored detector state (table ``meter_baselines``)."""
+
+    meter_id: str
+    source_partition: int
+    baseline: float
+    samples: int
+    last_outage_ms: int
+    last_spike_ms: int
+    last_drop_ms: int
+
+
+BASELINE_COLUMNS = BaselineRow._fields
 _BASELINE_TYPES = ("text", "int4", "float8", "int8", "int8", "int8", "int8")
 # Rows to COPY: binary COPY data naming its columns (segs.checkpoint.pgcopy), or Python rows.
 Rows = CopyData | Iterable[Sequence[Any]]
@@ -174,12 +186,12 @@ def _statements(numeric: Mapping[str, Numeric]) -> tuple[dict[str, bytes], dict[
     size: the plain insert of its fresh partials. ``numeric``: table → its NUMERIC columns
     of :data:`ORIGINAL_FIGURES` (none on a table segs-stream made)."""
     merges, inserts = {}, {}
-    for size, table in TABLES.items():
-        cols = numeric.get(table, {})
-        for source in (_PARTIALS[size], _FRESH[size]):
-            merges[source] = _MERGE.format(insert=_insert(size, source, cols),
+    for size in SIZES:
+        cols = numeric.get(size.table, {})
+        for source in (size.partials_table, size.fresh_table):
+            merges[source] = _MERGE.format(insert=_insert(size.seconds, source, cols),
                                            merge_set=merge_set(cols)).encode()
-        inserts[size] = _insert(size, _FRESH[size], cols).encode()
+        inserts[size.seconds] = _insert(size.seconds, size.fresh_table, cols).encode()
     return merges, inserts
 
 
@@ -288,7 +300,28 @@ class CommitStats:
     seconds: float
 
 
-ClosedRow = tuple[str, str, int, float, float, float, float, int]
+class ClosedRow(NamedTuple):
+    """A closed window's stored figures, as read for publishing."""
+
+    meter_id: str
+    region: str
+    window_start_ms: int
+    avg_power: float
+    max_power: float
+    min_power: float
+    total_energy: float
+    sample_count: int
+
+
+class PoolStats(NamedTuple):
+    size: int  # connections of the pool
+    idle: int
+    waiting: int  # requests waiting for a connection
+
+
+# A claim's place in one partition's closed rows: the last (window_end, meter_id) read.
+_Keyset = tuple[datetime, str]
+
 # A worker that stalls (SIGSTOP, a paused VM) inside a transaction keeps its row locks (the
 # positions it updates), and the worker that took its partitions over would wait on them
 # until the stalled one resumed. PostgreSQL ends such a session after this long idle in a
@@ -297,8 +330,7 @@ IDLE_IN_TXN_MS = 20_000
 # Rows per chunk of claim_closed: read, delivered (produce + flush) and marked as one.
 _CLAIM_CHUNK = 10_000
 # Checkpoint transactions of one worker that run side by side (Sink.commit_all), the default
-# of CHECKPOINT_WRITERS. Two cut the checkpoint of 100,000 partials on the 2-core benchmark
-# machine by a third; three gain nothing more there.
+# of CHECKPOINT_WRITERS (the evidence: benchmarks/README.md, "Checkpoint").
 DEFAULT_WRITERS = 2
 
 # partition → (stored position or None, next position, watermark ms or None)
@@ -342,11 +374,10 @@ class Sink:
         request starts a new one), so recovery is as fast as the caller's retry."""
         self._pool.open(wait=False)
 
-    def pool_stats(self) -> tuple[int, int, int]:
-        """Connections of the pool, how many of them are idle, requests waiting for one."""
+    def pool_stats(self) -> PoolStats:
         stats = self._pool.get_stats()
-        return (stats.get("pool_size", 0), stats.get("pool_available", 0),
-                stats.get("requests_waiting", 0))
+        return PoolStats(stats.get("pool_size", 0), stats.get("pool_available", 0),
+                         stats.get("requests_waiting", 0))
 
     def close(self) -> None:
         if self._threads is not None:
@@ -391,14 +422,18 @@ class Sink:
         return {int(p): Position(int(o), None if w is None else int(w)) for p, o, w in rows}
 
     def load_baselines(self, partitions: Sequence[int]) -> list[tuple[Any, ...]]:
-        """Rows of :data:`BASELINE_COLUMNS` for meters last seen on these partitions."""
-        return self._query(
+        """:meth:`stored_baselines`, typed as the worker still expects."""
+        return list(self.stored_baselines(partitions))
+
+    def stored_baselines(self, partitions: Sequence[int]) -> list[BaselineRow]:
+        """The stored state of the meters last seen on these partitions."""
+        return [BaselineRow._make(row) for row in self._query(
             f"SELECT {', '.join(BASELINE_COLUMNS)} FROM meter_baselines "
             "WHERE consumer_group = %s AND source_partition = ANY(%s)",
             (self.group, list(partitions)),
-        )
+        )]
 
-    def connection(self) -> Any:
+    def connection(self) -> AbstractContextManager[psycopg.Connection[TupleRow]]:
         """A pooled connection as a context manager (it commits on leaving, as psycopg's
         pool does), for the regional roll-up (:mod:`segs.publish.regional`)."""
         return self._pool.connection()
@@ -433,28 +468,27 @@ class Sink:
         merge_sql = self._merge_sql
         try:
             with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
-                # Asynchronous commit is safe here: a server crash loses this transaction
-                # whole — aggregates and the positions that cover them together — so the
-                # worker re-reads exactly what was lost. work_mem keeps the merges' RETURNING
-                # rows in memory. JIT would compile a merge anew in every large checkpoint
-                # (the estimate passes jit_above_cost at about 500,000 partials) to save
-                # nothing: the time goes into index probes and heap writes, not expressions.
+                # Asynchronous commit is safe: a server crash loses this transaction whole,
+                # positions included, so the worker re-reads exactly what was lost. work_mem
+                # keeps the merges' RETURNING rows in memory. No JIT: a merge's time is index
+                # probes and heap writes, and compiling would cost every large checkpoint.
                 cur.execute(b"SET LOCAL synchronous_commit = off")
                 cur.execute(b"SET LOCAL work_mem = '64MB'")
                 cur.execute(b"SET LOCAL jit = off")
                 rows, new_rows = {}, {}
-                for size, table in TABLES.items():
+                for size in SIZES:
                     inserted = written = 0
-                    if _copy(cur, _FRESH[size], (fresh or {}).get(size, ()), PARTIAL_COLUMNS,
-                             _PARTIAL_TYPES):
+                    if _copy(cur, size.fresh_table, (fresh or {}).get(size.seconds, ()),
+                             PARTIAL_COLUMNS, _PARTIAL_TYPES):
                         inserted, written = _insert_fresh(
-                            conn, cur, self._insert_fresh_sql[size], merge_sql[_FRESH[size]])
-                    if _copy(cur, _PARTIALS[size], partials.get(size, ()), PARTIAL_COLUMNS,
-                             _PARTIAL_TYPES):
-                        cur.execute(merge_sql[_PARTIALS[size]])
+                            conn, cur, self._insert_fresh_sql[size.seconds],
+                            merge_sql[size.fresh_table])
+                    if _copy(cur, size.partials_table, partials.get(size.seconds, ()),
+                             PARTIAL_COLUMNS, _PARTIAL_TYPES):
+                        cur.execute(merge_sql[size.partials_table])
                         more_inserted, more_written = cur.fetchone() or (0, 0)
                         inserted, written = inserted + more_inserted, written + more_written
-                    rows[table], new_rows[table] = int(written), int(inserted)
+                    rows[size.table], new_rows[size.table] = int(written), int(inserted)
                 n_base = _copy(cur, "segs_baselines", baselines, BASELINE_COLUMNS,
                                _BASELINE_TYPES)
                 if n_base:
@@ -550,7 +584,7 @@ class Sink:
             return {}
         done = dict.fromkeys(TABLES, 0)
         # per window size: partition → (watermark ms, keyset position or None)
-        todo: dict[int, dict[int, tuple[int, tuple[Any, str] | None]]] = {
+        todo: dict[int, dict[int, tuple[int, _Keyset | None]]] = {
             size: {p: (watermarks[p], None) for p in sorted(watermarks)} for size in TABLES}
         try:
             while any(todo.values()):
@@ -563,7 +597,7 @@ class Sink:
             raise DatabaseError(_one_line(exc)) from exc
         return done
 
-    def _claim_chunk(self, size: int, parts: dict[int, tuple[int, tuple[Any, str] | None]],
+    def _claim_chunk(self, size: int, parts: dict[int, tuple[int, _Keyset | None]],
                      deliver: Callable[[int, list[ClosedRow]], None]) -> int:
         """Read, deliver and mark one chunk of ``size``'s closed rows of ``parts``; moves
         each partition's keyset position on, or drops the partition when it has no more.
@@ -577,17 +611,23 @@ class Sink:
                 order, [parts[p][0] for p in order], [a and a[0] for a in after],
                 [a and a[1] for a in after], per_part)).fetchall()
         counts: dict[int, int] = {}
-        for p, end, _, meter, *_rest in got:  # ordered by partition, then key
+        closed: list[ClosedRow] = []
+        versions: list[str] = []  # xmin of each row as read
+        for p, end, version, *figures in got:  # ordered by partition, then key
+            row = ClosedRow._make(figures)
             counts[p] = counts.get(p, 0) + 1
-            parts[p] = (parts[p][0], (end, meter))
+            parts[p] = (parts[p][0], (end, row.meter_id))
+            closed.append(row)
+            versions.append(version)
         for p in order:
             if counts.get(p, 0) < per_part:
                 del parts[p]  # read to its end
         if got:
-            deliver(size, [tuple(r[3:]) for r in got])  # type: ignore[misc]
+            deliver(size, closed)
             with self._pool.connection() as conn:
-                marked = conn.execute(mark, ([r[3] for r in got], [r[5] for r in got],
-                                             [r[2] for r in got])).fetchone()
+                marked = conn.execute(mark, ([r.meter_id for r in closed],
+                                             [r.window_start_ms for r in closed],
+                                             versions)).fetchone()
             if marked and marked[0] < len(got):
                 log.debug("%d closed %d s windows changed while delivered: they are "
                           "published again", len(got) - marked[0], size)
@@ -660,15 +700,14 @@ def _copy(cur: psycopg.Cursor[Any], table: str, data: Rows, columns: Sequence[st
 def _create_temp_tables(conn: psycopg.Connection[Any]) -> None:
     """Create the checkpoint's temporary tables; the pool runs this on every new connection.
 
-    In a transaction of their own, committed before any checkpoint: created inside the
-    first checkpoint's transaction, they vanished with its rollback (a fenced or failed
-    first checkpoint) while the connection was remembered as ready, and every later
-    checkpoint on it failed for good. A replacement connection, after the database
-    restarted or a backend was terminated, gets them here too.
+    In a transaction of their own, committed before any checkpoint: created inside a
+    checkpoint's transaction, a rollback (fenced, failed) would drop them from a connection
+    the pool holds as ready. A replacement connection (database restarted, backend
+    terminated) gets them here too.
     """
     tables: list[tuple[str, Sequence[str], Sequence[str]]] = [
         (name, PARTIAL_COLUMNS, _PARTIAL_TYPES)
-        for name in (*_PARTIALS.values(), *_FRESH.values())]
+        for size in SIZES for name in (size.partials_table, size.fresh_table)]
     tables.append(("segs_baselines", BASELINE_COLUMNS, _BASELINE_TYPES))
     with conn.transaction():
         for name, columns, types in tables:

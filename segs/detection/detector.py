@@ -32,13 +32,13 @@ finishes those meters with a tight scalar loop for the baselines and vectorized 
 
 State and checkpoints
 =====================
-The state of a slot is one :class:`BaselineState` row. "Never alerted" is :data:`NEVER_MS`
-(``-2**62``), which fits a PostgreSQL ``BIGINT`` and keeps ``ts_ms - NEVER_MS`` far from
-int64 overflow. A slot that was never seen (or was forgotten) has ``samples == 0``,
+The state of a slot is one :class:`BaselineState` row; "never alerted" is
+:data:`segs.times.NEVER`. A slot never seen (or forgotten) has ``samples == 0`` and
 ``partition == -1``. Slots touched by :meth:`~AnomalyDetector.check` become *dirty*;
-:meth:`~AnomalyDetector.take_dirty` hands them over for the checkpoint and clears the mark;
-if the checkpoint's transaction fails, :meth:`~AnomalyDetector.restore_dirty` puts the mark
-back so the next checkpoint writes them (with their then-current values).
+:meth:`~AnomalyDetector.take_dirty` hands them to the checkpoint and clears the mark. The
+checkpoint owns what it took: a failed write is retried with that same state, and when the
+worker loses ownership it discards the whole detector and reloads baselines from the
+database, so nothing is ever handed back.
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from segs.intake.readings import Readings, take_rows
+from segs.times import NEVER
 
 KINDS: Final = ("outage", "spike", "drop")
 OUTAGE: Final = 0
@@ -62,11 +63,8 @@ LOW: Final = 0
 MEDIUM: Final = 1
 HIGH: Final = 2
 
-NEVER_MS: Final = -(2**62)
-"""``last_*_ms`` of a kind that never alerted; round-trips through a BIGINT column."""
-
-# Below this many meters in a round, the remaining readings go through the scalar path
-# (measured: one small vectorized round costs about as much as ~300 scalar steps).
+# Below this many meters in a round, the remaining readings go through the scalar path: a
+# small vectorized round costs more in numpy calls than the loop does in steps.
 _SCALAR_BELOW: Final = 256
 
 
@@ -123,7 +121,7 @@ class BaselineState:
     meter: NDArray[np.int32]  # slot in the meter Interner
     baseline: NDArray[np.float64]
     samples: NDArray[np.int64]
-    last_outage_ms: NDArray[np.int64]  # NEVER_MS when never alerted
+    last_outage_ms: NDArray[np.int64]  # NEVER when never alerted
     last_spike_ms: NDArray[np.int64]
     last_drop_ms: NDArray[np.int64]
     partition: NDArray[np.int32]  # source partition of the slot's last reading
@@ -177,7 +175,7 @@ class AnomalyDetector:
         cap = max(int(capacity), 1)
         self._baseline = np.zeros(cap, np.float64)
         self._samples = np.zeros(cap, np.int64)
-        self._last = np.full((len(KINDS), cap), NEVER_MS, np.int64)  # [kind, slot]
+        self._last = np.full((len(KINDS), cap), NEVER, np.int64)  # [kind, slot]
         self._partition = np.full(cap, -1, np.int32)
         self._dirty = np.zeros(cap, np.bool_)
 
@@ -365,8 +363,7 @@ class AnomalyDetector:
     def take_dirty(self, partitions: Collection[int] | None = None) -> BaselineState:
         """State of the slots changed since the last call (only ``partitions``' if given).
 
-        Clears their dirty mark; hand the result back to :meth:`restore_dirty` if it could
-        not be stored.
+        Clears their dirty mark: the caller keeps the result until it is stored.
         """
         mask = self._dirty.copy()
         if partitions is not None:
@@ -374,17 +371,6 @@ class AnomalyDetector:
         slots = np.flatnonzero(mask)
         self._dirty[slots] = False
         return self._state(slots)
-
-    def restore_dirty(self, state: BaselineState) -> None:
-        """Mark the slots of a state from :meth:`take_dirty` dirty again (failed checkpoint).
-
-        Slots forgotten meanwhile stay clean, so a revoked partition is never written back
-        as "never seen"; slots changed meanwhile are dirty anyway and will be written with
-        their current values.
-        """
-        slots = state.meter.astype(np.intp, copy=False)
-        slots = slots[slots < self._samples.shape[0]]
-        self._dirty[slots] |= self._samples[slots] > 0
 
     def load(self, state: BaselineState) -> None:
         """Replace the state of the given slots (e.g. read from the database on assign).
@@ -413,7 +399,7 @@ class AnomalyDetector:
         slots = np.flatnonzero(np.isin(self._partition, np.fromiter(partitions, np.int32)))
         self._baseline[slots] = 0.0
         self._samples[slots] = 0
-        self._last[:, slots] = NEVER_MS
+        self._last[:, slots] = NEVER
         self._partition[slots] = -1
         self._dirty[slots] = False
 
@@ -449,7 +435,7 @@ class AnomalyDetector:
         self._baseline = np.concatenate([self._baseline, np.zeros(extra, np.float64)])
         self._samples = np.concatenate([self._samples, np.zeros(extra, np.int64)])
         self._last = np.concatenate(
-            [self._last, np.full((len(KINDS), extra), NEVER_MS, np.int64)], axis=1
+            [self._last, np.full((len(KINDS), extra), NEVER, np.int64)], axis=1
         )
         self._partition = np.concatenate([self._partition, np.full(extra, -1, np.int32)])
         self._dirty = np.concatenate([self._dirty, np.zeros(extra, np.bool_)])

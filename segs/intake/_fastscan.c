@@ -1,8 +1,8 @@
 /* segs.intake._fastscan: the decoder's native fast path (see segs/intake/decode.py).
  *
  * scan_readings() reads a batch of Kafka message values and, for each value, either
- * accepts it — a JSON object that is a valid reading by every rule of DESIGN.md, with its
- * fields stored in the caller's arrays — or declines it. It never rejects: a declined value
+ * accepts it — a JSON object that is a valid reading by every rule of docs/contract.md,
+ * with its fields stored in the caller's arrays — or declines it. It never rejects: a declined value
  * goes to the Python decoder, which alone gives reject reasons. So this file has one duty,
  * checked by a differential property test: whatever it accepts, the exact Python path
  * (segs.intake.decode._exact) accepts too, with the same values.

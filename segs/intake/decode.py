@@ -51,7 +51,7 @@ import re
 from collections.abc import Callable, Sequence
 from itertools import repeat
 from operator import attrgetter
-from typing import Annotated, Any, NamedTuple, cast
+from typing import Annotated, Any, NamedTuple, NoReturn, TypeVar
 
 import msgspec
 import numpy as np
@@ -66,6 +66,7 @@ except ImportError:  # built without a C compiler: the Python paths alone, same 
     _scan_readings = None
 
 NATIVE = _scan_readings is not None
+_G = TypeVar("_G", bound=np.generic)
 
 OVERSIZE = "oversize"
 EMPTY = "empty"
@@ -238,7 +239,7 @@ def _parse_int(text: str) -> int | float:
     return float(text) if len(text) > 300 else int(text)
 
 
-def _no_constant(name: str) -> Any:
+def _no_constant(name: str) -> NoReturn:
     raise ValueError(f"{name} is not JSON")
 
 
@@ -256,40 +257,55 @@ def _bad_text(s: str) -> bool:
     return False
 
 
-_Parsed = tuple[str, str, int, float, float, float]
+class _Problem(NamedTuple):
+    """Why the exact path rejects a value."""
+
+    reason: str
+    detail: str
 
 
-def _string_field(obj: dict[str, Any], name: str, limit: int) -> tuple[str, str] | str:
+class _Parsed(NamedTuple):
+    """The fields of a value the exact path accepts."""
+
+    meter_id: str
+    region: str
+    ts_ms: int
+    power: float
+    energy: float
+    voltage: float  # NaN when absent
+
+
+def _string_field(obj: dict[str, Any], name: str, limit: int) -> _Problem | str:
     if name not in obj:
-        return MISSING_FIELD, f"{name} is missing"
+        return _Problem(MISSING_FIELD, f"{name} is missing")
     v = obj[name]
     if not isinstance(v, str):
-        return WRONG_TYPE, f"{name} must be a string, got {type(v).__name__}"
+        return _Problem(WRONG_TYPE, f"{name} must be a string, got {type(v).__name__}")
     if not 1 <= len(v) <= limit:
-        return BAD_VALUE, f"{name} must have 1-{limit} characters, has {len(v)}"
+        return _Problem(BAD_VALUE, f"{name} must have 1-{limit} characters, has {len(v)}")
     if _bad_text(v):
-        return BAD_VALUE, f"{name} contains NUL or a lone surrogate"
+        return _Problem(BAD_VALUE, f"{name} contains NUL or a lone surrogate")
     return v
 
 
-def _number_field(obj: dict[str, Any], name: str, default: float | None) -> tuple[str, str] | float:
+def _number_field(obj: dict[str, Any], name: str, default: float | None) -> _Problem | float:
     v = obj.get(name)
     if v is None:
         if default is None:
-            return MISSING_FIELD, f"{name} is missing"
+            return _Problem(MISSING_FIELD, f"{name} is missing")
         return default
     if isinstance(v, bool) or not isinstance(v, int | float):
-        return WRONG_TYPE, f"{name} must be a number, got {type(v).__name__}"
+        return _Problem(WRONG_TYPE, f"{name} must be a number, got {type(v).__name__}")
     try:
         f = float(v)
     except OverflowError:
-        return NOT_FINITE, f"{name} is out of range"
+        return _Problem(NOT_FINITE, f"{name} is out of range")
     if not math.isfinite(f):
-        return NOT_FINITE, f"{name} is not finite"
+        return _Problem(NOT_FINITE, f"{name} is not finite")
     if f < 0:
-        return NEGATIVE, f"{name} is negative ({f!r})"
+        return _Problem(NEGATIVE, f"{name} is negative ({f!r})")
     if f != 0 and not VALUE_MIN <= f <= VALUE_MAX:
-        return BAD_VALUE, f"{name} {f!r} is outside {VALUE_MIN:g}..{VALUE_MAX:g}"
+        return _Problem(BAD_VALUE, f"{name} {f!r} is outside {VALUE_MIN:g}..{VALUE_MAX:g}")
     return f
 
 
@@ -310,70 +326,83 @@ def future_limits(kafka_ts_ms: NDArray[np.int64], max_future_skew_ms: int) -> ND
 
 def _exact(value: bytes, max_ts_ms: int, max_future_skew_ms: int, *,
            meter_id_max: int = METER_ID_MAX,
-           region_max: int = REGION_MAX) -> tuple[str, str] | _Parsed:
+           region_max: int = REGION_MAX) -> _Problem | _Parsed:
     """Validate one message the slow, plain way: the parsed fields or (reason, detail).
     ``max_ts_ms`` is the message's :func:`future_limits` entry; ``meter_id_max`` and
     ``region_max`` the longest names the database stores (the table rules, last)."""
     try:
         text = value.decode("utf-8")
     except UnicodeDecodeError as e:
-        return NOT_JSON, f"not UTF-8 at byte {e.start}"
+        return _Problem(NOT_JSON, f"not UTF-8 at byte {e.start}")
     try:
         obj = _JSON.decode(text)
     except (ValueError, RecursionError) as e:
-        return NOT_JSON, str(e)[:80]
+        return _Problem(NOT_JSON, str(e)[:80])
     if not isinstance(obj, dict):
-        return NOT_OBJECT, f"JSON {type(obj).__name__}, expected an object"
+        return _Problem(NOT_OBJECT, f"JSON {type(obj).__name__}, expected an object")
     meter = _string_field(obj, "meterId", METER_ID_MAX)
-    if isinstance(meter, tuple):
+    if isinstance(meter, _Problem):
         return meter
     region = _string_field(obj, "region", REGION_MAX)
-    if isinstance(region, tuple):
+    if isinstance(region, _Problem):
         return region
     if "timestamp" not in obj:
-        return MISSING_FIELD, "timestamp is missing"
+        return _Problem(MISSING_FIELD, "timestamp is missing")
     ts = obj["timestamp"]
     if not isinstance(ts, str):
-        return WRONG_TYPE, f"timestamp must be a string, got {type(ts).__name__}"
+        return _Problem(WRONG_TYPE, f"timestamp must be a string, got {type(ts).__name__}")
     ts_ms = parse_timestamp_ms(ts)
     if ts_ms is None:
-        return BAD_TIMESTAMP, f"timestamp {ts[:40]!r} is not ISO-8601 with zone"
+        return _Problem(BAD_TIMESTAMP, f"timestamp {ts[:40]!r} is not ISO-8601 with zone")
     if ts_ms < MIN_TS_MS:
-        return BAD_TIMESTAMP, f"timestamp {ts[:40]!r} is before 2000-01-01"
+        return _Problem(BAD_TIMESTAMP, f"timestamp {ts[:40]!r} is before 2000-01-01")
     if ts_ms > max_ts_ms:
         ahead = ts_ms - (max_ts_ms - max_future_skew_ms)
-        return FUTURE_TIMESTAMP, (f"timestamp {ts[:40]!r} is {ahead} ms ahead of the "
-                                  "message's Kafka timestamp")
+        return _Problem(FUTURE_TIMESTAMP, f"timestamp {ts[:40]!r} is {ahead} ms ahead of the "
+                                          "message's Kafka timestamp")
     power = _number_field(obj, "powerKw", None)
-    if isinstance(power, tuple):
+    if isinstance(power, _Problem):
         return power
     energy = _number_field(obj, "energyKwh", 0.0)
-    if isinstance(energy, tuple):
+    if isinstance(energy, _Problem):
         return energy
     voltage = _number_field(obj, "voltage", math.nan)
-    if isinstance(voltage, tuple):
+    if isinstance(voltage, _Problem):
         return voltage
     if len(meter) > meter_id_max:
-        return METER_ID_TOO_LONG, (f"meterId has {len(meter)} characters; the database's "
-                                   f"meter_id column holds at most {meter_id_max}")
+        return _Problem(METER_ID_TOO_LONG, f"meterId has {len(meter)} characters; the database's "
+                                           f"meter_id column holds at most {meter_id_max}")
     if len(region) > region_max:
-        return REGION_TOO_LONG, (f"region has {len(region)} characters; the database's "
-                                 f"region column holds at most {region_max}")
-    return meter, region, ts_ms, power, energy, voltage
+        return _Problem(REGION_TOO_LONG, f"region has {len(region)} characters; the database's "
+                                         f"region column holds at most {region_max}")
+    return _Parsed(meter, region, ts_ms, power, energy, voltage)
 
 
-# meter slot, region slot, event time ms, power, energy, voltage
-_Columns = tuple[NDArray[np.int32], NDArray[np.int32], NDArray[np.int64], NDArray[np.float64],
-                 NDArray[np.float64], NDArray[np.float64]]
+class _Columns(NamedTuple):
+    """Decoded fields of some batch positions, names as interner slots."""
+
+    meter: NDArray[np.int32]
+    region: NDArray[np.int32]
+    ts_ms: NDArray[np.int64]
+    power: NDArray[np.float64]
+    energy: NDArray[np.float64]
+    voltage: NDArray[np.float64]
+
+    def take(self, index: NDArray[np.intp]) -> _Columns:
+        return _Columns(self.meter[index], self.region[index], self.ts_ms[index],
+                        self.power[index], self.energy[index], self.voltage[index])
 
 
 def _interleave(a_index: NDArray[np.intp], a: _Columns, b_index: NDArray[np.intp],
-                b: Sequence[NDArray[Any]]) -> tuple[NDArray[np.intp], _Columns]:
+                b: _Columns) -> tuple[NDArray[np.intp], _Columns]:
     """Columns of two disjoint sets of batch positions, merged back into batch order."""
     index = np.concatenate([a_index, b_index])
     order = np.argsort(index, kind="stable")
-    cols = tuple(np.concatenate([x, y])[order] for x, y in zip(a, b, strict=True))
-    return index[order], cast(_Columns, cols)
+    return index[order], _Columns(
+        np.concatenate([a.meter, b.meter])[order], np.concatenate([a.region, b.region])[order],
+        np.concatenate([a.ts_ms, b.ts_ms])[order], np.concatenate([a.power, b.power])[order],
+        np.concatenate([a.energy, b.energy])[order],
+        np.concatenate([a.voltage, b.voltage])[order])
 
 
 def native_scan(values: Sequence[bytes | None], max_bytes: int, min_ts_ms: int,
@@ -387,9 +416,9 @@ def native_scan(values: Sequence[bytes | None], max_bytes: int, min_ts_ms: int,
     assert _scan_readings is not None
     n = len(values)
     accepted = np.empty(n, np.bool_)
-    cols: _Columns = (np.empty(n, np.int32), np.empty(n, np.int32), np.empty(n, np.int64),
-                      np.empty(n, np.float64), np.empty(n, np.float64), np.empty(n, np.float64))
-    meter, region = cols[0], cols[1]
+    cols = _Columns(np.empty(n, np.int32), np.empty(n, np.int32), np.empty(n, np.int64),
+                    np.empty(n, np.float64), np.empty(n, np.float64), np.empty(n, np.float64))
+    meter, region = cols.meter, cols.region
     fresh = _scan_readings(values, max_bytes, min_ts_ms, max_ts_ms, meters.slots,
                            regions.slots, accepted, *cols)
     for i, meter_id, region_name in fresh:  # names seen for the first time (ASCII)
@@ -404,7 +433,7 @@ def native_scan(values: Sequence[bytes | None], max_bytes: int, min_ts_ms: int,
     return accepted, cols
 
 
-def _pick(a: NDArray[Any], index: NDArray[np.intp] | None) -> NDArray[Any]:
+def _pick(a: NDArray[_G], index: NDArray[np.intp] | None) -> NDArray[_G]:
     """``a[index]``; all of ``a`` (not a copy) when ``index`` is None."""
     return a if index is None else a[index]
 
@@ -454,14 +483,13 @@ class Decoder:
             index, cols, rejects = self._decode_native(values, limits)
         else:
             index, cols, rejects = self._decode_python(values, limits)
-        meter, region, ts, power, energy, voltage = cols
         readings = Readings(
-            meter=meter,
-            region=region,
-            ts_ms=ts,
-            power=power,
-            energy=energy,
-            voltage=voltage,
+            meter=cols.meter,
+            region=cols.region,
+            ts_ms=cols.ts_ms,
+            power=cols.power,
+            energy=cols.energy,
+            voltage=cols.voltage,
             partition=_pick(np.asarray(partitions, np.int32), index),
             offset=_pick(np.asarray(offsets, np.int64), index),
         )
@@ -476,7 +504,7 @@ class Decoder:
                                      int(limits.max(initial=MIN_TS_MS)), self.meters,
                                      self.regions, meter_id_max=self.meter_id_max,
                                      region_max=self.region_max)
-        accepted &= cols[2] <= limits
+        accepted &= cols.ts_ms <= limits
         if accepted.all():
             return None, cols, []
         rest = np.flatnonzero(~accepted)
@@ -484,9 +512,8 @@ class Decoder:
             [values[i] for i in rest.tolist()], limits[rest])
         rejects = [Reject(int(rest[r.index]), r.reason, r.detail) for r in sub_rejects]
         keep = np.flatnonzero(accepted)
-        kept = cast(_Columns, tuple(c[keep] for c in cols))
-        index, merged = _interleave(keep, kept, rest if sub_index is None else rest[sub_index],
-                                    sub_cols)
+        sub = rest if sub_index is None else rest[sub_index]
+        index, merged = _interleave(keep, cols.take(keep), sub, sub_cols)
         return index, merged, rejects
 
     def _decode_python(
@@ -518,14 +545,14 @@ class Decoder:
             power, energy, voltage = power[keep], energy[keep], voltage[keep]
         energy[np.isnan(energy)] = 0.0
 
+        cols = _Columns(meter, region, ts, power, energy, voltage)
         if slow:
             extra = self._exact_batch(values, sorted(slow), limits, rejects)
             if extra is not None:
                 assert index is not None  # set wherever `slow` was filled
-                index, (meter, region, ts, power, energy, voltage) = _interleave(
-                    index, (meter, region, ts, power, energy, voltage), extra[0], extra[1:])
+                index, cols = _interleave(index, cols, *extra)
             rejects.sort(key=lambda r: r.index)
-        return index, (meter, region, ts, power, energy, voltage), rejects
+        return index, cols, rejects
 
     # -----------------------------------------------------------------------------------
 
@@ -666,24 +693,24 @@ class Decoder:
         slow: list[int],
         limits: NDArray[np.int64],
         rejects: list[Reject],
-    ) -> tuple[NDArray[Any], ...] | None:
-        """Run the exact path on ``slow`` indices: append rejects, return valid columns."""
+    ) -> tuple[NDArray[np.intp], _Columns] | None:
+        """Run the exact path on ``slow`` indices: append rejects, return the indices and
+        columns of the valid ones."""
         rows: list[tuple[int, int, int, int, float, float, float]] = []
         for i in slow:
             v = values[i]
             assert v is not None
             r = _exact(v, int(limits[i]), self.max_future_skew_ms,
                        meter_id_max=self.meter_id_max, region_max=self.region_max)
-            if len(r) == 2:
-                rejects.append(Reject(i, r[0], r[1]))  # type: ignore[misc]
+            if isinstance(r, _Problem):
+                rejects.append(Reject(i, r.reason, r.detail))
                 continue
-            m, g, t, p, e, vo = r  # type: ignore[misc]
-            rows.append((i, self.meters.slot(m), self.regions.slot(g), t, p, e, vo))
+            rows.append((i, self.meters.slot(r.meter_id), self.regions.slot(r.region), r.ts_ms,
+                         r.power, r.energy, r.voltage))
         if not rows:
             return None
         cols = list(zip(*rows, strict=True))
-        return (
-            np.array(cols[0], np.intp),
+        return np.array(cols[0], np.intp), _Columns(
             np.array(cols[1], np.int32),
             np.array(cols[2], np.int32),
             np.array(cols[3], np.int64),

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import numpy as np
-from numpy.typing import NDArray
+from numpy.typing import DTypeLike, NDArray
 
 _T = TypeVar("_T", bound=np.generic)
 _C = TypeVar("_C")
@@ -27,7 +27,8 @@ def take_rows(columns: _C, index: NDArray[np.intp] | NDArray[np.bool_]) -> _C:
     return dataclasses.replace(columns, **picked)  # type: ignore[type-var]
 
 
-def grown(old: NDArray[_T] | None, n: int, fill: Any, dtype: Any = None) -> NDArray[_T]:
+def grown(old: NDArray[_T] | None, n: int, fill: float,
+          dtype: DTypeLike | None = None) -> NDArray[_T]:
     """A length-``n`` array filled with ``fill``, starting with the contents of ``old``."""
     arr: NDArray[_T] = np.full(n, fill, dtype if old is None else old.dtype)
     if old is not None:

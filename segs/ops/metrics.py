@@ -1,7 +1,7 @@
 """Every Prometheus metric of the service, defined once, safe in multiprocess mode.
 
-The names are those of the original TypeScript service (DESIGN.md, "Operation") plus a few
-new ones. Workers count per batch, never per message. The original's dashboards select
+The names are those of the original TypeScript service (``docs/contract.md``, "Operation")
+plus a few new ones. Workers count per batch, never per message. The original's dashboards select
 aggregate and flush metrics by ``window_type`` (``1m``, ``15m``, ``1m_regional``): those
 carry it beside our ``granularity`` (the same value), and its other metrics are exported
 under its names too (``db_write_errors_total``, ``kafka_publish_errors_total``,
@@ -45,6 +45,8 @@ from prometheus_client import (
     values,
 )
 
+from segs.windows.sizes import REGIONAL_GRANULARITY, SIZES
+
 ENV_MULTIPROC_DIR: Final = "PROMETHEUS_MULTIPROC_DIR"
 
 # An empty PROMETHEUS_MULTIPROC_DIR means unset: prometheus_client would take it for
@@ -64,7 +66,8 @@ _MILLISECONDS: Final = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10
 # the original service's buckets, so its dashboards' quantiles read the same
 _FLUSH_MS: Final = (10, 50, 100, 250, 500, 1000, 2500, 5000)
 _MESSAGE_MS: Final = (1, 5, 10, 25, 50, 100, 250)
-WINDOW_TYPES: Final = ("1m", "15m", "1m_regional")  # label values of window_type
+# label values of window_type
+WINDOW_TYPES: Final = (*(size.granularity for size in SIZES), REGIONAL_GRANULARITY)
 DB_OPERATIONS: Final = ("checkpoint", "publish", "load_positions")  # of db_write_errors_total
 _BATCH_SIZES: Final = (1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 25000)
 

@@ -20,7 +20,6 @@ its direction, and message numbers are rounded like JavaScript's ``toFixed`` (ha
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime, timedelta
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Final
 
@@ -28,14 +27,11 @@ import msgspec
 
 from segs.detection.detector import KINDS, SEVERITIES, Detections
 from segs.intake.readings import Interner, Readings
+from segs.publish.outputs import Message
+from segs.times import iso_ms
 
 ALERT_ID_NAMESPACE: Final = uuid.UUID("da9fb15b-ce3c-5890-97be-649371a0ddf8")
 """``uuid5(NAMESPACE_URL, "urn:segs-stream:alerts")``; never change it (ids must be stable)."""
-
-Message = tuple[bytes, bytes, list[tuple[str, bytes]]]  # key, value, headers
-
-_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
-
 
 class AlertMetadata(msgspec.Struct):
     kind: str
@@ -86,7 +82,7 @@ def encode_alerts(
             meter_id=meter_id,
             region=region,
             message=alert_message(kind, baseline, current, change),
-            timestamp=iso_utc_ms(int(r.ts_ms[i])),
+            timestamp=iso_ms(int(r.ts_ms[i])),
             metadata=AlertMetadata(
                 kind=kind, baseline=baseline, current=current, change=abs(change) * 100.0
             ),
@@ -119,9 +115,3 @@ def to_fixed(x: float, digits: int) -> str:
     value rounded half away from zero (Python's format rounds exact ties to even), and
     ``-0.0`` printed as ``0``."""
     return str(Decimal(x + 0.0).quantize(Decimal(1).scaleb(-digits), rounding=ROUND_HALF_UP))
-
-
-def iso_utc_ms(ts_ms: int) -> str:
-    """Event time as ``YYYY-MM-DDTHH:MM:SS.mmmZ``."""
-    dt = _EPOCH + timedelta(milliseconds=ts_ms)
-    return f"{dt:%Y-%m-%dT%H:%M:%S}.{dt.microsecond // 1000:03d}Z"

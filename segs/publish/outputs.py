@@ -2,46 +2,44 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import msgspec
 
-from segs.checkpoint.sink import ClosedRow
+from segs.times import iso_ms as iso_ms  # also imported from here by the worker
+from segs.windows.sizes import BY_SECONDS, SIZES
 
-GRANULARITY = {60: "1m", 900: "15m"}
-_TYPE_HEADER = {60: b"1m_aggregate", 900: b"15m_aggregate"}
+if TYPE_CHECKING:  # the rows' type only: publishing needs no database driver to import
+    from segs.checkpoint.sink import ClosedRow
+
+Headers = list[tuple[str, bytes]]
+Message = tuple[bytes, bytes, Headers]  # key, value, headers: what the service produces
+
+GRANULARITY = {size.seconds: size.granularity for size in SIZES}  # window size (s) → label
 _encode = msgspec.json.Encoder().encode
 
 
-def iso_ms(ms: int) -> str:
-    """Epoch milliseconds as ISO-8601 UTC with milliseconds and ``Z``."""
-    secs, milli = divmod(ms, 1000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)) + f".{milli:03d}Z"
-
-
-def encode_aggregates(
-    size_s: int, rows: Sequence[ClosedRow]
-) -> list[tuple[bytes, bytes, list[tuple[str, bytes]]]]:
+def encode_aggregates(size_s: int, rows: Sequence[ClosedRow]) -> list[Message]:
     """(key, value, headers) of each closed-window row, compatible with the original service."""
-    granularity = GRANULARITY[size_s]
-    headers = [("type", _TYPE_HEADER[size_s])]
-    size_ms = size_s * 1000
-    out = []
-    for meter_id, region, start_ms, avg, mx, mn, energy, count in rows:
+    size = BY_SECONDS[size_s]
+    granularity, size_ms = size.granularity, size.ms
+    headers = [("type", size.type_header)]
+    out: list[Message] = []
+    for row in rows:
         value = {
-            "meterId": meter_id,
-            "region": region,
-            "windowStart": iso_ms(start_ms),
-            "windowEnd": iso_ms(start_ms + size_ms),
-            "avgPowerKw": avg,
-            "maxPowerKw": mx,
-            "minPowerKw": mn,
-            "energyKwhSum": energy,
-            "readingCount": count,
+            "meterId": row.meter_id,
+            "region": row.region,
+            "windowStart": iso_ms(row.window_start_ms),
+            "windowEnd": iso_ms(row.window_start_ms + size_ms),
+            "avgPowerKw": row.avg_power,
+            "maxPowerKw": row.max_power,
+            "minPowerKw": row.min_power,
+            "energyKwhSum": row.total_energy,
+            "readingCount": row.sample_count,
             "granularity": granularity,
         }
-        out.append((meter_id.encode(), _encode(value), headers))
+        out.append((row.meter_id.encode(), _encode(value), headers))
     return out
 
 
@@ -50,8 +48,8 @@ _RECORD_OVERHEAD = 512
 _KEY_KEPT = 1024  # bytes of an oversize key kept in a cut dead letter
 
 
-def fit_dead_letter(key: bytes | None, value: bytes | None, headers: list[tuple[str, bytes]],
-                    limit: int) -> tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]:
+def fit_dead_letter(key: bytes | None, value: bytes | None, headers: Headers,
+                    limit: int) -> tuple[bytes | None, bytes | None, Headers]:
     """The dead letter itself, or, when it would exceed ``limit`` bytes, cut to fit.
 
     A cut keeps the first 1,024 bytes of the key and as much of the value as fits, and adds
@@ -73,7 +71,7 @@ def fit_dead_letter(key: bytes | None, value: bytes | None, headers: list[tuple[
 
 
 def dead_letter_headers(reason: str, detail: str, topic: str, partition: int,
-                        offset: int) -> list[tuple[str, bytes]]:
+                        offset: int) -> Headers:
     return [
         ("segs.error", reason.encode()),
         ("segs.detail", detail.encode("utf-8", "replace")[:1024]),

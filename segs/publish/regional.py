@@ -40,21 +40,25 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
 import msgspec
 import psycopg
+from psycopg.rows import TupleRow
 
 from segs.config import DEFAULT_REGION_CAPACITY_KW
 from segs.errors import DatabaseError
-from segs.publish.outputs import iso_ms
+from segs.publish.outputs import Headers, Message
+from segs.times import iso_ms
+from segs.windows.sizes import REGIONAL_GRANULARITY
 
 log = logging.getLogger("segs.regional")
 
 WINDOW_MS = 60_000
-GRANULARITY = "1m_regional"  # the label value of stream_aggregates_published_total
+GRANULARITY = REGIONAL_GRANULARITY  # the label value of stream_aggregates_published_total
 _LOCK_CLASS = 0x5E65  # first key of the advisory lock; the second is hashtext(group)
 _MAX_WINDOWS = 120  # windows computed per pass at most (oldest first); the rest next time
 _CHUNK = 32  # region-windows per publishing chunk (each may carry a long meter list)
@@ -101,7 +105,7 @@ def capacity(capacities: Mapping[str, float], region: str) -> float:
 
 
 def encode(f: Figures, meters: Sequence[str] | None, limit: int
-           ) -> tuple[bytes, bytes, list[tuple[str, bytes]], bool]:
+           ) -> tuple[bytes, bytes, Headers, bool]:
     """(key, value, headers, list omitted) of one region-window's message; ``meters`` None
     means the list is omitted, as it is when the message would exceed ``limit`` bytes."""
     key = f.region.encode()
@@ -127,8 +131,6 @@ def encode(f: Figures, meters: Sequence[str] | None, limit: int
         body = _encode(value)
     return key, body, headers, bool(value["active_meters_omitted"])
 
-
-Message = tuple[bytes, bytes, list[tuple[str, bytes]]]
 
 
 @dataclass(slots=True)
@@ -225,7 +227,7 @@ SELECT least(
     (SELECT min(window_start) FROM aggregates_1m_regional WHERE NOT published))
 """
 
-Connect = Callable[[], Any]  # a context manager yielding a psycopg connection
+Connect = Callable[[], AbstractContextManager[psycopg.Connection[TupleRow]]]
 
 
 class Regional:
@@ -268,7 +270,8 @@ class Regional:
                                (_LOCK_CLASS, self.group)).fetchone()
             if not got or not got[0]:
                 return False
-            wms = dict(conn.execute(_HORIZON, (self.group, self.topic, partitions)).fetchall())
+            wms: dict[int, int | None] = dict(
+                conn.execute(_HORIZON, (self.group, self.topic, partitions)).fetchall())
             horizon, out.holding = closed_horizon(wms, partitions)
             out.horizon_ms = horizon
             if horizon is None:
@@ -288,7 +291,7 @@ class Regional:
             out.windows = len(closed)
         return True
 
-    def _compute_window(self, conn: Any, start_ms: int) -> int:
+    def _compute_window(self, conn: psycopg.Connection[TupleRow], start_ms: int) -> int:
         rows = [figures(region, start_ms, avgs, maxes, capacity(self.capacities, region))
                 for region, avgs, maxes in conn.execute(_WINDOW, (start_ms,)).fetchall()]
         conn.execute(_GONE, (start_ms, [f.region for f in rows]))
@@ -309,13 +312,16 @@ class Regional:
             got = conn.execute(_CLAIM, (_CHUNK,)).fetchall()
         if not got:
             return False
-        got.sort(key=lambda r: (r[2], r[1]))  # window, then region
-        keys = ([r[1] for r in got], [r[2] for r in got], [r[0] for r in got])
+        claimed = sorted(((version, Figures(region, int(start), *values))
+                          for version, region, start, *values in got),
+                         key=lambda c: (c[1].window_start_ms, c[1].region))
+        keys = ([f.region for _, f in claimed], [f.window_start_ms for _, f in claimed],
+                [version for version, _ in claimed])
         try:
             messages: list[Message] = []
             by_window: dict[int, list[Figures]] = {}
-            for _, region, start, *values in got:
-                by_window.setdefault(int(start), []).append(Figures(region, int(start), *values))
+            for _, f in claimed:
+                by_window.setdefault(f.window_start_ms, []).append(f)
             for start, rows in by_window.items():
                 meters = self._meters(start, [f.region for f in rows])
                 for f in rows:
@@ -334,9 +340,10 @@ class Regional:
             log.debug("%d region-windows changed while delivered: they are published again",
                       len(got) - marked[0])
         out.published += len(got)
-        for _, region, start, *_rest, load in got:
-            if start >= out.loads.get(region, (start, 0.0))[0]:
-                out.loads[region] = (int(start), float(load))
+        for _, f in claimed:
+            start = f.window_start_ms
+            if start >= out.loads.get(f.region, (start, 0.0))[0]:
+                out.loads[f.region] = (start, float(f.load_percentage))
         return True
 
     def _meters(self, start_ms: int, regions: list[str]) -> dict[str, list[str] | None]:

@@ -22,8 +22,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from confluent_kafka import KafkaError as KafkaErrorCode
-from confluent_kafka import KafkaException
+from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.admin._config import ConfigResource
 from confluent_kafka.admin._metadata import TopicMetadata
@@ -31,7 +30,8 @@ from confluent_kafka.admin._resource import ResourceType
 from confluent_kafka.cimpl import NewTopic
 
 from segs.config import Settings
-from segs.errors import ConfigError, KafkaError
+from segs.errors import BrokerError, ConfigError
+from segs.windows.sizes import SIZES
 
 log = logging.getLogger("segs.topics")
 
@@ -43,8 +43,7 @@ _TIMEOUT_S = 10.0
 def output_topics(settings: Settings) -> dict[str, str]:
     """Setting name → topic name of every topic the service writes to."""
     return {
-        "KAFKA_TOPIC_AGG_1M": settings.topic_agg_1m,
-        "KAFKA_TOPIC_AGG_15M": settings.topic_agg_15m,
+        **{size.topic_setting: size.topic(settings) for size in SIZES},
         "KAFKA_TOPIC_ALERTS": settings.topic_alerts,
         "KAFKA_TOPIC_DLQ": settings.topic_dlq,
         **({"KAFKA_TOPIC_REGIONAL_AGG_1M": settings.topic_regional_1m}
@@ -87,7 +86,7 @@ def ensure_topics(settings: Settings, *, should_stop: Callable[[], bool] = lambd
             futures[name].result(_TIMEOUT_S)
         except KafkaException as exc:
             err = exc.args[0]
-            if err.code() == KafkaErrorCode.TOPIC_ALREADY_EXISTS:
+            if err.code() == KafkaError.TOPIC_ALREADY_EXISTS:
                 continue  # another host created it meanwhile
             why = err.str()
             raise ConfigError(env, f"topic {name!r} does not exist and could not be "
@@ -125,6 +124,6 @@ def record_limit(admin: AdminClient, topic: str) -> int:
                                          request_timeout=_TIMEOUT_S)
         entries = next(iter(futures.values())).result(_TIMEOUT_S)
     except KafkaException as exc:
-        raise KafkaError(f"cannot read the configuration of topic {topic}: {exc}") from exc
+        raise BrokerError(f"cannot read the configuration of topic {topic}: {exc}") from exc
     entry = entries.get("max.message.bytes")
     return int(entry.value) if entry is not None and entry.value else DEFAULT_RECORD_LIMIT

@@ -24,18 +24,27 @@ no reading for ``idle_advance_ms`` of wall clock.
 from __future__ import annotations
 
 from collections.abc import Collection
+from typing import NamedTuple
 
 import numpy as np
 from numpy.typing import NDArray
 
 from segs.intake.readings import Interner, Readings, grown
+from segs.times import NEVER
 from segs.windows.partials import Partials, combine, region_ranks
 
 __all__ = ["Partials", "WindowEngine"]
 
 
-NEG = -(2**62)  # "nothing here" for window indices, timestamps and watermarks
 _MIN_CAPACITY = 1024
+
+
+class _Unreported(NamedTuple):
+    """Windows that left their cells (overflow) and are still to be reported closed."""
+
+    meter: NDArray[np.int32]
+    window: NDArray[np.int64]  # window index: start // size
+    partition: NDArray[np.int32]
 
 
 def default_ring(size_s: int, allowed_lateness_ms: int) -> int:
@@ -89,8 +98,7 @@ class WindowEngine:
         self._seen = np.empty(0, np.bool_)
         # overflow: pending partials and windows that still have to be reported closed
         self._over: list[Partials] = []
-        self._over_open: list[tuple[NDArray[np.int32], NDArray[np.int64], NDArray[np.int32]]]
-        self._over_open = []
+        self._over_open: list[_Unreported] = []
         self._rank = np.empty(0, np.int64)
         self.use_packed_keys = True  # False forces the general (slower) latest-tuple path
 
@@ -100,7 +108,7 @@ class WindowEngine:
     def _alloc_cells(self, capacity: int) -> None:
         n = capacity * self.ring
         first = self._capacity == 0
-        self._win = grown(None if first else self._win, n, NEG)  # window index held
+        self._win = grown(None if first else self._win, n, NEVER)  # window index held
         self._count = grown(None if first else self._count, n, 0, np.int32)
         self._psum = grown(None if first else self._psum, n, 0.0)
         self._pmax = grown(None if first else self._pmax, n, -np.inf)
@@ -108,7 +116,7 @@ class WindowEngine:
         self._esum = grown(None if first else self._esum, n, 0.0)
         self._vsum = grown(None if first else self._vsum, n, 0.0)  # readings with a voltage
         self._vcnt = grown(None if first else self._vcnt, n, 0, np.int32)
-        self._last = grown(None if first else self._last, n, NEG)  # ts of latest reading
+        self._last = grown(None if first else self._last, n, NEVER)  # ts of latest reading
         self._region = grown(None if first else self._region, n, -1, np.int32)
         self._part = grown(None if first else self._part, n, -1, np.int32)
         self._open = grown(None if first else self._open, n, False)  # not reported closed
@@ -130,9 +138,9 @@ class WindowEngine:
             b[:old] = a
             return b
 
-        self._max_ts = ext(self._max_ts, NEG)  # type: ignore[assignment]
-        self._wm = ext(self._wm, NEG)  # type: ignore[assignment]
-        self._last_wall = ext(self._last_wall, NEG)  # type: ignore[assignment]
+        self._max_ts = ext(self._max_ts, NEVER)  # type: ignore[assignment]
+        self._wm = ext(self._wm, NEVER)  # type: ignore[assignment]
+        self._last_wall = ext(self._last_wall, NEVER)  # type: ignore[assignment]
         self._seen = ext(self._seen, False)  # type: ignore[assignment]
 
     def _ranks(self) -> NDArray[np.int64]:
@@ -148,7 +156,7 @@ class WindowEngine:
         self._esum[cells] = 0.0
         self._vsum[cells] = 0.0
         self._vcnt[cells] = 0
-        self._last[cells] = NEG
+        self._last[cells] = NEVER
 
     def _cell_partials(self, cells: NDArray[np.intp], win: NDArray[np.int64]) -> Partials:
         return Partials(
@@ -229,7 +237,7 @@ class WindowEngine:
         if opened.any():
             oc = cells[opened]
             meters = (oc // self.ring).astype(np.int32)
-            self._over_open.append((meters, old[opened], self._part[oc].copy()))
+            self._over_open.append(_Unreported(meters, old[opened], self._part[oc].copy()))
             self._open[oc] = False
 
     def _to_overflow(self, r: Readings, w: NDArray[np.int64]) -> None:
@@ -251,7 +259,8 @@ class WindowEngine:
                 voltage_count=(~np.isnan(r.voltage)).astype(np.int64),
             )
         )
-        self._over_open.append((r.meter.astype(np.int32), w.copy(), r.partition.astype(np.int32)))
+        self._over_open.append(
+            _Unreported(r.meter.astype(np.int32), w.copy(), r.partition.astype(np.int32)))
 
     def _accumulate(self, r: Readings, w: NDArray[np.int64], cell: NDArray[np.intp]) -> None:
         if len(r) == 0:
@@ -286,7 +295,7 @@ class WindowEngine:
             )
             last = self._last[cell]
             cur = np.where(
-                last == NEG,
+                last == NEVER,
                 -1,
                 ((last - w * size_ms) << sh_t)
                 | (rank[np.maximum(self._region[cell], 0)] << sh_p)
@@ -354,14 +363,14 @@ class WindowEngine:
         meters = [(cells // self.ring).astype(np.int32)]
         starts = [self._win[cells] * size_ms]
         if self._over_open:
-            m = np.concatenate([o[0] for o in self._over_open])
-            w = np.concatenate([o[1] for o in self._over_open])
-            p = np.concatenate([o[2] for o in self._over_open])
+            m = np.concatenate([o.meter for o in self._over_open])
+            w = np.concatenate([o.window for o in self._over_open])
+            p = np.concatenate([o.partition for o in self._over_open])
             done = (w + 1) * size_ms <= self._wm[p]
             meters.append(m[done])
             starts.append(w[done] * size_ms)
             keep = ~done
-            self._over_open = [(m[keep], w[keep], p[keep])] if keep.any() else []
+            self._over_open = [_Unreported(m[keep], w[keep], p[keep])] if keep.any() else []
         m_all = np.concatenate(meters)
         s_all = np.concatenate(starts)
         if len(meters) > 1 and len(m_all):
@@ -378,23 +387,23 @@ class WindowEngine:
             return
         cells = np.flatnonzero(np.isin(self._part, ps))
         self._reset_pending(cells)
-        self._win[cells] = NEG
+        self._win[cells] = NEVER
         self._open[cells] = False
         self._region[cells] = -1
         self._part[cells] = -1
         self._over = [o.take(~np.isin(o.partition, ps)) for o in self._over]
         self._over = [o for o in self._over if len(o)]
-        kept = []
+        kept: list[_Unreported] = []
         for m, w, p in self._over_open:
             k = ~np.isin(p, ps)
             if k.any():
-                kept.append((m[k], w[k], p[k]))
+                kept.append(_Unreported(m[k], w[k], p[k]))
         self._over_open = kept
         known = ps[ps < self._wm.shape[0]]
         known = known[known >= 0]
-        self._max_ts[known] = NEG
-        self._wm[known] = NEG
-        self._last_wall[known] = NEG
+        self._max_ts[known] = NEVER
+        self._wm[known] = NEVER
+        self._last_wall[known] = NEVER
         self._seen[known] = False
 
     def pending_readings(self) -> int:

@@ -13,7 +13,7 @@ cover every input message, then asserts the three things each fault test promise
 Everything a test starts — services, background producers, samplers, stopped servers —
 is stopped or restarted by the fixtures, also when the test fails. The ledger adds up
 faults injected, readings checked and durations; the terminal summary prints it, and
-``SEGS_FAULT_REPORT=path`` writes it as JSON (``docs/reliability.md`` quotes the numbers).
+``SEGS_FAULT_REPORT=path`` writes it as JSON (the commit message of a full run quotes the numbers).
 """
 
 from __future__ import annotations

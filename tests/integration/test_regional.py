@@ -17,7 +17,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from segs.publish.outputs import iso_ms
+from segs.times import iso_ms
 from segs.tools.simulator import SimMessage
 from tests.conftest import KafkaServer, Topics
 from tests.fault.conftest import produce_raw

@@ -105,7 +105,7 @@ def assert_regional(url: str, topic: Topic, *, published: bool = True) -> None:
             ref.meter_count, ref.total, ref.avg, ref.max, ref.min, ref.load, 60), key
         if published:
             assert done, key
-            from segs.publish.outputs import iso_ms
+            from segs.times import iso_ms
 
             msg = latest[(key[0], iso_ms(key[1]))]
             assert msg["windowEnd"] == iso_ms(key[1] + WINDOW_MS)
@@ -117,7 +117,7 @@ def assert_regional(url: str, topic: Topic, *, published: bool = True) -> None:
     if published:
         assert len(latest) == len(got)
         for region, start in emptied:
-            from segs.publish.outputs import iso_ms
+            from segs.times import iso_ms
 
             msg = latest[(region, iso_ms(start))]
             assert msg["meter_count"] == 0 and msg["active_meters"] == []

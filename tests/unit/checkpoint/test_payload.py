@@ -8,9 +8,11 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from segs.checkpoint.payload import MeterPartitions, Payload, WrittenWindows
+from segs.checkpoint.payload import MeterPartitions, Payload, WrittenWindows, baseline_state
+from segs.checkpoint.sink import BaselineRow
 from segs.detection.detector import BaselineState
 from segs.intake.readings import Interner, Readings
+from segs.times import NEVER
 from segs.windows.engine import WindowEngine
 from segs.windows.partials import Partials
 
@@ -208,3 +210,17 @@ def test_written_windows_grow_with_new_slots() -> None:
     assert written.fresh(one)[60].tolist() == [False]
     assert written.fresh(one)[900].tolist() == [False]
 
+
+
+def test_stored_baselines_become_detector_state_by_slot() -> None:
+    meters = Interner()
+    meters.slot("a")
+    rows = [BaselineRow("b", 3, 2.5, 11, NEVER, 5, 6), BaselineRow("a", 1, 1.0, 2, 7, NEVER, 8)]
+    state = baseline_state(rows, meters.slot)
+    assert state.meter.tolist() == [1, 0]
+    assert state.partition.tolist() == [3, 1]
+    assert state.baseline.tolist() == [2.5, 1.0] and state.samples.tolist() == [11, 2]
+    assert state.last_outage_ms.tolist() == [NEVER, 7]
+    assert state.last_spike_ms.tolist() == [5, NEVER]
+    assert state.last_drop_ms.tolist() == [6, 8]
+    assert state.meter.dtype == np.int32 and state.last_drop_ms.dtype == np.int64

@@ -13,7 +13,6 @@ from hypothesis import strategies as st
 from segs.detection import detector as anomaly
 from segs.detection.detector import (
     KINDS,
-    NEVER_MS,
     SEVERITIES,
     AnomalyDetector,
     BaselineState,
@@ -21,6 +20,7 @@ from segs.detection.detector import (
     DetectorSettings,
 )
 from segs.intake.readings import Readings
+from segs.times import NEVER
 
 # -- reference ----------------------------------------------------------------------------
 
@@ -29,7 +29,7 @@ from segs.intake.readings import Readings
 class RefMeter:
     baseline: float = 0.0
     samples: int = 0
-    last: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, NEVER_MS))
+    last: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, NEVER))
     partition: int = -1
 
 
@@ -420,21 +420,13 @@ def test_detections_are_ordered_by_index_across_meters() -> None:
 # -- state ----------------------------------------------------------------------------------
 
 
-def test_never_sentinel_fits_bigint_and_cannot_overflow() -> None:
-    assert -(2**63) < NEVER_MS < 0
-    assert np.int64(2**62 - 1) - np.int64(NEVER_MS) > 0  # largest sane ts minus never
-
-
-def test_take_dirty_returns_changed_slots_once_and_restore_puts_them_back() -> None:
+def test_take_dirty_returns_changed_slots_once() -> None:
     det = AnomalyDetector()
     det.check(readings([3, 5, 3], [1.0, 2.0, 3.0], [0, 0, 1], [0, 1, 0]))
     first = det.take_dirty()
     assert sorted(first.meter.tolist()) == [3, 5]
-    assert state_dict(first)[3] == (0.8 * 1.0 + 0.2 * 3.0, 2, NEVER_MS, NEVER_MS, NEVER_MS, 0)
+    assert state_dict(first)[3] == (0.8 * 1.0 + 0.2 * 3.0, 2, NEVER, NEVER, NEVER, 0)
     assert len(det.take_dirty()) == 0
-    det.restore_dirty(first)  # the checkpoint failed
-    again = det.take_dirty()
-    assert state_dict(again) == state_dict(first)
 
 
 def test_take_dirty_by_partition() -> None:
@@ -444,31 +436,13 @@ def test_take_dirty_by_partition() -> None:
     assert det.take_dirty().meter.tolist() == [1]
 
 
-def test_restore_dirty_after_changes_writes_current_values() -> None:
-    det = AnomalyDetector()
-    det.check(readings([1], [1.0], [0]))
-    taken = det.take_dirty()
-    det.check(readings([1], [2.0], [1]))
-    det.restore_dirty(taken)
-    assert state_dict(det.take_dirty())[1][:2] == (0.8 * 1.0 + 0.2 * 2.0, 2)
-
-
-def test_restore_dirty_skips_slots_forgotten_meanwhile() -> None:
-    det = AnomalyDetector()
-    det.check(readings([1, 2], [1.0, 1.0], [0, 0], [0, 1]))
-    taken = det.take_dirty()
-    det.forget_partitions([1])
-    det.restore_dirty(taken)
-    assert det.take_dirty().meter.tolist() == [1]
-
-
 def test_forget_partitions_resets_to_never_seen_and_clean() -> None:
     det = AnomalyDetector()
     det.check(readings([1, 2], [5.0, 5.0], [0, 0], [0, 1]))
     det.forget_partitions([1])
     assert det.take_dirty().meter.tolist() == [1]
     s = state_dict(det.snapshot(np.array([2])))
-    assert s[2] == (0.0, 0, NEVER_MS, NEVER_MS, NEVER_MS, -1)
+    assert s[2] == (0.0, 0, NEVER, NEVER, NEVER, -1)
     # the slot seeds again
     det.check(readings([2], [7.0], [1], [1]))
     assert state_dict(det.snapshot(np.array([2])))[2][:2] == (7.0, 1)
@@ -480,9 +454,9 @@ def test_load_restores_and_is_clean() -> None:
         meter=np.array([5000], np.int32),
         baseline=np.array([2.0]),
         samples=np.array([50], np.int64),
-        last_outage_ms=np.array([NEVER_MS], np.int64),
+        last_outage_ms=np.array([NEVER], np.int64),
         last_spike_ms=np.array([1_000], np.int64),
-        last_drop_ms=np.array([NEVER_MS], np.int64),
+        last_drop_ms=np.array([NEVER], np.int64),
         partition=np.array([4], np.int32),
     )
     det.load(state)

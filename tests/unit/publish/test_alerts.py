@@ -13,7 +13,6 @@ from segs.publish.alerts import (
     ALERT_ID_NAMESPACE,
     alert_message,
     encode_alerts,
-    iso_utc_ms,
     to_fixed,
 )
 
@@ -122,13 +121,6 @@ def test_to_fixed_rounds_like_javascript() -> None:
     assert to_fixed(0.0, 2) == "0.00"
     assert to_fixed(-0.0, 2) == "0.00"
     assert to_fixed(12345.678, 1) == "12345.7"
-
-
-def test_timestamps_are_utc_with_milliseconds() -> None:
-    assert iso_utc_ms(0) == "1970-01-01T00:00:00.000Z"
-    assert iso_utc_ms(TS) == "2026-11-27T06:00:17.123Z"
-    assert iso_utc_ms(1_000) == "1970-01-01T00:00:01.000Z"
-    assert iso_utc_ms(999) == "1970-01-01T00:00:00.999Z"
 
 
 def test_no_detections_no_messages() -> None:

@@ -141,7 +141,7 @@ def test_capacities_parse_and_default() -> None:
 
 
 def _iso(ms: int) -> str:
-    from segs.publish.outputs import iso_ms
+    from segs.times import iso_ms
 
     return iso_ms(ms)
 
