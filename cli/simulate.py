@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from segs.errors import ConfigError, SegsError
+from segs.times import iso_ms
 from segs.tools.simulator import (
     ANOMALY_KINDS,
     KINDS,
@@ -344,15 +345,11 @@ def _print_summary(s: SimulatorSummary) -> None:
     table.add_row("elapsed", f"{s.elapsed_s:.2f} s")
     table.add_row("rate", f"{s.rate:,.0f} msg/s")
     if s.start_ms:
-        table.add_row("first event time", _iso(s.start_ms))
+        table.add_row("first event time", iso_ms(s.start_ms))
     if s.last_event_ms is not None:
-        table.add_row("last event time", _iso(s.last_event_ms))
+        table.add_row("last event time", iso_ms(s.last_event_ms))
     table.add_row("topic", s.topic or "-")
     table.add_row("file", str(s.file) if s.file else "-")
     if s.delivery_errors:
         table.add_row("delivery errors", f"{s.delivery_errors:,}")
     Console(width=100).print(table)
-
-
-def _iso(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"

@@ -36,7 +36,6 @@ class BrokerError(SegsError):
     code, which the same modules use."""
 
 
-KafkaError = BrokerError  # the old name, until segs/tools/simulator.py imports BrokerError
 
 
 class FencedError(SegsError):

@@ -25,6 +25,7 @@ from segs.tools import harness
 from segs.tools.harness import SEGS, end_offsets, stored_positions  # noqa: F401
 from segs.tools.procfs import status_kb
 from segs.tools.simulator import SimMessage, SimulatorOptions, produce, read_file
+from segs.windows.sizes import SIZES
 from tests.reference import (
     RefAgg,
     RefRegional,
@@ -34,7 +35,7 @@ from tests.reference import (
     timestamp_ms,
 )
 
-TABLES = {60: "aggregates_1m", 900: "aggregates_15m"}
+TABLES = {size.seconds: size.table for size in SIZES}
 
 
 # TimescaleDB runs a new retention job at once: with the defaults (30 / 365 days) it would

@@ -40,6 +40,7 @@ from typing import Final
 
 import numpy as np
 
+from segs.times import NEVER
 from segs.tools.simulator.batch import Batch
 from segs.tools.simulator.encoding import (
     FIRMWARES,
@@ -92,7 +93,7 @@ class Simulation:
         self.salt = rng.integers(0, 1 << 48, m, dtype=np.int64).astype(np.uint64)
         ids = rng.integers(0, 1 << 16, (m, 5), dtype=np.int64).tolist()
         self.ema = np.zeros(m)
-        self.last_anomaly_ms = np.full(m, -(2**62), np.int64)
+        self.last_anomaly_ms = np.full(m, NEVER, np.int64)
         self.last_anomaly_round = np.full(m, -(2**40), np.int64)
 
         numbers = number.tolist()

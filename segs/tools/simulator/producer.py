@@ -11,10 +11,9 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any, Final
 
-from confluent_kafka import KafkaError as KafkaErrorCode
-from confluent_kafka import KafkaException, Producer
+from confluent_kafka import KafkaError, KafkaException, Producer
 
-from segs.errors import KafkaError
+from segs.errors import BrokerError
 from segs.tools.simulator.files import FileWriter
 from segs.tools.simulator.model import Simulation, limited
 from segs.tools.simulator.options import (
@@ -78,7 +77,7 @@ def produce(
 ) -> SimulatorSummary:
     """Simulate ``opts`` into ``topic`` (and ``file`` when given, exactly what was produced).
 
-    Raises :class:`~segs.errors.KafkaError` when the cluster does not answer within
+    Raises :class:`~segs.errors.BrokerError` when the cluster does not answer within
     ``connect_timeout_s``. SIGINT/SIGTERM stop the run cleanly (``interrupted`` is then set).
     """
     failed = [0]
@@ -99,9 +98,9 @@ def produce(
     try:
         producer = Producer(config, logger=_kafka_log)
     except KafkaException as exc:
-        raise KafkaError(f"producer settings: {_kafka_text(exc)}") from exc
+        raise BrokerError(f"producer settings: {_kafka_text(exc)}") from exc
     except (TypeError, ValueError) as exc:
-        raise KafkaError(f"producer settings: {exc}") from exc
+        raise BrokerError(f"producer settings: {exc}") from exc
     _check_cluster(
         producer, topic, str(config.get("bootstrap.servers", "?")), connect_timeout_s, last_error
     )
@@ -192,13 +191,13 @@ def _check_cluster(
         meta = producer.list_topics(topic, timeout=timeout_s)
     except KafkaException as exc:
         detail = last_error[0] or _kafka_text(exc)
-        raise KafkaError(
+        raise BrokerError(
             f"cannot reach Kafka at {where} within {timeout_s:g} s ({detail})"
         ) from exc
     info = meta.topics.get(topic)
     err = None if info is None else info.error
-    if info is None or (err is not None and err.code() == KafkaErrorCode.UNKNOWN_TOPIC_OR_PART):
-        raise KafkaError(
+    if info is None or (err is not None and err.code() == KafkaError.UNKNOWN_TOPIC_OR_PART):
+        raise BrokerError(
             f"topic {topic!r} does not exist on {where} and the broker does not create it "
             "automatically: create it first"
         )

@@ -20,7 +20,7 @@ from segs.cli.simulate import simulate
 
 from segs.detection.detector import KINDS as DETECTOR_KINDS
 from segs.detection.detector import AnomalyDetector
-from segs.errors import ConfigError, KafkaError
+from segs.errors import BrokerError, ConfigError
 from segs.intake.decode import Decoder
 from segs.intake.readings import Interner
 from segs.tools.simulator import (
@@ -69,7 +69,7 @@ def _no_constant(name: str) -> Any:
 
 
 def contract_valid(value: bytes, now_ms: int) -> bool:
-    """The input rules of DESIGN.md part 1, written independently of segs.intake.decode."""
+    """The input rules of docs/contract.md part 1, written independently of segs.intake.decode."""
     try:
         obj = json.loads(value.decode("utf-8"), parse_constant=_no_constant)
     except ValueError:
@@ -508,7 +508,7 @@ def test_produce_then_consume_gives_the_file(tmp_path: Path, mock_cluster: str) 
 
 def test_unreachable_broker_fails_fast_with_one_line() -> None:
     t = time.monotonic()
-    with pytest.raises(KafkaError, match=r"cannot reach Kafka at 127\.0\.0\.1:1") as err:
+    with pytest.raises(BrokerError, match=r"cannot reach Kafka at 127\.0\.0\.1:1") as err:
         produce(
             SimulatorOptions(count=10),
             {"bootstrap.servers": "127.0.0.1:1"},
@@ -646,7 +646,7 @@ def test_produce_is_throttled_to_the_rate(mock_cluster: str) -> None:
 
 
 def test_bad_producer_setting_is_one_line(mock_cluster: str) -> None:
-    with pytest.raises(KafkaError, match=r"producer settings: .*foo\.bar"):
+    with pytest.raises(BrokerError, match=r"producer settings: .*foo\.bar"):
         produce(
             SimulatorOptions(count=10),
             {"bootstrap.servers": mock_cluster, "foo.bar": "1"},
