@@ -16,6 +16,7 @@ from segs.checkpoint.payload import Payload
 from segs.checkpoint.sink import ClosedRow, CommitJob, CommitStats
 from segs.detection.detector import BaselineState
 from segs.errors import DatabaseError, FencedError, SegsError
+from segs.publish.regional import PassStats
 from segs.runtime.checkpointer import Checkpointer, Drained, Encodings
 from segs.runtime.partitions import PartitionBook
 from segs.runtime.state import WorkerState
@@ -305,3 +306,27 @@ def test_a_single_writer_stores_all_partitions_in_one_transaction() -> None:
         rig.consume(p, 5 + p)
     assert rig.checkpoint()
     assert rig.sink.writes == [{0: (None, 5, None), 1: (None, 6, None), 2: (None, 7, None)}]
+
+
+def test_publishing_that_fails_postpones_it_but_the_checkpoint_stands(rig: Rig) -> None:
+    def claim_fails(*args: object, **kwargs: object) -> dict[int, int]:
+        raise DatabaseError("publishing connection lost")
+
+    rig.sink.claim_closed = claim_fails  # type: ignore[method-assign]
+    rig.consume(0, 10)
+    assert rig.checkpoint()
+    assert rig.sink.stored == {0: 10} and rig.cp.unwritten is None and not rig.cp.paused
+    assert rig.consumer.committed == {0: 10}
+
+
+def test_a_regional_pass_runs_after_publishing_and_its_failure_is_postponed() -> None:
+    rig = Rig()
+    calls: list[bool] = []
+
+    def regional(stop: Callable[[], bool]) -> PassStats:
+        calls.append(stop())
+        raise SegsError("cannot read the partitions of readings")
+
+    rig.cp.regional = regional
+    rig.consume(1, 3)
+    assert rig.checkpoint() and calls == [False] and rig.sink.stored == {1: 3}
