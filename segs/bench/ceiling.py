@@ -2,9 +2,9 @@
 bare (``consume`` and ``value()`` of each message), and with the service's decoder.
 
 The bare read gets every advantage the service has and more: the service's prefetch
-(:data:`segs.runtime.worker.PREFETCH`) and twice its default batch. librdkafka's defaults (1 MiB
-fetches, 10,000-message batches) read about half as fast here; that read is measured
-beside it for reference."""
+(:data:`segs.runtime.kafka_clients.PREFETCH`) and twice its default batch. librdkafka's
+defaults (1 MiB fetches, 10,000-message batches) read about half as fast here; that read is
+measured beside it for reference."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, TopicPartition
 
 from segs.intake.decode import Decoder
 from segs.intake.readings import Interner
-from segs.runtime.worker import PREFETCH
+from segs.runtime.kafka_clients import PREFETCH
 
 BATCH = 100_000  # twice the service's default BATCH_SIZE
 DEFAULTS_BATCH = 10_000

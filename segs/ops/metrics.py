@@ -224,7 +224,7 @@ REGIONAL_WAITING_SECONDS = Gauge(
     multiprocess_mode="livemax",
 )
 # mostrecent: the worker that published a region's newest window last says its load; a
-# late window re-published does not move it back (segs.runtime.worker). One series per region.
+# late window re-published does not move it back (segs.runtime.checkpointer). One series per region.
 REGIONAL_LOAD = Gauge(
     "stream_regional_load_percentage",
     "load_percentage of the newest regional 1-minute aggregate published, per region",

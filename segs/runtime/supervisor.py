@@ -33,7 +33,8 @@ from segs.ops import metrics, systemd
 from segs.ops.http import HttpServer
 from segs.ops.readiness import ServerCheck
 from segs.publish.topics import ensure_topics
-from segs.runtime.worker import RUNNING, STATE_NAMES, worker_main
+from segs.runtime.state import WorkerState
+from segs.runtime.worker import worker_main
 
 log = logging.getLogger("segs.supervisor")
 
@@ -119,7 +120,7 @@ class Supervisor:
                 delay = min(delay * 2, 5.0)
 
     def _spawn(self, slot: Slot) -> None:
-        self.status[slot.index] = 0
+        self.status[slot.index] = WorkerState.STARTING
         proc = self.ctx.Process(target=worker_main, args=(self.s, slot.index, self.status),
                                 name=f"segs-worker-{slot.index}", daemon=False)
         proc.start()
@@ -205,9 +206,9 @@ class Supervisor:
     def readiness(self, check_servers: bool = True) -> tuple[bool, dict[str, object]]:
         """Workers from the shared status array; servers from the background check's last
         answer (``checked_s_ago`` says how old it is), so a call never waits on a server."""
-        states = [STATE_NAMES[self.status[i]] for i in range(self.n)]
+        states = [WorkerState(self.status[i]).label for i in range(self.n)]
         missing: list[str] = [f"worker {i} is {st}" for i, st in enumerate(states)
-                              if st != STATE_NAMES[RUNNING]]
+                              if st != WorkerState.RUNNING.label]
         details: dict[str, object] = {"workers": states, "missing": missing}
         if check_servers:
             found, age = self.servers.latest()

@@ -271,8 +271,9 @@ def messages_total(port: int) -> float:
 
 def test_the_loop_consumes_while_a_checkpoint_waits_on_the_database(
         run: Run, cleanup: list[Service]) -> None:
-    """Checkpoints are written by a thread of their own (segs/runtime/worker.py): while the database
-    holds one up, the poll loop goes on consuming (and alerting); results stay exact."""
+    """Checkpoints are written by a thread of their own (segs/runtime/checkpointer.py): while
+    the database holds one up, the poll loop goes on consuming (and alerting); results stay
+    exact."""
     join = run.stream(45_000, 3_000)
     svc = run.service()
     cleanup.append(svc)

@@ -39,14 +39,14 @@ def test_a_stuck_server_check_is_not_ready(monkeypatch: pytest.MonkeyPatch) -> N
 
 
 def test_supervisor_readiness_reads_the_cached_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    from segs.runtime.state import WorkerState
     from segs.runtime.supervisor import Supervisor
-    from segs.runtime.worker import RUNNING
 
     sup = Supervisor(load_settings(env={}, env_file=None), workers=2)
     assert sup.readiness(check_servers=False) == (
         False, {"workers": ["starting", "starting"],
                 "missing": ["worker 0 is starting", "worker 1 is starting"]})
-    sup.status[0] = sup.status[1] = RUNNING
+    sup.status[0] = sup.status[1] = WorkerState.RUNNING
     assert sup.readiness(check_servers=False)[0]
     ready, details = sup.readiness()
     assert not ready and details["missing"] == ["servers not checked yet"]
