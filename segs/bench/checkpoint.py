@@ -29,7 +29,7 @@ from numpy.typing import NDArray
 from segs.bench.infra import Servers, fresh_database
 from segs.checkpoint.payload import Payload, WrittenWindows
 from segs.checkpoint.pgcopy import TextFields
-from segs.checkpoint.sink import CommitStats, Positions, Sink
+from segs.checkpoint.sink import CommitStats, Positions, PositionWrite, Sink
 from segs.config import load_settings
 from segs.detection.detector import BaselineState
 from segs.intake.readings import Interner
@@ -52,7 +52,8 @@ def _payload(n: int, salt: int, prev: dict[int, int | None],
         energy_sum=ones * 0.02, last_ts_ms=np.full(n, _T0_MS + 59_000, np.int64),
         region=np.zeros(n, np.int32), partition=(np.arange(n) % PARTITIONS).astype(np.int32),
         voltage_sum=ones * 2301.5, voltage_count=np.full(n, 10, np.int64))
-    positions: Positions = {p: (prev[p], (prev[p] or 0) + n, None) for p in range(PARTITIONS)}
+    positions: Positions = {p: PositionWrite(prev[p], (prev[p] or 0) + n, None)
+                             for p in range(PARTITIONS)}
     return Payload(partials, BaselineState.empty(), positions, written.fresh(partials))
 
 
@@ -94,7 +95,7 @@ def _run(srv: Servers, n: int, writers: int, meters: list[bytes], regions: list[
                     written = WrittenWindows()  # a restarted worker's
                 payload = _payload(n, salt, prev, written)
                 t0 = time.perf_counter()
-                done = sink.commit_all([p.job(meters, regions, rank)
+                done = sink.commit_all([p.commit_job(meters, regions, rank)
                                         for p in payload.split(sink.writers)])
                 row[f"{phase}_s"] = time.perf_counter() - t0
                 stats = [s for s in done if isinstance(s, CommitStats)]

@@ -41,7 +41,7 @@ from segs.windows.sizes import BY_SECONDS
 class Payload:
     """What one checkpoint writes; kept verbatim for retries after a database failure.
 
-    Partials and baselines stay numpy columns (tens of bytes a row) until :meth:`job`
+    Partials and baselines stay numpy columns (tens of bytes a row) until :meth:`commit_job`
     encodes them as binary COPY data for the transaction (:mod:`segs.checkpoint.pgcopy`)."""
 
     partials: Partials  # 1-minute partials
@@ -54,7 +54,7 @@ class Payload:
     def __bool__(self) -> bool:
         return bool(len(self.partials) or len(self.baselines) or self.positions)
 
-    def job(self, meters: list[bytes], regions: list[bytes],
+    def commit_job(self, meters: list[bytes], regions: list[bytes],
             region_rank: NDArray[np.int64]) -> CommitJob:
         """The arguments of :meth:`segs.checkpoint.sink.Sink.commit` for this payload: the 1-minute
         partials and their roll-up into every coarser window size the sink stores, each
@@ -81,7 +81,7 @@ class Payload:
              ("last_spike_ms", b.last_spike_ms), ("last_drop_ms", b.last_drop_ms)],
             [("meter_id", b.meter, meters)])
         windows = np.unique(p.window_start_ms).tolist()  # for the regional roll-up
-        return stored, baselines, self.positions, fresh, windows
+        return CommitJob(stored, baselines, self.positions, fresh, windows)
 
     def split(self, parts: int) -> list[Payload]:
         """This payload as at most ``parts`` payloads over disjoint sets of partitions,

@@ -333,13 +333,27 @@ _CLAIM_CHUNK = 10_000
 # of CHECKPOINT_WRITERS (the evidence: benchmarks/README.md, "Checkpoint").
 DEFAULT_WRITERS = 2
 
-# partition → (stored position or None, next position, watermark ms or None)
-Positions = dict[int, tuple[int | None, int, int | None]]
+class PositionWrite(NamedTuple):
+    """What a checkpoint stores for one partition, compare-and-set from ``previous``."""
+
+    previous: int | None  # the stored next offset it replaces; None when none is stored
+    next_offset: int
+    watermark_ms: int | None
+
+
+Positions = dict[int, PositionWrite]  # by partition
 # Partials to write, by window size (a key of TABLES); a missing size has none.
 PartialsBySize = Mapping[int, Rows]
-# One transaction of Sink.commit_all: (partials, baseline rows, positions, fresh partials,
-# the 1-minute window starts (ms) of its partials), as commit().
-CommitJob = tuple[PartialsBySize, Rows, Positions, PartialsBySize, Sequence[int]]
+
+
+class CommitJob(NamedTuple):
+    """One transaction of :meth:`Sink.commit_all`: the arguments of :meth:`Sink.commit`."""
+
+    partials: PartialsBySize  # rows that may be stored already: merged
+    baselines: Rows
+    positions: Positions
+    fresh: PartialsBySize  # rows of windows this worker never wrote: inserted
+    window_starts_ms: Sequence[int]  # the 1-minute windows of its partials (regional)
 
 
 class Sink:
@@ -420,10 +434,6 @@ class Sink:
             (self.group, self.topic, list(partitions)),
         )
         return {int(p): Position(int(o), None if w is None else int(w)) for p, o, w in rows}
-
-    def load_baselines(self, partitions: Sequence[int]) -> list[tuple[Any, ...]]:
-        """:meth:`stored_baselines`, typed as the worker still expects."""
-        return list(self.stored_baselines(partitions))
 
     def stored_baselines(self, partitions: Sequence[int]) -> list[BaselineRow]:
         """The stored state of the meters last seen on these partitions."""

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
-from segs.times import iso_ms as iso_ms  # also imported from here by the worker
+from segs.times import iso_ms
 from segs.windows.sizes import BY_SECONDS, SIZES
 
 if TYPE_CHECKING:  # the rows' type only: publishing needs no database driver to import

@@ -47,14 +47,14 @@ from confluent_kafka import KafkaException, TopicPartition
 from numpy.typing import NDArray
 
 from segs.checkpoint.payload import Payload
-from segs.checkpoint.sink import TABLES, ClosedRow, CommitJob, CommitStats
+from segs.checkpoint.sink import ClosedRow, CommitJob, CommitStats, PoolStats
 from segs.errors import DatabaseError, FencedError, SegsError
 from segs.ops import metrics
-from segs.publish.outputs import GRANULARITY, iso_ms
-from segs.publish.regional import GRANULARITY as REGIONAL_GRANULARITY
 from segs.publish.regional import PassStats
 from segs.runtime.partitions import PartitionBook
 from segs.runtime.state import WorkerState
+from segs.times import iso_ms
+from segs.windows.sizes import BY_SECONDS, REGIONAL_GRANULARITY, SIZES
 
 log = logging.getLogger("segs.worker")
 SAY_EVERY_S = 60.0  # a lasting failure is logged once a minute
@@ -110,7 +110,7 @@ class CheckpointSink(Protocol):
                      deliver: Callable[[int, list[ClosedRow]], None], *,
                      stop: Callable[[], bool] = ...) -> dict[int, int]: ...
 
-    def pool_stats(self) -> tuple[int, int, int]: ...
+    def pool_stats(self) -> PoolStats: ...
 
 
 class CheckpointConsumer(Protocol):
@@ -267,7 +267,7 @@ class Checkpointer:
         t_db = time.perf_counter()
         if cut.payloads:
             names, regions, rank = cut.encodings
-            out.results = self.sink.commit_all([p.job(names, regions, rank)
+            out.results = self.sink.commit_all([p.commit_job(names, regions, rank)
                                                 for p in cut.payloads])
             out.db_seconds = time.perf_counter() - t_db
             if not all(isinstance(r, CommitStats) for r in out.results):
@@ -290,7 +290,7 @@ class Checkpointer:
         done = time.perf_counter()
         out.publish_seconds = done - t_pub
         if not out.publish_error:  # the original's flush: written, then published, per size
-            out.flushed = {size: published_at.get(size, done) - t_db for size in TABLES}
+            out.flushed = {size: published_at.get(size, done) - t_db for size in BY_SECONDS}
         if self.regional is not None and not out.publish_error:
             try:
                 out.regional = self.regional(stop_publishing)
@@ -334,13 +334,13 @@ class Checkpointer:
             log.warning("publishing closed windows postponed: %s", out.publish_error)
         for size, count in out.published.items():
             if count:
-                metrics.AGGREGATES_PUBLISHED.labels(GRANULARITY[size], GRANULARITY[size]).inc(
-                    count)
+                label = BY_SECONDS[size].granularity
+                metrics.AGGREGATES_PUBLISHED.labels(label, label).inc(count)
         if out.regional is not None:
             self._book_regional(out.regional)
         metrics.FLUSH_DURATION.observe(out.publish_seconds)
         for size, seconds in out.flushed.items():
-            metrics.FLUSH_DURATION_MS.labels(GRANULARITY[size]).observe(seconds * 1000)
+            metrics.FLUSH_DURATION_MS.labels(BY_SECONDS[size].granularity).observe(seconds * 1000)
         # 3. offsets to Kafka, for lag monitoring only
         self._commit_kafka_offsets()
         self._offset_lag()
@@ -352,11 +352,10 @@ class Checkpointer:
     def _stored(self, payload: Payload, stats: CommitStats) -> None:
         """Book a written payload: its positions are the stored ones now."""
         self.book.stored_now(payload.positions)
-        for size, table in TABLES.items():
-            granularity = GRANULARITY[size]
-            metrics.AGGREGATES_WRITTEN.labels(granularity, granularity).inc(
-                stats.new_rows[table])
-            metrics.DB_WRITE_ROWS.labels(table).inc(stats.rows[table])
+        for size in SIZES:
+            metrics.AGGREGATES_WRITTEN.labels(size.granularity, size.granularity).inc(
+                stats.new_rows[size.table])
+            metrics.DB_WRITE_ROWS.labels(size.table).inc(stats.rows[size.table])
         metrics.DB_WRITE_ROWS.labels("meter_baselines").inc(stats.baselines)
         log.debug("checkpoint: %s rows, %d baselines, %d positions in %.3f s",
                   stats.rows, stats.baselines, len(payload.positions), stats.seconds)
@@ -408,10 +407,10 @@ class Checkpointer:
                 metrics.CONSUMER_OFFSET_LAG.labels(str(p)).set(max(0, high - nxt))
 
     def pool_gauges(self) -> None:
-        total, idle, waiting = self.sink.pool_stats()
-        metrics.DB_POOL_SIZE.labels("total").set(total)
-        metrics.DB_POOL_SIZE.labels("idle").set(idle)
-        metrics.DB_POOL_SIZE.labels("waiting").set(waiting)
+        pool = self.sink.pool_stats()
+        metrics.DB_POOL_SIZE.labels("total").set(pool.size)
+        metrics.DB_POOL_SIZE.labels("idle").set(pool.idle)
+        metrics.DB_POOL_SIZE.labels("waiting").set(pool.waiting)
 
     # ------------------------------------------------------------------ back-off
 

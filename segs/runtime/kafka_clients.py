@@ -26,7 +26,7 @@ KAFKA_LOG = logging.getLogger("segs.kafka")  # librdkafka's own lines, as JSON l
 
 # Consumer prefetch: large fetches and a deep local queue keep the poll loop fed (smaller
 # ones leave the loop waiting on fetches); the queue is bounded in bytes for the whole
-# consumer. README, "Memory and speed"; benchmarks/prefetch_sweep.py.
+# consumer. README, "Memory and speed"; python -m segs.bench.prefetch_sweep.
 PREFETCH: dict[str, int] = {
     "fetch.wait.max.ms": 50,
     "max.partition.fetch.bytes": 8_388_608,

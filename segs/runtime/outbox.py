@@ -32,10 +32,11 @@ from segs.errors import SegsError
 from segs.intake.decode import Reject
 from segs.intake.readings import Interner, Readings
 from segs.ops import metrics
-from segs.publish.alerts import Message, encode_alerts
-from segs.publish.outputs import dead_letter_headers, encode_aggregates, fit_dead_letter
+from segs.publish.alerts import encode_alerts
+from segs.publish.outputs import Message, dead_letter_headers, encode_aggregates, fit_dead_letter
 from segs.publish.topics import DEFAULT_RECORD_LIMIT, admin_client, output_topics, record_limit
 from segs.runtime.kafka_clients import make_producer
+from segs.windows.sizes import BY_SECONDS
 
 log = logging.getLogger("segs.worker")
 Headers = list[tuple[str, bytes]]
@@ -181,8 +182,8 @@ class Outbox:
                 "delivered: check that the topic exists and its max.message.bytes")
 
     def deliver_closed(self, size_s: int, rows: list[ClosedRow]) -> None:
-        topic = self.s.topic_agg_1m if size_s == 60 else self.s.topic_agg_15m
-        self._deliver_rows(topic, encode_aggregates(size_s, rows), "closed windows")
+        self._deliver_rows(BY_SECONDS[size_s].topic(self.s), encode_aggregates(size_s, rows),
+                           "closed windows")
 
     def deliver_regional(self, messages: list[Message]) -> None:
         self._deliver_rows(self.s.topic_regional_1m, messages, "regional aggregates")

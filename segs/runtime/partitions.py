@@ -21,9 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
-from segs.checkpoint.sink import Position, Positions
-
-NEVER = -(2**62)  # "no watermark yet"
+from segs.checkpoint.sink import Position, Positions, PositionWrite
+from segs.times import NEVER
 
 
 @dataclass(slots=True)
@@ -156,7 +155,7 @@ class PartitionBook:
         positions: Positions = {}
         for p, st in self._parts.items():
             if st.positioned and st.consumed is not None and st.consumed != st.stored:
-                positions[p] = (st.stored, st.consumed, wms.get(p))
+                positions[p] = PositionWrite(st.stored, st.consumed, wms.get(p))
         if rising_watermarks:
             for p, st in self._parts.items():
                 if not st.positioned or p in positions:
@@ -166,7 +165,7 @@ class PartitionBook:
                     continue
                 nxt = st.consumed if st.consumed is not None else empty_end(p)
                 if nxt is not None:
-                    positions[p] = (st.stored, nxt, wm)
+                    positions[p] = PositionWrite(st.stored, nxt, wm)
         return positions
 
     def stored_now(self, positions: Positions) -> None:

@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Sequence
 from itertools import repeat
 from operator import is_, itemgetter
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 from confluent_kafka import (
@@ -39,11 +39,11 @@ from confluent_kafka import (
     TopicPartition,
 )
 
-from segs.checkpoint.payload import MeterPartitions, Payload, WrittenWindows
+from segs.checkpoint.payload import MeterPartitions, Payload, WrittenWindows, baseline_state
 from segs.checkpoint.pgcopy import TextFields
 from segs.checkpoint.sink import Position, Sink, StoredTypes
 from segs.config import Settings
-from segs.detection.detector import AnomalyDetector, BaselineState, DetectorSettings
+from segs.detection.detector import AnomalyDetector, DetectorSettings
 from segs.errors import DatabaseError, SegsError
 from segs.intake.decode import Decoder
 from segs.intake.readings import Interner, Readings
@@ -56,10 +56,10 @@ from segs.runtime.partitions import PartitionBook
 from segs.runtime.state import WorkerState
 from segs.windows.engine import WindowEngine
 from segs.windows.partials import region_ranks
+from segs.windows.sizes import ONE_MINUTE
 
 log = logging.getLogger("segs.worker")
 
-WINDOW_S = 60  # the one window kept in memory; 15-minute partials are rolled up from it
 _MS = itemgetter(1)  # of Message.timestamp(): -1 when the message has none
 
 
@@ -109,7 +109,7 @@ class Worker:
 
     def _fresh_state(self) -> None:
         lateness, idle = self.s.allowed_lateness_ms, self.s.idle_advance_ms
-        self.windows = WindowEngine(WINDOW_S, regions=self.regions,
+        self.windows = WindowEngine(ONE_MINUTE.seconds, regions=self.regions,
                                     allowed_lateness_ms=lateness, idle_advance_ms=idle)
         self.detector = AnomalyDetector(self.detector_settings)
 
@@ -368,7 +368,7 @@ class Worker:
         try:
             self._fit_decoder()
             stored = self.sink.load_positions(parts)
-            baselines = self.sink.load_baselines(parts)
+            baselines = self.sink.stored_baselines(parts)
         except DatabaseError as exc:
             metrics.DB_WRITE_ERRORS.labels("load_positions").inc()
             log.warning("cannot load positions (%s): partitions %s wait", exc, list(parts))
@@ -378,7 +378,8 @@ class Worker:
         committed = self._committed(unstored) if unstored else {}
         if committed is None:
             return None
-        self._load_baselines(baselines)
+        if baselines:
+            self.detector.load(baseline_state(baselines, self.meters.slot))
         default = OFFSET_BEGINNING if self.s.auto_offset_reset == "earliest" else OFFSET_END
         tps, positions = [], {}
         for p in parts:
@@ -423,20 +424,6 @@ class Worker:
                                    meter_id_max=types.meter_id_max,
                                    region_max=types.region_max)
             self.stored_types = types
-
-    def _load_baselines(self, rows: list[tuple[Any, ...]]) -> None:
-        if not rows:
-            return
-        slot = self.meters.slot
-        self.detector.load(BaselineState(
-            meter=np.fromiter((slot(r[0]) for r in rows), np.int32, len(rows)),
-            partition=np.array([r[1] for r in rows], np.int32),
-            baseline=np.array([r[2] for r in rows], np.float64),
-            samples=np.array([r[3] for r in rows], np.int64),
-            last_outage_ms=np.array([r[4] for r in rows], np.int64),
-            last_spike_ms=np.array([r[5] for r in rows], np.int64),
-            last_drop_ms=np.array([r[6] for r in rows], np.int64),
-        ))
 
     # ------------------------------------------------------------------ shutdown
 

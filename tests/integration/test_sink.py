@@ -295,7 +295,7 @@ def test_an_encoded_payload_lands_as_its_rows(db_url: str, sink: Sink) -> None:
     # meter 0 (rows 0 and 2) fresh at one minute, meter 1 at fifteen: each set rolls up alone
     fresh = {60: np.array([True, False, True]), 900: np.array([False, True, False])}
     payload = Payload(partials, baselines, {4: (None, 9, 120_000)}, fresh)
-    done = sink.commit_all([payload.job(meters.fields(), regions.fields(),
+    done = sink.commit_all([payload.commit_job(meters.fields(), regions.fields(),
                                         region_ranks(region_names))])
     assert isinstance(done[0], CommitStats)
     assert done[0].rows == {"aggregates_1m": 3, "aggregates_15m": 2}

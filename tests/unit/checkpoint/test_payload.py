@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from segs.checkpoint.payload import MeterPartitions, Payload, WrittenWindows, baseline_state
-from segs.checkpoint.sink import BaselineRow
+from segs.checkpoint.sink import BaselineRow, PositionWrite
 from segs.detection.detector import BaselineState
 from segs.intake.readings import Interner, Readings
 from segs.times import NEVER
@@ -34,7 +34,8 @@ def _payload(partial_parts: list[int], baseline_parts: list[int],
         last_outage_ms=slots, last_spike_ms=slots, last_drop_ms=slots,
         partition=np.array(baseline_parts, np.int32))
     fresh = {60: ids % 2 == 1, 900: ids % 3 == 0}
-    return Payload(partials, baselines, {p: (None, nxt, None) for p, nxt in positions.items()},
+    return Payload(partials, baselines,
+                   {p: PositionWrite(None, nxt, None) for p, nxt in positions.items()},
                    fresh)
 
 

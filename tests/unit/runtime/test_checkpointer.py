@@ -13,7 +13,7 @@ import pytest
 from confluent_kafka import TopicPartition
 
 from segs.checkpoint.payload import Payload
-from segs.checkpoint.sink import ClosedRow, CommitJob, CommitStats
+from segs.checkpoint.sink import ClosedRow, CommitJob, CommitStats, PoolStats
 from segs.detection.detector import BaselineState
 from segs.errors import DatabaseError, FencedError, SegsError
 from segs.publish.regional import PassStats
@@ -44,7 +44,7 @@ class FakeSink:
             assert self.gate.wait(5)
         out: list[CommitStats | SegsError] = []
         for job in jobs:
-            positions = job[2]
+            positions = job.positions
             failed = next((self.fail[p] for p in positions if p in self.fail), None)
             if failed is not None:
                 out.append(failed)
@@ -62,8 +62,8 @@ class FakeSink:
         self.claims += 1
         return {}
 
-    def pool_stats(self) -> tuple[int, int, int]:
-        return 3, 3, 0
+    def pool_stats(self) -> PoolStats:
+        return PoolStats(size=3, idle=3, waiting=0)
 
 
 class FakeConsumer:
