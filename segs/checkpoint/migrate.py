@@ -13,6 +13,8 @@ server that does not preload the library: that ends the session with a FATAL no 
 handler can catch. Such a server keeps plain tables and gets one warning line naming
 ``shared_preload_libraries``. Hypertables are made without TimescaleDB's default index on
 ``window_start`` (``schema/V007`` says why).
+Then the values kept for rows older than an added column are cleared where no row needs
+them (:func:`clear_missing_values`): with them, every row routed into a chunk is converted.
 
 A database made by the original stack is adopted by ``schema/V000``; what it found is logged
 in one line per table (:func:`adoption_lines`). Last, the TimescaleDB policies of
@@ -201,6 +203,50 @@ def ensure_hypertables(conn: Conn) -> list[str]:
     return converted
 
 
+def clear_missing_values(conn: Conn) -> list[str]:
+    """Clear the stored values for "rows older than the column" on aggregate tables that hold
+    no rows of their own; returns the tables cleared.
+
+    A column added with a constant default (``schema/V000``, ``V006``) leaves such a value on
+    its table (``pg_attribute.atthasmissing``), and PostgreSQL then converts every row it
+    routes from a hypertable into a chunk, column by column, at each insert and twice at each
+    merge. A hypertable's own table never holds rows (they are in its chunks, which keep
+    theirs), nor does a table before its first checkpoint, so nothing reads the value there:
+    it is cleared as PostgreSQL clears it when it rewrites a table. That is a catalog write,
+    so it takes a superuser; another role gets one warning, and checkpoints stay slower.
+    It runs after :func:`ensure_hypertables` on every migration: a table converted later is
+    covered too. ``conn`` must be in autocommit mode.
+    """
+    cleared, left = [], []
+    superuser = bool((conn.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user")
+                      .fetchone() or (False,))[0])
+    for table in HYPERTABLES:
+        with conn.transaction():
+            if conn.execute("SELECT to_regclass(%s)", (table,)).fetchone() == (None,):
+                continue
+            missing = conn.execute("SELECT count(*) FROM pg_attribute WHERE attrelid = "
+                                   "%s::regclass AND atthasmissing", (table,)).fetchone()
+            if not missing or not missing[0]:
+                continue
+            # no row can go into the table itself (its chunks are not locked) while we look
+            conn.execute(sql.SQL("LOCK TABLE ONLY {} IN SHARE ROW EXCLUSIVE MODE")
+                         .format(sql.Identifier(table)))
+            if conn.execute(sql.SQL("SELECT EXISTS (SELECT 1 FROM ONLY {})")
+                            .format(sql.Identifier(table))).fetchone() != (False,):
+                continue  # a plain table with rows: they read the values; nothing is routed
+            if not superuser:
+                left.append(table)
+                continue
+            conn.execute("UPDATE pg_attribute SET atthasmissing = false, attmissingval = NULL"
+                         " WHERE attrelid = %s::regclass AND atthasmissing", (table,))
+            cleared.append(table)
+    if left:
+        log.warning("%s keep values of added columns for older rows, so PostgreSQL converts "
+                    "every row a checkpoint routes into a chunk (slower checkpoints): run "
+                    "segs-stream migrate once as a superuser to clear them", " and ".join(left))
+    return cleared
+
+
 def adoption_lines(conn: Conn) -> list[str]:
     """What ``schema/V000`` did to each table of the original stack it adopted, a line each."""
     if conn.execute("SELECT to_regclass('segs_adoption')").fetchone() == (None,):
@@ -334,6 +380,7 @@ def _migrate_once(url: str, policies: Policies | None, applied: list[str]) -> Mi
             for line in adopted:
                 log.info("%s", line)
             converted = ensure_hypertables(conn)
+            clear_missing_values(conn)
             if policies is not None:
                 ensure_policies(conn, policies)
             mode = storage_mode(conn)

@@ -107,6 +107,11 @@ def test_migrate_adopts_the_original_database_and_the_service_runs_on_it(
                 "SELECT count(*) FROM timescaledb_information.chunks"
                 " WHERE hypertable_name = 'aggregates_1m' AND is_compressed").fetchone()
             assert compressed is not None and compressed[0] > 0
+            # the hypertables' own tables hold no rows: no values kept for older ones, so
+            # rows routed into chunks are not converted (chunks keep theirs, for their rows)
+            assert conn.execute(
+                "SELECT count(*) FROM pg_attribute WHERE atthasmissing AND attrelid IN"
+                " ('aggregates_1m'::regclass, 'aggregates_15m'::regclass)").fetchone() == (0,)
 
     # late readings for adopted windows (in compressed chunks on TimescaleDB) merge: two of
     # 2 kW (sum 4) and 230 V, into the 1-minute row of 6 readings and the 15-minute row that

@@ -58,3 +58,17 @@ def test_migrate_makes_hypertables_where_timescaledb_is_preloaded(db_url: str) -
         ": hypertables aggregates_1m, aggregates_15m, aggregates_1m_regional")
     again = migrate(db_url)
     assert again.converted == [] and again.hypertables == tables and again.mode == first.mode
+
+
+def test_aggregate_tables_keep_no_missing_values(db_url: str) -> None:
+    """A value a table keeps for rows older than a column added with a default makes
+    PostgreSQL convert every row it routes from a hypertable into a chunk: migrate clears
+    them on tables holding no rows of their own (a later ADD COLUMN ... DEFAULT fails here
+    until it is cleared too)."""
+    migrate(db_url)
+    with psycopg.connect(db_url) as conn:
+        missing = conn.execute(
+            "SELECT attrelid::regclass::text, attname FROM pg_attribute WHERE atthasmissing"
+            " AND attrelid IN ('aggregates_1m'::regclass, 'aggregates_15m'::regclass)"
+        ).fetchall()
+    assert missing == []
