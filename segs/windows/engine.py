@@ -78,7 +78,11 @@ class WindowEngine:
         allowed_lateness_ms: int = 5000,
         idle_advance_ms: int = 10000,
         ring: int | None = None,
+        report_closed: bool = True,
     ) -> None:
+        """``report_closed=False`` for a caller that never asks :meth:`closed` (the worker
+        publishes closed windows from the database): the windows that leave their cells are
+        then not kept for it, which would grow by every meter's window every window."""
         if size_s <= 0:
             raise ValueError(f"window size must be positive, got {size_s}")
         self.size_s = size_s
@@ -87,6 +91,7 @@ class WindowEngine:
         self.allowed_lateness_ms = allowed_lateness_ms
         self.idle_advance_ms = idle_advance_ms
         self.ring = ring if ring is not None else default_ring(size_s, allowed_lateness_ms)
+        self.report_closed = report_closed
         if self.ring < 1:
             raise ValueError(f"ring must be ≥ 1, got {self.ring}")
         self._capacity = 0  # meter slots
@@ -234,7 +239,7 @@ class WindowEngine:
             self._over.append(self._cell_partials(pc, old[pend]))
             self._reset_pending(pc)
         opened = self._open[cells]
-        if opened.any():
+        if self.report_closed and opened.any():
             oc = cells[opened]
             meters = (oc // self.ring).astype(np.int32)
             self._over_open.append(_Unreported(meters, old[opened], self._part[oc].copy()))
@@ -259,8 +264,9 @@ class WindowEngine:
                 voltage_count=(~np.isnan(r.voltage)).astype(np.int64),
             )
         )
-        self._over_open.append(
-            _Unreported(r.meter.astype(np.int32), w.copy(), r.partition.astype(np.int32)))
+        if self.report_closed:
+            self._over_open.append(
+                _Unreported(r.meter.astype(np.int32), w.copy(), r.partition.astype(np.int32)))
 
     def _accumulate(self, r: Readings, w: NDArray[np.int64], cell: NDArray[np.intp]) -> None:
         if len(r) == 0:
@@ -354,6 +360,8 @@ class WindowEngine:
 
     def closed(self) -> tuple[NDArray[np.int32], NDArray[np.int64]]:
         """(meter slots, window starts) of windows newly closed by the watermarks."""
+        if not self.report_closed:
+            raise RuntimeError("this engine was made with report_closed=False")
         size_ms = self.size_ms
         cells = np.flatnonzero(self._open)
         part = self._part[cells]

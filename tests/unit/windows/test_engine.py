@@ -301,3 +301,19 @@ def test_closed_matches_model(steps: list[Any], ring: int) -> None:
         due = {(m, s) for m, s in waiting if s + size <= wm[part_of[m]]}
         assert closed_set(eng) == due
         waiting -= due
+
+
+def test_an_engine_that_reports_no_closed_windows_keeps_nothing_for_it() -> None:
+    """Windows leaving their cells are kept only for closed(); the worker never asks, and
+    kept they grew by every meter's window every window. The partials are the same."""
+    kept, lean = new_engine(), new_engine(report_closed=False)
+    drained: dict[bool, list[tuple[int, int, int]]] = {True: [], False: []}
+    for minute in range(3 * kept.ring):  # every cell is reused twice over
+        for eng in (kept, lean):
+            for m in range(20):
+                eng.add(one(m, BASE + minute * 60_000 + 7 * m), 0)
+            d = eng.drain()
+            drained[eng.report_closed] += sorted(zip(d.meter.tolist(), d.window_start_ms.tolist(),
+                                                     d.count.tolist(), strict=True))
+    assert drained[True] == drained[False]
+    assert kept._over_open and lean._over_open == []
