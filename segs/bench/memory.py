@@ -139,7 +139,7 @@ class State:
                     max_future_skew_ms=s.max_future_skew_ms),
             WindowEngine(ONE_MINUTE.seconds, regions=regions,
                          allowed_lateness_ms=s.allowed_lateness_ms,
-                         idle_advance_ms=s.idle_advance_ms, report_closed=False),
+                         idle_advance_ms=s.idle_advance_ms),
             AnomalyDetector(DetectorSettings(
                 spike_threshold=s.spike_threshold, drop_threshold=s.drop_threshold,
                 min_samples=s.min_samples, cooldown_ms=s.alert_cooldown_ms)),

@@ -32,6 +32,7 @@ from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 from segs.errors import SegsError
+from segs.ops.logs import SAY_EVERY_S
 from segs.ops.metrics import render_latest
 
 log = logging.getLogger("segs.http")
@@ -144,7 +145,7 @@ class _Listener:
         self.readiness = readiness
         self.server_address = sock.getsockname()
         self._stop = threading.Event()
-        self._accept_warned = -60.0
+        self._accept_warned = -SAY_EVERY_S
         self._waiting: collections.OrderedDict[int, _Conn] = collections.OrderedDict()
         self._queue: queue.Queue[_Conn | None] = queue.Queue(MAX_QUEUED)
         self._sel = selectors.DefaultSelector()
@@ -200,7 +201,7 @@ class _Listener:
                 return
             except OSError as exc:  # e.g. out of file descriptors: retry after a pause
                 now = time.monotonic()
-                if now - self._accept_warned > 60:
+                if now - self._accept_warned >= SAY_EVERY_S:
                     self._accept_warned = now
                     log.warning("http endpoint cannot accept connections: %s",
                                 exc.strerror or exc)

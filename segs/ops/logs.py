@@ -27,6 +27,9 @@ from typing import Final, TextIO
 from segs.errors import ConfigError
 from segs.secrets import MASK, is_secret_key, mask_secrets
 
+SAY_EVERY_S = 60.0
+"""A lasting failure is logged when it starts and then once this often, never per event."""
+
 # Attributes every LogRecord has; anything else on a record came from ``extra=``.
 _RECORD_ATTRS: Final = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {
     "message",

@@ -31,6 +31,7 @@ from confluent_kafka.cimpl import NewTopic
 
 from segs.config import Settings
 from segs.errors import BrokerError, ConfigError
+from segs.ops.logs import SAY_EVERY_S
 from segs.windows.sizes import SIZES
 
 log = logging.getLogger("segs.topics")
@@ -100,7 +101,7 @@ def ensure_topics(settings: Settings, *, should_stop: Callable[[], bool] = lambd
 
 def _wait_for_metadata(admin: AdminClient, should_stop: Callable[[], bool]
                        ) -> dict[str, TopicMetadata] | None:
-    last_said = 0.0
+    last_said = -SAY_EVERY_S
     while not should_stop():
         try:
             md = admin.list_topics(timeout=_TIMEOUT_S)
@@ -110,7 +111,7 @@ def _wait_for_metadata(admin: AdminClient, should_stop: Callable[[], bool]
             why = str(exc)
         else:
             why = "no broker answered"
-        if time.monotonic() - last_said >= 60:
+        if time.monotonic() - last_said >= SAY_EVERY_S:
             log.warning("cannot check the output topics yet (%s); waiting for Kafka", why)
             last_said = time.monotonic()
         time.sleep(1.0)

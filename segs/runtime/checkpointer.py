@@ -50,6 +50,7 @@ from segs.checkpoint.payload import Payload
 from segs.checkpoint.sink import ClosedRow, CommitJob, CommitStats, PoolStats
 from segs.errors import DatabaseError, FencedError, SegsError
 from segs.ops import metrics
+from segs.ops.logs import SAY_EVERY_S
 from segs.publish.regional import PassStats
 from segs.runtime.partitions import PartitionBook
 from segs.runtime.state import WorkerState
@@ -57,7 +58,6 @@ from segs.times import iso_ms
 from segs.windows.sizes import BY_SECONDS, REGIONAL_GRANULARITY, SIZES
 
 log = logging.getLogger("segs.worker")
-SAY_EVERY_S = 60.0  # a lasting failure is logged once a minute
 _REGIONAL_LATE_S = 300.0  # regional output this far behind is reported with its cause
 _BACKOFF_FIRST_S = 0.5
 _BACKOFF_MAX_S = 10.0

@@ -32,6 +32,7 @@ from segs.errors import SegsError
 from segs.intake.decode import Reject
 from segs.intake.readings import Interner, Readings
 from segs.ops import metrics
+from segs.ops.logs import SAY_EVERY_S
 from segs.publish.alerts import encode_alerts
 from segs.publish.outputs import Message, dead_letter_headers, encode_aggregates, fit_dead_letter
 from segs.publish.topics import DEFAULT_RECORD_LIMIT, admin_client, output_topics, record_limit
@@ -40,7 +41,6 @@ from segs.windows.sizes import BY_SECONDS
 
 log = logging.getLogger("segs.worker")
 Headers = list[tuple[str, bytes]]
-SAY_EVERY_S = 60.0  # a lasting failure is logged once a minute
 _FLUSH_S = 10.0  # how long a checkpoint waits for the producer before it retries
 
 

@@ -39,7 +39,6 @@ class PartitionBook:
 
     def __init__(self) -> None:
         self._parts: dict[int, PartitionState] = {}
-        self._waiting = 0  # assigned, not positioned: kept in step by every method
 
     def __len__(self) -> int:
         return len(self._parts)
@@ -56,7 +55,7 @@ class PartitionBook:
     @property
     def waiting(self) -> bool:
         """Some assigned partition waits for its stored position."""
-        return self._waiting > 0
+        return not all(st.positioned for st in self._parts.values())
 
     def waiting_partitions(self) -> list[int]:
         return sorted(p for p, st in self._parts.items() if not st.positioned)
@@ -73,9 +72,7 @@ class PartitionBook:
     def assign(self, parts: Iterable[int]) -> None:
         """New partitions, waiting for their position (known ones keep their record)."""
         for p in parts:
-            if p not in self._parts:
-                self._parts[p] = PartitionState()
-                self._waiting += 1
+            self._parts.setdefault(p, PartitionState())
 
     def position(self, stored: Mapping[int, Position | None], now_ms: int) -> None:
         """Partitions sought to their stored position (None: the database has none, the
@@ -87,24 +84,19 @@ class PartitionBook:
                 st.consumed = pos.next_offset
                 if pos.watermark_ms is not None:
                     st.stored_wm = pos.watermark_ms
-            if not st.positioned:
-                st.positioned = True
-                self._waiting -= 1
+            st.positioned = True
             st.last_seen_ms = now_ms
 
     def forget(self, parts: Iterable[int]) -> None:
         """Revoked or lost partitions: their records go."""
         for p in parts:
-            st = self._parts.pop(p, None)
-            if st is not None and not st.positioned:
-                self._waiting -= 1
+            self._parts.pop(p, None)
 
     def rewind(self) -> None:
         """Forget what is not stored: every partition waits for its stored position."""
         for st in self._parts.values():
             st.positioned = False
             st.stored = st.consumed = None
-        self._waiting = len(self._parts)
 
     # ------------------------------------------------------------------ processing
 

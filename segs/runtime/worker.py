@@ -110,8 +110,7 @@ class Worker:
     def _fresh_state(self) -> None:
         lateness, idle = self.s.allowed_lateness_ms, self.s.idle_advance_ms
         self.windows = WindowEngine(ONE_MINUTE.seconds, regions=self.regions,
-                                    allowed_lateness_ms=lateness, idle_advance_ms=idle,
-                                    report_closed=False)
+                                    allowed_lateness_ms=lateness, idle_advance_ms=idle)
         self.detector = AnomalyDetector(self.detector_settings)
 
     # ------------------------------------------------------------------ main loop

@@ -78,11 +78,11 @@ class WindowEngine:
         allowed_lateness_ms: int = 5000,
         idle_advance_ms: int = 10000,
         ring: int | None = None,
-        report_closed: bool = True,
+        report_closed: bool = False,
     ) -> None:
-        """``report_closed=False`` for a caller that never asks :meth:`closed` (the worker
-        publishes closed windows from the database): the windows that leave their cells are
-        then not kept for it, which would grow by every meter's window every window."""
+        """``report_closed=True`` only for a caller that asks :meth:`closed` (the worker
+        does not: it publishes closed windows from the database). Windows are then kept
+        until reported, which grows by every meter's window every window when nobody asks."""
         if size_s <= 0:
             raise ValueError(f"window size must be positive, got {size_s}")
         self.size_s = size_s
@@ -238,8 +238,10 @@ class WindowEngine:
             pc = cells[pend]
             self._over.append(self._cell_partials(pc, old[pend]))
             self._reset_pending(pc)
+        if not self.report_closed:
+            return
         opened = self._open[cells]
-        if self.report_closed and opened.any():
+        if opened.any():
             oc = cells[opened]
             meters = (oc // self.ring).astype(np.int32)
             self._over_open.append(_Unreported(meters, old[opened], self._part[oc].copy()))
@@ -282,7 +284,8 @@ class WindowEngine:
             np.add.at(self._vsum, cell[has_voltage], r.voltage[has_voltage])
             np.add.at(self._vcnt, cell[has_voltage],
                       np.ones(int(has_voltage.sum()), np.int32))
-        self._open[cell] = True
+        if self.report_closed:
+            self._open[cell] = True
         self._update_latest(r, w, cell)
 
     def _update_latest(self, r: Readings, w: NDArray[np.int64], cell: NDArray[np.intp]) -> None:
@@ -361,7 +364,7 @@ class WindowEngine:
     def closed(self) -> tuple[NDArray[np.int32], NDArray[np.int64]]:
         """(meter slots, window starts) of windows newly closed by the watermarks."""
         if not self.report_closed:
-            raise RuntimeError("this engine was made with report_closed=False")
+            raise RuntimeError("closed() needs an engine made with report_closed=True")
         size_ms = self.size_ms
         cells = np.flatnonzero(self._open)
         part = self._part[cells]

@@ -106,7 +106,7 @@ def test_engine_equals_reference(
     order = data.draw(st.permutations(range(len(rs))))
     shuffled = [rs[i] for i in order]
     meters, regions = Interner(), Interner()
-    eng = WindowEngine(size, regions=regions, ring=ring)
+    eng = WindowEngine(size, regions=regions, ring=ring, report_closed=True)
     eng.use_packed_keys = packed
     store: dict[tuple[str, int], PartialRow] = {}
     cuts = sorted(data.draw(st.lists(st.integers(0, len(rs)), max_size=5)))
@@ -188,6 +188,7 @@ def closed_set(eng: WindowEngine) -> set[tuple[int, int]]:
 def new_engine(size: int = 60, **kw: Any) -> WindowEngine:
     regions = Interner()
     regions.slot("r")
+    kw.setdefault("report_closed", True)  # these tests ask closed()
     return WindowEngine(size, regions=regions, **kw)
 
 
