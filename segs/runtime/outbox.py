@@ -37,7 +37,7 @@ from segs.publish.alerts import encode_alerts
 from segs.publish.outputs import Message, dead_letter_headers, encode_aggregates, fit_dead_letter
 from segs.publish.topics import DEFAULT_RECORD_LIMIT, admin_client, output_topics, record_limit
 from segs.runtime.kafka_clients import make_producer
-from segs.windows.sizes import BY_SECONDS
+from segs.windows.sizes import BY_SECONDS, SIZES
 
 log = logging.getLogger("segs.worker")
 Headers = list[tuple[str, bytes]]
@@ -65,7 +65,7 @@ class Outbox:
         self._refused: list[Refused] = []  # appended by delivery callbacks on any thread
         self._refused_lock = threading.Lock()
         self.refused_closed = 0  # closed windows Kafka refused (their rows stay unpublished)
-        self._closed_topics = {settings.topic_agg_1m, settings.topic_agg_15m}
+        self._closed_topics = {size.topic(settings) for size in SIZES}
         if settings.regional_aggregates:  # refused ones stay unpublished in the database too
             self._closed_topics.add(settings.topic_regional_1m)
         self._said_at = -SAY_EVERY_S  # when refusals were said last (monotonic)
