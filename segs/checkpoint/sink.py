@@ -6,13 +6,17 @@ One :meth:`Sink.commit` is one transaction:
    the drained 1-minute partials and their roll-up into 15-minute partials (the worker keeps
    only 1-minute partials; they nest exactly in 15-minute windows, and
    :func:`segs.windows.partials.roll_up` merges them per 15-minute window before the commit);
-2. one ``INSERT … SELECT … ON CONFLICT (meter_id, window_start) DO UPDATE`` per aggregate
-   table, merging partials into stored rows with the arithmetic of :mod:`segs.windows.partials`
-   (:data:`MERGE_SET` is that arithmetic in SQL, written once). Partials of windows the
-   worker never wrote (*fresh*, :class:`segs.checkpoint.payload.WrittenWindows`) come in a temporary
-   table of their own and are inserted plainly, in a savepoint: a plain insert skips the
-   conflict probe and speculative insertion a merge costs per row. Should one of them exist
-   after all, the savepoint rolls back and they are merged like the others;
+2. per aggregate table, the partials merged into stored rows with the arithmetic of
+   :mod:`segs.windows.partials` (:data:`MERGE_SET` is that arithmetic in SQL, written once,
+   for both statements below). Partials of windows the worker wrote before go in by an
+   ``UPDATE`` of each chunk (or plain table) that holds them, joined on the key, in a
+   savepoint; should one of their rows be gone, or sit in a compressed chunk, the savepoint
+   rolls back and one ``INSERT … SELECT … ON CONFLICT (meter_id, window_start) DO UPDATE``
+   (the *upsert*) merges them all. Partials of windows the worker never wrote (*fresh*,
+   :class:`segs.checkpoint.payload.WrittenWindows`) come in a temporary table of their own
+   and are inserted plainly, in a savepoint: a plain insert skips the conflict probe and
+   speculative insertion an upsert costs per row. Should one of them exist after all, the
+   savepoint rolls back and the upsert merges them;
 3. the detector's changed baselines, upserted;
    with regional aggregates on, one ``regional_dirty`` row per 1-minute window written
    (:mod:`segs.publish.regional`: that window's regional roll-up is due again);
@@ -50,10 +54,11 @@ from psycopg import sql
 from psycopg.rows import TupleRow
 from psycopg_pool import ConnectionPool
 
+from segs.checkpoint.migrate import hypertables, timescale
 from segs.checkpoint.pgcopy import CopyData
 from segs.errors import DatabaseError, FencedError, SegsError
 from segs.intake.decode import METER_ID_MAX, REGION_MAX
-from segs.windows.sizes import SIZES
+from segs.windows.sizes import SIZES, WindowSize
 
 log = logging.getLogger("segs.sink")
 
@@ -153,15 +158,20 @@ def merge_set(numeric: Numeric) -> str:
 
 MERGE_SET = merge_set({})  # on every table segs-stream made: all columns double precision
 
+# A partial of the temporary table ``source`` as the aggregate row it becomes, each value named
+# by its column: what an insert writes, and what a merge calls EXCLUDED.
+_ROW = """SELECT meter_id, region, {start} AS window_start, {end} AS window_end,
+    power_sum / sample_count AS avg_power, power_max AS max_power, power_min AS min_power,
+    energy_sum AS total_energy, sample_count, power_sum, {last} AS last_reading_at,
+    source_partition, false AS published, {originals}, sample_count AS reading_count,
+    sample_count AS "count", voltage_sum, voltage_count
+FROM {source} AS p"""
 _INSERT = """
 INSERT INTO {table} AS a (meter_id, region, window_start, window_end, avg_power, max_power,
     min_power, total_energy, sample_count, power_sum, last_reading_at, source_partition,
     published, avg_power_kw, max_power_kw, min_power_kw, energy_kwh_sum, voltage_avg,
     reading_count, "count", voltage_sum, voltage_count)
-SELECT meter_id, region, {start}, {end}, power_sum / sample_count, power_max, power_min,
-    energy_sum, sample_count, power_sum, {last}, source_partition, false,
-    {originals}, sample_count, sample_count, voltage_sum, voltage_count
-FROM {source} AS p
+{row}
 """
 _MERGE = """
 WITH merged AS ({insert}
@@ -169,30 +179,48 @@ ON CONFLICT (meter_id, window_start) DO UPDATE SET {merge_set}
 RETURNING (xmax = 0) AS inserted)
 SELECT count(*) FILTER (WHERE inserted), count(*) FROM merged
 """
+# The merge into rows known to be stored, as an UPDATE of one table or chunk ({{target}})
+# joined on the key: the upsert's SET list without its speculative insertion and row lock
+# per row. {{within}} keeps the partials of other chunks out.
+_UPDATE = """
+UPDATE {{target}} AS a SET {merge_set}
+FROM ({row}{{within}}) AS excluded
+WHERE a.meter_id = excluded.meter_id AND a.window_start = excluded.window_start
+"""
 
 
-def _insert(size: int, source: str, numeric: Numeric) -> str:
-    """The insert of one window size's partials from the temporary table ``source``."""
-    originals = ", ".join(fitted(c, insert, numeric)
+class Statements(NamedTuple):
+    """The checkpoint's statements for the tables at hand (:func:`_statements`)."""
+
+    merge: dict[str, bytes]  # temporary table → the upsert of its partials
+    insert_fresh: dict[int, bytes]  # window size → the plain insert of its fresh partials
+    update: dict[int, str]  # window size → the update of stored rows (a _UPDATE template)
+
+
+def _row(size: int, source: str, numeric: Numeric) -> str:
+    """The partials of one window size in the temporary table ``source`` as rows."""
+    originals = ", ".join(f"{fitted(c, insert, numeric)} AS {c}"
                           for c, (insert, _) in ORIGINAL_FIGURES.items())
-    return _INSERT.format(
-        table=TABLES[size], source=source, start=_TS.format("window_start_ms"),
+    return _ROW.format(
+        source=source, start=_TS.format("window_start_ms"),
         end=_TS.format(f"(window_start_ms + {size * 1000})"), last=_TS.format("last_ts_ms"),
         originals=originals)
 
 
-def _statements(numeric: Mapping[str, Numeric]) -> tuple[dict[str, bytes], dict[int, bytes]]:
-    """Per temporary table: the merge of its partials into their aggregate table; per window
-    size: the plain insert of its fresh partials. ``numeric``: table → its NUMERIC columns
-    of :data:`ORIGINAL_FIGURES` (none on a table segs-stream made)."""
-    merges, inserts = {}, {}
+def _statements(numeric: Mapping[str, Numeric]) -> Statements:
+    """The statements for tables whose original-name columns of :data:`ORIGINAL_FIGURES` are
+    ``numeric`` (table → its NUMERIC columns; none on a table segs-stream made)."""
+    merges, inserts, updates = {}, {}, {}
     for size in SIZES:
         cols = numeric.get(size.table, {})
         for source in (size.partials_table, size.fresh_table):
-            merges[source] = _MERGE.format(insert=_insert(size.seconds, source, cols),
-                                           merge_set=merge_set(cols)).encode()
-        inserts[size.seconds] = _insert(size.seconds, size.fresh_table, cols).encode()
-    return merges, inserts
+            insert = _INSERT.format(table=size.table, row=_row(size.seconds, source, cols))
+            merges[source] = _MERGE.format(insert=insert, merge_set=merge_set(cols)).encode()
+        inserts[size.seconds] = _INSERT.format(
+            table=size.table, row=_row(size.seconds, size.fresh_table, cols)).encode()
+        updates[size.seconds] = _UPDATE.format(
+            merge_set=merge_set(cols), row=_row(size.seconds, size.partials_table, cols))
+    return Statements(merges, inserts, updates)
 
 
 # the longest names the contract allows: a column at least this long limits nothing
@@ -244,7 +272,7 @@ class StoredTypes:
         return "; ".join(parts)
 
 
-_MERGE_SQL, _INSERT_FRESH_SQL = _statements({})
+_STATEMENTS = _statements({})
 
 # One chunk of closed, unpublished rows: per partition (w.p) at most %s rows of windows ending
 # by its watermark (w.wm), after its keyset position (w.after_end, w.after_meter; NULL at the
@@ -372,7 +400,8 @@ class Sink:
         self._threads: ThreadPoolExecutor | None = None  # started by the first commit_all
         self._types: StoredTypes | None = None  # learnt by the first stored_types()
         self._types_lock = threading.Lock()
-        self._merge_sql, self._insert_fresh_sql = _MERGE_SQL, _INSERT_FRESH_SQL
+        self._sql = _STATEMENTS
+        self._hypertables: frozenset[str] = frozenset()  # learnt with _types
         self._pool = ConnectionPool(
             url, min_size=1, max_size=writers + 1, open=False, timeout=5.0, reconnect_timeout=0,
             check=ConnectionPool.check_connection, configure=_create_temp_tables,
@@ -413,19 +442,28 @@ class Sink:
         """What the aggregate tables can store, read from the catalogue by the first call
         (raises :class:`~segs.errors.DatabaseError` while the database is away); it also
         chooses the statements of every commit, so a table segs-stream made (all TEXT and
-        double precision) pays nothing. A change of those column types takes a restart."""
+        double precision) pays nothing. It also learns which tables are hypertables, whose
+        stored rows are updated chunk by chunk. A change of either takes a restart."""
         with self._types_lock:
             if self._types is None:
                 types = StoredTypes.of(self._query(
                     _COLUMN_TYPES, (list(TABLES.values()),
                                     ["meter_id", "region", *ORIGINAL_FIGURES])))
                 if types.numeric:
-                    self._merge_sql, self._insert_fresh_sql = _statements(types.numeric)
+                    self._sql = _statements(types.numeric)
+                self._hypertables = frozenset(self._hypertable_names())
                 self._types = types
                 if str(types):
                     log.info("the aggregate tables keep the original stack's column types: "
                              "%s", types)
             return self._types
+
+    def _hypertable_names(self) -> list[str]:
+        try:
+            with self._pool.connection() as conn:
+                return hypertables(conn, timescale(conn))
+        except (psycopg.Error, psycopg_pool_error()) as exc:
+            raise DatabaseError(_one_line(exc)) from exc
 
     def load_positions(self, partitions: Sequence[int]) -> dict[int, Position]:
         rows = self._query(
@@ -475,7 +513,7 @@ class Sink:
         """
         t0 = time.perf_counter()
         self.stored_types()  # once: the statements that fit the tables
-        merge_sql = self._merge_sql
+        statements, hyper = self._sql, self._hypertables
         try:
             with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
                 # Asynchronous commit is safe: a server crash loses this transaction whole,
@@ -485,18 +523,24 @@ class Sink:
                 cur.execute(b"SET LOCAL synchronous_commit = off")
                 cur.execute(b"SET LOCAL work_mem = '64MB'")
                 cur.execute(b"SET LOCAL jit = off")
+                # Updates of stored rows probe the primary key once per partial; a hash or
+                # merge join would read every row of the chunk instead. No other statement
+                # here joins.
+                cur.execute(b"SET LOCAL enable_hashjoin = off")
+                cur.execute(b"SET LOCAL enable_mergejoin = off")
                 rows, new_rows = {}, {}
                 for size in SIZES:
                     inserted = written = 0
                     if _copy(cur, size.fresh_table, (fresh or {}).get(size.seconds, ()),
                              PARTIAL_COLUMNS, _PARTIAL_TYPES):
                         inserted, written = _insert_fresh(
-                            conn, cur, self._insert_fresh_sql[size.seconds],
-                            merge_sql[size.fresh_table])
-                    if _copy(cur, size.partials_table, partials.get(size.seconds, ()),
-                             PARTIAL_COLUMNS, _PARTIAL_TYPES):
-                        cur.execute(merge_sql[size.partials_table])
-                        more_inserted, more_written = cur.fetchone() or (0, 0)
+                            conn, cur, statements.insert_fresh[size.seconds],
+                            statements.merge[size.fresh_table])
+                    n = _copy(cur, size.partials_table, partials.get(size.seconds, ()),
+                              PARTIAL_COLUMNS, _PARTIAL_TYPES)
+                    if n:
+                        more_inserted, more_written = _merge_stored(
+                            conn, cur, size, n, size.table in hyper, statements)
                         inserted, written = inserted + more_inserted, written + more_written
                     rows[size.table], new_rows[size.table] = int(written), int(inserted)
                 n_base = _copy(cur, "segs_baselines", baselines, BASELINE_COLUMNS,
@@ -679,6 +723,63 @@ def _insert_fresh(conn: psycopg.Connection[Any], cur: psycopg.Cursor[Any], inser
         cur.execute(merge)
         inserted, written = cur.fetchone() or (0, 0)
         return int(inserted), int(written)
+
+
+# The chunks that hold the window starts from %s to %s (ms): where the rows of a checkpoint's
+# stored partials are, unless a chunk is compressed (its rows are not in the chunk's own heap)
+_CHUNKS = b"""
+SELECT quote_ident(chunk_schema) || '.' || quote_ident(chunk_name), is_compressed,
+    (extract(epoch FROM range_start) * 1000)::int8, (extract(epoch FROM range_end) * 1000)::int8
+FROM timescaledb_information.chunks
+WHERE to_regclass(quote_ident(hypertable_schema) || '.' || quote_ident(hypertable_name))
+        = %s::regclass
+    AND range_end > 'epoch'::timestamptz + %s * interval '1 ms'
+    AND range_start <= 'epoch'::timestamptz + %s * interval '1 ms'
+ORDER BY range_start
+"""
+
+
+class _NotAllStored(Exception):
+    """Raised inside a savepoint to undo updates that did not find every row."""
+
+
+def _merge_stored(conn: psycopg.Connection[Any], cur: psycopg.Cursor[Any], size: WindowSize,
+                  n: int, hypertable: bool, statements: Statements) -> tuple[int, int]:
+    """Merge the ``n`` partials of ``size.partials_table`` into rows the worker wrote before;
+    returns (rows inserted, rows written).
+
+    By an UPDATE of each table or chunk that holds them, in a savepoint: a partial matches at
+    most one row and a row at most one partial, so the updates' row counts add up to ``n``
+    exactly when every row was found. Should one be gone (retention, an operator) or sit in
+    a compressed chunk, the savepoint rolls back and the upsert merges them all."""
+    targets: list[tuple[str, str]] = [(size.table, "")]
+    if hypertable:
+        first, last = cur.execute(f"SELECT min(window_start_ms), max(window_start_ms) "
+                                  f"FROM {size.partials_table}".encode()).fetchone() or (0, 0)
+        chunks = cur.execute(_CHUNKS, (size.table, first, last)).fetchall()
+        if any(compressed for _, compressed, _, _ in chunks) or not chunks:
+            targets = []
+        else:
+            targets = [(name, "" if len(chunks) == 1 else
+                        f" WHERE window_start_ms >= {int(lo)} AND window_start_ms < {int(hi)}")
+                       for name, _, lo, hi in chunks]
+    if targets:
+        found = 0
+        try:
+            with conn.transaction():  # a savepoint
+                for target, within in targets:
+                    cur.execute(statements.update[size.seconds].format(
+                        target=target, within=within).encode())
+                    found += max(cur.rowcount, 0)
+                if found == n:
+                    return 0, n
+                raise _NotAllStored
+        except (_NotAllStored, psycopg.errors.UndefinedTable):  # or a chunk dropped meanwhile
+            log.debug("%d of %d %s rows to merge into were not found: upserted instead",
+                      n - found, n, size.table)
+    cur.execute(statements.merge[size.partials_table])
+    inserted, written = cur.fetchone() or (0, 0)
+    return int(inserted), int(written)
 
 
 def _copy(cur: psycopg.Cursor[Any], table: str, data: Rows, columns: Sequence[str],

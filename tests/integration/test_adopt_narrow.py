@@ -26,7 +26,7 @@ import pytest
 from confluent_kafka import Producer
 
 from segs.checkpoint.migrate import migrate
-from segs.checkpoint.sink import _INSERT_FRESH_SQL, _MERGE_SQL, Sink, StoredTypes
+from segs.checkpoint.sink import _STATEMENTS, Sink, StoredTypes
 from tests import original_stack
 from tests.conftest import KafkaServer, PostgresServer, Topics
 from tests.pipeline import (
@@ -229,6 +229,6 @@ def test_a_database_segs_stream_made_keeps_every_name_and_figure_unguarded(
     sink.open()
     try:
         assert sink.stored_types() == StoredTypes()
-        assert sink._merge_sql is _MERGE_SQL and sink._insert_fresh_sql is _INSERT_FRESH_SQL
+        assert sink._sql is _STATEMENTS
     finally:
         sink.close()

@@ -2,7 +2,8 @@
 
 The merge arithmetic exists twice, in Python (:func:`segs.windows.partials.merge`) and in SQL
 (:data:`segs.checkpoint.sink.MERGE_SET`); these tests prove the two agree whichever way a row is
-sent (merged, or inserted as fresh and merged when it was not new after all), that positions are
+sent (merged into a stored row, upserted when that row is gone, or inserted as fresh and merged
+when it was not new after all), that positions are
 fenced,
 that publishing closed windows marks exactly the rows delivered and unchanged since, chunk
 by chunk, and that transactions written side by side
@@ -130,6 +131,41 @@ def assert_same(got: PartialRow, want: PartialRow) -> None:
                                                                          energy_sum=0.0)
     assert got.power_sum == pytest.approx(want.power_sum, rel=1e-12)
     assert got.energy_sum == pytest.approx(want.energy_sum, rel=1e-12)
+
+
+_DAY = 86_400_000
+
+
+def test_stored_rows_are_merged_in_every_chunk_and_missing_ones_inserted(
+        db_url: str, sink: Sink) -> None:
+    """Partials of windows a worker wrote before are merged by updating each chunk (on
+    TimescaleDB: one a day) that holds them; when one of their rows is gone, all of them go
+    through the upsert instead, and the gone row comes back as the partial."""
+    def rows(meters: range, days: tuple[int, ...], power: float) -> list[tuple[object, ...]]:
+        return [(f"c{m}", "r", d * _DAY, 2, power, power, power, 1.0, d * _DAY + 1, 0)
+                for d in days for m in meters]
+
+    first = sink.commit({60: rows(range(3), (0, 1, 2), 1.0)}, [], {})
+    assert first.new_rows == {"aggregates_1m": 9, "aggregates_15m": 0}
+    merged = sink.commit({60: rows(range(3), (0, 2), 2.0)}, [], {})  # two chunks, all found
+    assert (merged.rows, merged.new_rows) == ({"aggregates_1m": 6, "aggregates_15m": 0},
+                                              {"aggregates_1m": 0, "aggregates_15m": 0})
+    with psycopg.connect(db_url) as conn:
+        conn.execute("DELETE FROM aggregates_1m WHERE meter_id = 'c1' AND window_start = "
+                     "'epoch'::timestamptz + %s * interval '1 ms'", (_DAY,))
+    again = sink.commit({60: rows(range(3), (1,), 4.0)}, [], {})  # one of three is gone
+    assert (again.rows, again.new_rows) == ({"aggregates_1m": 3, "aggregates_15m": 0},
+                                            {"aggregates_1m": 1, "aggregates_15m": 0})
+    with psycopg.connect(db_url) as conn:
+        got = conn.execute(
+            "SELECT meter_id, (extract(epoch FROM window_start) * 1000)::int8 / %s, "
+            "sample_count, power_sum, max_power, avg_power_kw, \"count\" FROM aggregates_1m "
+            "WHERE meter_id LIKE 'c%%' ORDER BY 1, 2", (_DAY,)).fetchall()
+    want = {(0, 0): (4, 3.0, 2.0), (0, 2): (4, 3.0, 2.0), (0, 1): (4, 5.0, 4.0),
+            (1, 0): (4, 3.0, 2.0), (1, 2): (4, 3.0, 2.0), (1, 1): (2, 4.0, 4.0),
+            (2, 0): (4, 3.0, 2.0), (2, 2): (4, 3.0, 2.0), (2, 1): (4, 5.0, 4.0)}
+    assert got == [(f"c{m}", d, n, ps, mx, ps / n, n)
+                   for (m, d), (n, ps, mx) in sorted(want.items())]
 
 
 def test_positions_are_compare_and_set(db_url: str, sink: Sink) -> None:
