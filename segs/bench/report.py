@@ -56,6 +56,12 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
          lambda v: v <= 150),
         ("worker RSS at 1,000,000 meters, MB", "≤ 600", scaling_rss(1_000_000),
          lambda v: v <= 600),
+        # issue 20: a million meters with ≥ 10 readings each, 2 workers
+        ("1,000,000 meters × 10 readings, 2 workers, readings/s", "≥ 250,000",
+         _get(result, "scaling_dense", "readings_per_s"), lambda v: v >= 250_000),
+        ("1,000,000 meters × 10 readings, peak RSS per worker, MB", "≤ 400",
+         max(_get(result, "scaling_dense", "worker_peak_rss_mb") or [0]) or None,
+         lambda v: v <= 400),
         ("alert latency p99 at half max rate, ms", "≤ 250",
          _get(result, "latency", "alert", "p99_ms"), lambda v: v <= 250),
         # A 1-minute partial writes two aggregate rows (its 1-minute row and its 15-minute

@@ -48,6 +48,9 @@ class Plan:
     checkpoint_sizes: tuple[int, ...]
     peer_instances: tuple[int, ...]
     peer_target: int
+    # (meters, readings) of one more scaling point with many readings per meter (issue 20):
+    # the points above have 3 per meter at 1,000,000, mostly checkpoints of 1-reading partials
+    scaling_dense: tuple[int, int] | None = None
     workers: tuple[int, ...] = (1, 2)
     latency_fractions: tuple[float, ...] = (0.5,)
     # the pipeline with the most workers, and the largest scaling size, run a second time
@@ -59,11 +62,12 @@ FULL = Plan("full", meters=100_000, readings=10_000_000,
             scaling_meters=(10_000, 100_000, 1_000_000), scaling_readings=3_000_000,
             latency_meters=100_000, latency_duration_s=75, latency_speedup=1.0,
             latency_flush_ms=5000, checkpoint_sizes=(1_000, 50_000, 100_000, 1_000_000),
-            peer_instances=(1, 2), peer_target=1_000_000, latency_fractions=(0.5, 0.25))
+            peer_instances=(1, 2), peer_target=1_000_000, latency_fractions=(0.5, 0.25),
+            scaling_dense=(1_000_000, 10_000_000))
 QUICK = Plan("quick", meters=2_000, readings=200_000, scaling_meters=(1_000, 10_000),
              scaling_readings=100_000, latency_meters=2_000, latency_duration_s=12,
              latency_speedup=5.0, latency_flush_ms=1000, checkpoint_sizes=(1_000, 10_000),
-             peer_instances=(1,), peer_target=100_000)
+             peer_instances=(1,), peer_target=100_000, scaling_dense=(1_000, 10_000))
 
 
 @dataclass
@@ -191,6 +195,20 @@ class Suite:
                               _rate(r["readings_per_s"]),
                               f"{r['worker_cpu_us_per_reading']:.2f} CPU µs/reading; "
                               f"RSS {r['worker_peak_rss_mb']} MB")
+        if self.plan.scaling_dense:
+            self._scaling_dense(*self.plan.scaling_dense)
+
+    def _scaling_dense(self, meters: int, readings: int) -> None:
+        """The simulator's 10 s interval of event time, so at 10 readings per meter every
+        1-minute window holds about 6 and checkpoints merge as in the field."""
+        topic, ends, _ = self._load(meters, readings)
+        r = run_pipeline(self.srv, topic, ends, workers=2, workdir=self.workdir)
+        r["meters"], r["readings_per_meter"] = meters, readings / meters
+        self.result["scenarios"]["scaling_dense"] = r
+        self.progress.add("scaling", f"{meters:,} meters × {readings // meters} readings, "
+                          "2 workers", _rate(r["readings_per_s"]),
+                          f"{r['worker_cpu_us_per_reading']:.2f} CPU µs/reading; "
+                          f"RSS {r['worker_peak_rss_mb']} MB")
 
     def _regional_cost(self, on: dict[str, Any], topic: str, ends: dict[int, int],
                        workers: int, meters: int) -> None:

@@ -42,6 +42,7 @@ def test_bench_quick_writes_json_chart_and_figures(
     assert [r["workers"] for r in s["pipeline"]] == [1, 2]
     assert all(r["exit_code"] == 0 and r["worker_peak_rss_mb"] for r in s["pipeline"])
     assert len(s["scaling"]) == len(result["plan"]["scaling_meters"])
+    assert s["scaling_dense"]["readings_per_meter"] == 10
     # the same runs with regional aggregates off (issue 18)
     assert "regional_cost" in s["pipeline"][1] and "regional_cost" in s["scaling"][-1]
     assert s["latency"]["alert"]["count"] > 0
