@@ -17,8 +17,8 @@ from .main import handle_errors
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="benchmarks/results",
               show_default=True, help="Folder for <date>.json and <date>.png.")
 @click.option("--scenarios", default=None,
-              help="Comma-separated subset of: ceiling, pipeline, scaling, latency, "
-                   "checkpoint, peer (default: all).")
+              help="Comma-separated subset of: ceiling, pipeline, scaling, scaling_dense, "
+                   "latency, checkpoint, peer (default: all).")
 @click.option("--readme", type=click.Path(dir_okay=False), default=None,
               help="README whose figures section to regenerate [default: "
                    "benchmarks/README.md after a full run of every scenario into "

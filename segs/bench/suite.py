@@ -1,8 +1,9 @@
 """The benchmark suite: sizes per mode, scenarios in order, a table as it goes, one result.
 
 Order: servers up → pre-load the main topic → ceiling → pipeline (1, 2 workers) → scaling →
-latency (at half the 2-worker rate) → checkpoint → peer. A scenario that fails is recorded
-with its error and the suite goes on; the caller turns any error into a non-zero exit.
+scaling_dense → latency (at half the 2-worker rate) → checkpoint → peer. A scenario that
+fails is recorded with its error and the suite goes on; the caller turns any error into a
+non-zero exit.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from segs.intake.decode import NATIVE
 from segs.tools.harness import end_offsets
 from segs.tools.simulator import SimulatorOptions
 
-SCENARIOS = ("ceiling", "pipeline", "scaling", "latency", "checkpoint", "peer")
+SCENARIOS = ("ceiling", "pipeline", "scaling", "scaling_dense", "latency", "checkpoint", "peer")
 
 
 @dataclass(frozen=True)
@@ -195,12 +196,13 @@ class Suite:
                               _rate(r["readings_per_s"]),
                               f"{r['worker_cpu_us_per_reading']:.2f} CPU µs/reading; "
                               f"RSS {r['worker_peak_rss_mb']} MB")
-        if self.plan.scaling_dense:
-            self._scaling_dense(*self.plan.scaling_dense)
 
-    def _scaling_dense(self, meters: int, readings: int) -> None:
+    def _scaling_dense(self) -> None:
         """The simulator's 10 s interval of event time, so at 10 readings per meter every
         1-minute window holds about 6 and checkpoints merge as in the field."""
+        if self.plan.scaling_dense is None:
+            return
+        meters, readings = self.plan.scaling_dense
         topic, ends, _ = self._load(meters, readings)
         r = run_pipeline(self.srv, topic, ends, workers=2, workdir=self.workdir)
         r["meters"], r["readings_per_meter"] = meters, readings / meters
