@@ -22,6 +22,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from segs.checkpoint import sink as sink_module
 from segs.checkpoint.migrate import migrate
 from segs.checkpoint.payload import Payload
 from segs.checkpoint.pgcopy import TextFields
@@ -166,6 +167,32 @@ def test_stored_rows_are_merged_in_every_chunk_and_missing_ones_inserted(
             (2, 0): (4, 3.0, 2.0), (2, 2): (4, 3.0, 2.0), (2, 1): (4, 5.0, 4.0)}
     assert got == [(f"c{m}", d, n, ps, mx, ps / n, n)
                    for (m, d), (n, ps, mx) in sorted(want.items())]
+
+
+def test_stored_rows_are_updated_through_the_primary_key_of_a_chunk_without_statistics(
+        db_url: str, sink: Sink) -> None:
+    """The plan of the update the checkpoint runs, on a chunk no ANALYZE has seen (each new
+    day's, for its first minutes): one primary-key probe per partial, never a scan of a
+    window's rows per partial (which a bound on window_start would invite)."""
+    rows = [(f"p{m}", "r", 60_000, 1, 1.0, 1.0, 1.0, 1.0, 60_001, 0) for m in range(2_000)]
+    sink.commit({60: rows}, [], {})
+    with psycopg.connect(db_url) as conn:
+        if sink._hypertables:
+            [(target, *_)] = conn.execute(
+                sink_module._CHUNKS, ("aggregates_1m", 60_000, 60_000)).fetchall()
+        else:
+            target = "aggregates_1m"
+        conn.execute(b"SET enable_hashjoin = off")
+        conn.execute(b"SET enable_mergejoin = off")
+        columns = ", ".join(f"{c} {t}" for c, t in zip(
+            sink_module.PARTIAL_COLUMNS, sink_module._PARTIAL_TYPES, strict=True))
+        conn.execute(f"CREATE TEMP TABLE segs_partials_1m ({columns})".encode())
+        conn.execute(b"INSERT INTO segs_partials_1m SELECT 'p' || i, 'r', 60000, 1, 1, 1, 1, "
+                     b"1, 60001, 0, 0, 0 FROM generate_series(0, 999) i")
+        update = sink._sql.update[60].format(target=target, within="")
+        plan = "\n".join(r[0] for r in conn.execute(f"EXPLAIN {update}".encode()))
+    assert "Nested Loop" in plan and "_pkey" in plan, plan
+    assert "aggregates_1m_window_start" not in plan and "Seq Scan on _hyper" not in plan, plan
 
 
 def test_positions_are_compare_and_set(db_url: str, sink: Sink) -> None:
