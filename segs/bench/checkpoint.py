@@ -102,7 +102,7 @@ def _run(srv: Servers, n: int, writers: int, meters: list[bytes], regions: list[
                 if len(stats) != len(done):
                     raise RuntimeError(f"checkpoint failed: {done}")
                 row[f"{phase}_rows"] = sum(sum(s.rows.values()) for s in stats)
-                prev = {p: nxt for p, (_, nxt, _) in payload.positions.items()}
+                prev = {p: pos.next_offset for p, pos in payload.positions.items()}
         finally:
             sink.close()
     return row

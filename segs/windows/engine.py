@@ -42,7 +42,7 @@ from numpy.typing import NDArray
 from segs.intake.readings import Interner, Readings, grown
 from segs.times import NEVER
 from segs.windows.identities import IdentityIndex, IdentityLog
-from segs.windows.partials import Partials, combine, region_ranks
+from segs.windows.partials import Partials, combine, of_readings, region_ranks
 
 __all__ = ["Partials", "WindowEngine"]
 
@@ -367,23 +367,7 @@ class WindowEngine:
 
     def _to_overflow(self, r: Readings, w: NDArray[np.int64]) -> None:
         """Readings for windows older than their cell holds: one-reading partials."""
-        self._over.append(
-            Partials(
-                size_s=self.size_s,
-                meter=r.meter.astype(np.int32),
-                window_start_ms=w * self.size_ms,
-                count=np.ones(len(r), np.int64),
-                power_sum=r.power.astype(np.float64),
-                power_max=r.power.astype(np.float64),
-                power_min=r.power.astype(np.float64),
-                energy_sum=r.energy.astype(np.float64),
-                last_ts_ms=r.ts_ms.astype(np.int64),
-                region=r.region.astype(np.int32),
-                partition=r.partition.astype(np.int32),
-                voltage_sum=np.nan_to_num(r.voltage, nan=0.0),
-                voltage_count=(~np.isnan(r.voltage)).astype(np.int64),
-            )
-        )
+        self._over.append(of_readings(r, self.size_s))
         if self.report_closed:
             self._over_open.append(
                 _Unreported(r.meter.astype(np.int32), w.copy(), r.partition.astype(np.int32)))

@@ -88,11 +88,11 @@ class IdentityIndex:
         counted = np.zeros(n, np.bool_)
         if n == 0:
             return counted
-        key = (cell.astype(np.int64) << OFFSET_BITS) | offset
+        key: NDArray[np.int64] = (cell.astype(np.int64) << OFFSET_BITS) | offset
         uniq, first = np.unique(key, return_index=True)
-        ucell = uniq >> OFFSET_BITS
-        tag = gen[ucell]
-        pos = np.searchsorted(self._key, uniq)
+        ucell: NDArray[np.int64] = uniq >> OFFSET_BITS
+        tag: NDArray[np.int32] = gen[ucell]
+        pos: NDArray[np.intp] = np.searchsorted(self._key, uniq)
         inside = pos < self._key.shape[0]
         hit = np.zeros(uniq.shape[0], np.bool_)
         hit[inside] = self._key[pos[inside]] == uniq[inside]
