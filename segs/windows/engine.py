@@ -24,8 +24,9 @@ Re-sent readings (``deduplicate=True``, 1-minute windows only): a cell whose win
 after its partition's *threshold* (:meth:`WindowEngine.set_threshold`: the newest event time
 stored for the partition, so nothing of that window can be stored) is *known*: it holds every
 identity counted in its window (:mod:`segs.windows.identities`), and a reading for it is
-counted or dropped as a duplicate right here. Every other reading (a window at or before the
-threshold, a window older than its cell holds) is *undecided*: it is kept raw, counted in no
+counted or dropped as a duplicate right here, until a drain finds the window closed. Every
+other reading (a window at or before the threshold, one closed at a drain, one older than
+its cell holds) is *undecided*: it is kept raw, counted in no
 partial, and decided in the checkpoint's transaction against the stored identities
 (:mod:`segs.checkpoint.dedup`). A cell never becomes known after it took its window, and
 windows only move forward in a cell, so an undecided window stays undecided.
@@ -454,7 +455,14 @@ class WindowEngine:
     # output
 
     def drain(self) -> Partials:
-        """All pending partials (distinct (meter, window) keys); pending is reset."""
+        """All pending partials (distinct (meter, window) keys); pending is reset. With
+        ``deduplicate``, cells whose window is closed forget its identities (memory holds
+        those of open windows only): a later reading for it is undecided."""
+        if self.deduplicate:
+            held = np.flatnonzero(self._known)
+            part = np.maximum(self._part[held], 0)
+            self._new_generation(held[(self._win[held] + 1) * self.size_ms <= self._wm[part]])
+            self._ids.compact(self._gen)
         cells = np.flatnonzero(self._count > 0)
         out = self._cell_partials(cells, self._win[cells])
         self._reset_pending(cells)

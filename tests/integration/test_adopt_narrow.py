@@ -38,7 +38,7 @@ from tests.pipeline import (
     stored,
     wait_consumed,
 )
-from tests.reference import RefAgg, aggregate, parse_reading
+from tests.reference import RefAgg, aggregate, distinct, parse_reading
 
 pytestmark = pytest.mark.integration
 
@@ -176,7 +176,7 @@ def test_long_ids_and_oversized_figures_never_stall_an_adopted_database(
     valid = [p for p in parsed if not isinstance(p, str)]
     history = original_stack.history()
     for size, table in TABLES.items():
-        ref: dict[tuple[str, int], RefAgg] = aggregate(valid, size)
+        ref: dict[tuple[str, int], RefAgg] = aggregate(distinct(valid), size)
         got = stored(url, size)
         old = {(m, w) for m, w, *_ in history[table]}
         assert got.keys() - old == ref.keys(), table
