@@ -6,7 +6,8 @@ one ``cell << 16 | offset`` key per counted reading of every window a cell holds
 sorted int64 array with a parallel int32 *generation* tag: a cell's generation moves on
 whenever it takes a new window or is reset, so the keys of its old window stop matching
 without being searched for and removed (12 bytes a reading). They are dropped in one pass
-once they are more than half of the index.
+once they are more than half of the index. A drain retires the windows closed by then
+(:meth:`segs.windows.engine.WindowEngine.drain`).
 
 New identities are also kept in arrival order (:class:`IdentityLog`) until the checkpoint
 drains them: they are stored beside their 1-minute partial (``aggregates_1m.identities``),
