@@ -35,9 +35,15 @@ from .main import handle_errors
               help="Run the pipeline with the most workers, and the largest scaling size, "
                    "a second time with REGIONAL_AGGREGATES=off and report what regional "
                    "aggregates cost.")
+@click.option("--dedup-compare", is_flag=True,
+              help="Run the pipeline with the most workers a second time with DEDUPLICATE=off, "
+                   "and the checkpoint scenario (sizes up to 100,000 partials) with and "
+                   "without reading identities, alternating; report what DEDUPLICATE costs. "
+                   "The checkpoint scenario then gives only that comparison.")
 @handle_errors
 def bench(quick: bool, out_dir: str, scenarios: str | None, readme: str | None,
-          wait_quiet: float, latency_flush: float | None, regional_compare: bool) -> None:
+          wait_quiet: float, latency_flush: float | None, regional_compare: bool,
+          dedup_compare: bool) -> None:
     """Start real Kafka and PostgreSQL (or use SEGS_TEST_KAFKA / SEGS_TEST_POSTGRES_URL),
     pre-load a 6-partition topic with the simulator and measure: the read ceiling, the
     pipeline with 1 and 2 workers, scaling with meters, latency, checkpoints and Quix
@@ -62,7 +68,8 @@ def bench(quick: bool, out_dir: str, scenarios: str | None, readme: str | None,
         plan = dataclasses.replace(
             plan, latency_flush_ms=round(latency_flush * 1000),
             latency_duration_s=max(plan.latency_duration_s, 2 * latency_flush + 15))
-    plan = dataclasses.replace(plan, regional_compare=regional_compare)
+    plan = dataclasses.replace(plan, regional_compare=regional_compare,
+                               dedup_compare=dedup_compare)
     result = Suite(plan, chosen, console).run()
     result["command"] = "segs-stream bench " + " ".join(sys.argv[2:])
     result["targets"] = report.targets(result)

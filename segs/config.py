@@ -355,6 +355,9 @@ SPECS: tuple[Spec, ...] = (
          "drop when power falls below the baseline by more than this fraction"),
     Spec("ANOMALY_DETECTION", "anomaly_detection", "on", _switch,
          "on: detect spikes, drops and outages and publish alerts; off: aggregates only"),
+    Spec("DEDUPLICATE", "deduplicate", "on", _switch,
+         "on: a re-sent reading (the same meterId and timestamp) is counted once, in every "
+         "aggregate and by the detector; off: every valid message is counted"),
     Spec("MIN_SAMPLES", "min_samples", "10", _int(1),
          "readings a meter needs before it is checked for anomalies"),
     Spec("ALERT_COOLDOWN", "alert_cooldown_ms", "300", _duration_ms("s"),
@@ -423,6 +426,7 @@ class Settings:
     spike_threshold: float
     drop_threshold: float
     anomaly_detection: bool
+    deduplicate: bool
     min_samples: int
     alert_cooldown_ms: int
     workers: int

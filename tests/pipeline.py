@@ -30,6 +30,7 @@ from tests.reference import (
     RefAgg,
     RefRegional,
     aggregate,
+    distinct,
     parse_reading,
     regional,
     timestamp_ms,
@@ -109,9 +110,11 @@ def process_all(bootstrap: str, db_url: str, topics: Any, log_path: Path,
     return svc
 
 
-def expected(messages: Iterable[SimMessage], now_ms: int) -> tuple[
+def expected(messages: Iterable[SimMessage], now_ms: int, *, deduplicate: bool = True) -> tuple[
         dict[int, dict[tuple[str, int], RefAgg]], list[tuple[SimMessage, str]]]:
-    """Reference aggregates per window size, and the invalid messages with their reasons."""
+    """Reference aggregates per window size, and the invalid messages with their reasons.
+    ``deduplicate``: of the first reading of each identity (the service's default), else of
+    every valid message (``DEDUPLICATE=off``)."""
     valid: list[dict[str, Any]] = []
     invalid: list[tuple[SimMessage, str]] = []
     for m in messages:
@@ -120,7 +123,8 @@ def expected(messages: Iterable[SimMessage], now_ms: int) -> tuple[
             invalid.append((m, parsed))
         else:
             valid.append(parsed)
-    return {size: aggregate(valid, size) for size in TABLES}, invalid
+    counted = distinct(valid) if deduplicate else valid
+    return {size: aggregate(counted, size) for size in TABLES}, invalid
 
 
 def stored(db_url: str, size: int) -> dict[tuple[str, int], tuple[Any, ...]]:

@@ -193,6 +193,19 @@ def aggregate(readings: Iterable[dict[str, Any]], size_s: int) -> dict[tuple[str
     return out
 
 
+def distinct(readings: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The first reading of every identity (meter_id, ts_ms), in the given order: what is
+    counted with DEDUPLICATE on (docs/contract.md, "Re-sent readings")."""
+    seen: set[tuple[str, int]] = set()
+    out = []
+    for r in readings:
+        identity = (r["meter_id"], r["ts_ms"])
+        if identity not in seen:
+            seen.add(identity)
+            out.append(r)
+    return out
+
+
 @dataclass
 class RefBaseline:
     baseline: float = 0.0

@@ -14,7 +14,10 @@ Up to 100,000 partials each size runs ``REPEATS`` times, each in a fresh databas
 figures are the medians, and ``*_runs`` lists every run (they spread by ±20 % on the 2-core
 machine, where PostgreSQL shares the cores with everything else).
 The 15-minute partials are the roll-up of the 1-minute ones (in :meth:`Payload.job`, timed),
-one per meter here, so ``*_rows`` (rows written, both tables) is twice the partials."""
+one per meter here, so ``*_rows`` (rows written, both tables) is twice the partials.
+
+:func:`run_checkpoint_dedup` compares ``DEDUPLICATE`` off and on: the same runs, alternating,
+on writing each partial's identities (10 readings each, as the partials count) beside it."""
 
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ from segs.checkpoint.sink import CommitStats, Positions, PositionWrite, Sink
 from segs.config import load_settings
 from segs.detection.detector import BaselineState
 from segs.intake.readings import Interner
+from segs.windows.identities import IdentityLog
 from segs.windows.partials import Partials, region_ranks
 
 _T0_MS = 1_795_759_200_000  # 2026-11-27T06:00:00Z
@@ -43,7 +47,7 @@ PHASES = ("new", "merge", "replay")
 
 
 def _payload(n: int, salt: int, prev: dict[int, int | None],
-             written: WrittenWindows) -> Payload:
+             written: WrittenWindows, deduplicate: bool = False) -> Payload:
     ones = np.ones(n)
     partials = Partials(
         size_s=60, meter=np.arange(n, dtype=np.int32),
@@ -54,7 +58,13 @@ def _payload(n: int, salt: int, prev: dict[int, int | None],
         voltage_sum=ones * 2301.5, voltage_count=np.full(n, 10, np.int64))
     positions: Positions = {p: PositionWrite(prev[p], (prev[p] or 0) + n, None)
                              for p in range(PARTITIONS)}
-    return Payload(partials, BaselineState.empty(), positions, written.fresh(partials))
+    payload = Payload(partials, BaselineState.empty(), positions, written.fresh(partials))
+    if deduplicate:  # 10 readings a partial, other ones each phase (a merge appends them)
+        payload.identities = IdentityLog(
+            np.repeat(partials.meter, 10), np.repeat(partials.window_start_ms, 10),
+            np.tile((np.arange(10) * 6_000 + salt * 100).astype(np.uint16), n),
+            np.repeat(partials.partition, 10))
+    return payload
 
 
 def run_checkpoint(srv: Servers, sizes: list[int]) -> list[dict[str, Any]]:
@@ -78,8 +88,32 @@ def run_checkpoint(srv: Servers, sizes: list[int]) -> list[dict[str, Any]]:
     return results
 
 
+def run_checkpoint_dedup(srv: Servers, sizes: list[int]) -> list[dict[str, Any]]:
+    """Per size, ``REPEATS`` rounds of a run with ``DEDUPLICATE`` off then one with it on,
+    each in a fresh database; medians per phase and the cost of on over off."""
+    results = []
+    writers = load_settings(env=os.environ, env_file=None).checkpoint_writers
+    for n in sizes:
+        meters = TextFields([f"MTR-{i:08d}" for i in range(n)]).fields()
+        region_names = Interner()
+        region_names.slot("north")
+        regions, rank = TextFields(region_names.names).fields(), region_ranks(region_names)
+        runs: dict[bool, list[dict[str, Any]]] = {False: [], True: []}
+        for _ in range(REPEATS):
+            for dedup in (False, True):
+                runs[dedup].append(_run(srv, n, writers, meters, regions, rank, dedup))
+        row: dict[str, Any] = {"partials": n, "partitions": PARTITIONS, "writers": writers}
+        for phase in PHASES:
+            for dedup, name in ((False, "off"), (True, "on")):
+                row[f"{phase}_{name}_s"] = statistics.median(r[f"{phase}_s"] for r in runs[dedup])
+                row[f"{phase}_{name}_runs"] = [r[f"{phase}_s"] for r in runs[dedup]]
+            row[f"{phase}_cost"] = row[f"{phase}_on_s"] / row[f"{phase}_off_s"] - 1
+        results.append(row)
+    return results
+
+
 def _run(srv: Servers, n: int, writers: int, meters: list[bytes], regions: list[bytes],
-         rank: NDArray[np.int64]) -> dict[str, Any]:
+         rank: NDArray[np.int64], deduplicate: bool = False) -> dict[str, Any]:
     """One checkpoint of ``n`` new partials, then one merging into them and one replaying
     them, in a fresh database."""
     row: dict[str, Any] = {}
@@ -93,7 +127,7 @@ def _run(srv: Servers, n: int, writers: int, meters: list[bytes], regions: list[
             for salt, phase in enumerate(PHASES):
                 if phase == "replay":
                     written = WrittenWindows()  # a restarted worker's
-                payload = _payload(n, salt, prev, written)
+                payload = _payload(n, salt, prev, written, deduplicate)
                 t0 = time.perf_counter()
                 done = sink.commit_all([p.commit_job(meters, regions, rank)
                                         for p in payload.split(sink.writers)])
@@ -102,7 +136,7 @@ def _run(srv: Servers, n: int, writers: int, meters: list[bytes], regions: list[
                 if len(stats) != len(done):
                     raise RuntimeError(f"checkpoint failed: {done}")
                 row[f"{phase}_rows"] = sum(sum(s.rows.values()) for s in stats)
-                prev = {p: nxt for p, (_, nxt, _) in payload.positions.items()}
+                prev = {p: pos.next_offset for p, pos in payload.positions.items()}
         finally:
             sink.close()
     return row

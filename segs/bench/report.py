@@ -33,6 +33,11 @@ def _slower(result: dict[str, Any], partials: int) -> float | None:
     return max(row["new_s"], row["merge_s"]) if row else None
 
 
+def _dedup_checkpoint_cost(result: dict[str, Any], partials: int) -> float | None:
+    row = _get(result, "checkpoint_dedup", partials)
+    return max(row["new_cost"], row["merge_cost"]) if row else None
+
+
 def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     """The goals of issue 7, each with its measured value (None when not measured)."""
     def scaling_rss(meters: int) -> float | None:
@@ -71,6 +76,11 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
          _slower(result, 100_000), lambda v: v <= 1.0),
         ("checkpoint of 50,000 partials = 100,000 aggregate rows, s", "≤ 1",
          _slower(result, 50_000), lambda v: v <= 1.0),
+        # issue 21, with --dedup-compare: the same run with DEDUPLICATE on and off
+        ("DEDUPLICATE cost, pipeline 2 workers, readings/s", "≤ 10 %",
+         _get(result, "pipeline", 2, "dedup_cost"), lambda v: v <= 0.10),
+        ("DEDUPLICATE cost, checkpoint of 100,000 partials (slower of new / merge)", "≤ 15 %",
+         _dedup_checkpoint_cost(result, 100_000), lambda v: v <= 0.15),
     ]
     return [{"target": name, "goal": goal, "value": value,
              "met": None if value is None else bool(ok(value))}

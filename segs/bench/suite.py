@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from segs.bench import ceiling, infra
-from segs.bench.checkpoint import run_checkpoint
+from segs.bench.checkpoint import run_checkpoint, run_checkpoint_dedup
 from segs.bench.latency import run_latency
 from segs.bench.peer import PeerUnavailable, run_peer
 from segs.bench.pipeline import run_pipeline
@@ -57,6 +57,9 @@ class Plan:
     # the pipeline with the most workers, and the largest scaling size, run a second time
     # with REGIONAL_AGGREGATES=off: what regional aggregates cost (issue 18)
     regional_compare: bool = True
+    # the pipeline with the most workers run again with DEDUPLICATE=off, and the checkpoint
+    # sizes up to 100,000 partials with identities and without, alternating (issue 21)
+    dedup_compare: bool = False
 
 
 FULL = Plan("full", meters=100_000, readings=10_000_000,
@@ -176,6 +179,7 @@ class Suite:
                 r["ratio_to_read_ceiling"] = r["readings_per_s"] / ceiling["readings_per_s"]
             if workers == max(self.plan.workers):
                 self._regional_cost(r, self.topic, self.ends, workers, self.plan.meters)
+                self._dedup_cost(r, workers)
             runs.append(r)
             ratio = r.get("ratio_to_read_ceiling")
             self.progress.add("pipeline", f"{workers} worker(s), {self.plan.meters:,} meters",
@@ -231,6 +235,21 @@ class Suite:
                           f"regional aggregates cost {on['regional_cost']:.1%} of readings/s"
                           if measured else "too short a run to compare")
 
+    def _dedup_cost(self, on: dict[str, Any], workers: int) -> None:
+        """Run the same topic again with DEDUPLICATE=off (the default is on)."""
+        if not self.plan.dedup_compare:
+            return
+        off = run_pipeline(self.srv, self.topic, self.ends, workers=workers,
+                           workdir=self.workdir, extra_env={"DEDUPLICATE": "off"})
+        on["dedup_off"] = off
+        measured = off["readings_per_s"] > 0 and on["readings_per_s"] > 0
+        on["dedup_cost"] = 1 - on["readings_per_s"] / off["readings_per_s"] if measured else None
+        self.progress.add("dedup", f"{workers} worker(s), {self.plan.meters:,} meters, off",
+                          _rate(off["readings_per_s"]),
+                          (f"DEDUPLICATE costs {on['dedup_cost']:.1%} of readings/s; "
+                           if measured else "") + f"RSS on {on['worker_peak_rss_mb']} / off "
+                          f"{off['worker_peak_rss_mb']} MB")
+
     def _max_rate(self) -> float:
         runs = self.result["scenarios"].get("pipeline") or []
         best = max((r["readings_per_s"] for r in runs), default=0.0)
@@ -258,6 +277,17 @@ class Suite:
                                   f"{s['count']} samples, {fraction:g} of max")
 
     def _checkpoint(self) -> None:
+        if self.plan.dedup_compare:
+            sizes = [n for n in self.plan.checkpoint_sizes if n <= 100_000]
+            compared = run_checkpoint_dedup(self.srv, sizes)
+            self.result["scenarios"]["checkpoint_dedup"] = compared
+            for r in compared:
+                self.progress.add("dedup", f"checkpoint, {r['partials']:,} partials",
+                                  f"{r['new_on_s']:.3f} / {r['merge_on_s']:.3f} s",
+                                  f"new / merge with identities; off {r['new_off_s']:.3f} / "
+                                  f"{r['merge_off_s']:.3f} s; cost {r['new_cost']:+.1%} / "
+                                  f"{r['merge_cost']:+.1%}")
+            return
         rows = run_checkpoint(self.srv, list(self.plan.checkpoint_sizes))
         self.result["scenarios"]["checkpoint"] = rows
         for r in rows:

@@ -28,11 +28,13 @@ from dataclasses import dataclass, field
 import numpy as np
 from numpy.typing import NDArray
 
-from segs.checkpoint.pgcopy import CopyData, copy_data
-from segs.checkpoint.sink import BaselineRow, CommitJob, Positions
+from segs.checkpoint.dedup import decide, identity_column, undecided_windows
+from segs.checkpoint.pgcopy import BytesColumn, CopyData, copy_data
+from segs.checkpoint.sink import BaselineRow, CommitJob, Deferred, Encoded, Positions
 from segs.detection.detector import BaselineState
-from segs.intake.readings import grown
+from segs.intake.readings import Readings, grown
 from segs.times import NEVER
+from segs.windows.identities import IdentityLog
 from segs.windows.partials import Partials, roll_up
 from segs.windows.sizes import BY_SECONDS
 
@@ -50,9 +52,16 @@ class Payload:
     # window size → per 1-minute partial, whether its window of that size is one this worker
     # never wrote for the meter (WrittenWindows.fresh); a size missing here: none is
     fresh: dict[int, NDArray[np.bool_]] = field(default_factory=dict)
+    # with DEDUPLICATE: the identities counted into the partials, stored with them, and the
+    # readings the worker could not decide (segs.checkpoint.dedup); None: off
+    identities: IdentityLog | None = None
+    undecided: Readings | None = None
+    # per partition of ``positions``: the newest event time of its readings, stored with it
+    newest_ms: dict[int, int] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
-        return bool(len(self.partials) or len(self.baselines) or self.positions)
+        return bool(len(self.partials) or len(self.baselines) or self.positions
+                    or (self.undecided is not None and len(self.undecided)))
 
     def commit_job(self, meters: list[bytes], regions: list[bytes],
             region_rank: NDArray[np.int64]) -> CommitJob:
@@ -62,26 +71,34 @@ class Payload:
 
         ``meters`` and ``regions`` are the encoded names by slot
         (:class:`segs.checkpoint.pgcopy.TextFields`), ``region_rank`` the order of the region names
-        (:func:`segs.windows.partials.region_ranks`), which decides a merged window's region."""
-        p, b = self.partials, self.baselines
-        stored: dict[int, CopyData] = {}
-        fresh: dict[int, CopyData] = {}
-        for size in BY_SECONDS:
-            is_fresh = self.fresh.get(size)
-            # all of a coarse window's partials share its freshness: split, then roll up
-            split = [(stored, p)] if is_fresh is None else [(stored, p.take(~is_fresh)),
-                                                           (fresh, p.take(is_fresh))]
-            for into, part in split:
-                if len(part):
-                    rows = part if size == p.size_s else roll_up(part, size, region_rank)
-                    into[size] = _partials_copy(rows, meters, regions)
+        (:func:`segs.windows.partials.region_ranks`), which decides a merged window's region.
+
+        With undecided readings the partials are encoded in the transaction, once the stored
+        identities of their windows are read (:class:`segs.checkpoint.sink.Deferred`)."""
+        b = self.baselines
         baselines = copy_data(
             [("source_partition", b.partition), ("baseline", b.baseline),
              ("samples", b.samples), ("last_outage_ms", b.last_outage_ms),
-             ("last_spike_ms", b.last_spike_ms), ("last_drop_ms", b.last_drop_ms)],
+             ("last_spike_ms", b.last_spike_ms), ("last_drop_ms", b.last_drop_ms),
+             ("newest_reading_ms", b.newest_ms)],
             [("meter_id", b.meter, meters)])
-        windows = np.unique(p.window_start_ms).tolist()  # for the regional roll-up
-        return CommitJob(stored, baselines, self.positions, fresh, windows)
+        u, ids = self.undecided, self.identities
+        if u is None or not len(u) or ids is None:
+            enc = _encode(self.partials, ids, self.fresh, meters, regions, region_rank)
+            return CommitJob(enc.partials, baselines, self.positions, enc.fresh, enc.windows,
+                             None, self.newest_ms)
+        undecided: Readings = u
+        identities: IdentityLog = ids
+        slots, starts = undecided_windows(undecided, self.partials.size_s * 1000)
+
+        def finish(stored: list[bytes | None]) -> Encoded:
+            d = decide(self.partials, identities, self.fresh, undecided, stored, region_rank)
+            enc = _encode(d.partials, d.identities, d.fresh, meters, regions, region_rank)
+            return enc._replace(duplicates=d.duplicates)
+
+        names = [meters[m][4:].decode() for m in slots.tolist()]  # fields: length, UTF-8
+        return CommitJob({}, baselines, self.positions, {}, [],
+                         Deferred(names, starts.tolist(), finish), self.newest_ms)
 
     def split(self, parts: int) -> list[Payload]:
         """This payload as at most ``parts`` payloads over disjoint sets of partitions,
@@ -92,7 +109,8 @@ class Payload:
         """
         pp, bp = self.partials.partition, self.baselines.partition
         ids, counts = np.unique(pp, return_counts=True)
-        weight = dict.fromkeys([*self.positions, *np.unique(bp).tolist()], 0)
+        up = [] if self.undecided is None else np.unique(self.undecided.partition).tolist()
+        weight = dict.fromkeys([*self.positions, *np.unique(bp).tolist(), *up], 0)
         weight.update(zip(ids.tolist(), counts.tolist(), strict=True))
         partitions = sorted(weight)
         if parts <= 1 or len(partitions) <= 1:
@@ -114,6 +132,11 @@ class Payload:
                 self.baselines.take(np.isin(bp, keep)),
                 {p: pos for p, pos in self.positions.items() if p in group},
                 {size: is_fresh[rows] for size, is_fresh in self.fresh.items()},
+                None if self.identities is None
+                else self.identities.take(np.isin(self.identities.partition, keep)),
+                None if self.undecided is None
+                else self.undecided.take(np.isin(self.undecided.partition, keep)),
+                {p: t for p, t in self.newest_ms.items() if p in group},
             ))
         return out
 
@@ -128,17 +151,44 @@ def baseline_state(rows: Sequence[BaselineRow], slot: Callable[[str], int]) -> B
         last_outage_ms=np.array([r.last_outage_ms for r in rows], np.int64),
         last_spike_ms=np.array([r.last_spike_ms for r in rows], np.int64),
         last_drop_ms=np.array([r.last_drop_ms for r in rows], np.int64),
+        newest_ms=np.array([NEVER if r.newest_reading_ms is None else r.newest_reading_ms
+                            for r in rows], np.int64),
     )
 
 
-def _partials_copy(p: Partials, meters: list[bytes], regions: list[bytes]) -> CopyData:
+def _encode(p: Partials, identities: IdentityLog | None, fresh: dict[int, NDArray[np.bool_]],
+            meters: list[bytes], regions: list[bytes],
+            region_rank: NDArray[np.int64]) -> Encoded:
+    """1-minute partials (with their identities, when given) and their roll-up into every
+    coarser size, each size as the rows that may be stored already and the fresh ones."""
+    stored: dict[int, CopyData] = {}
+    fresh_rows: dict[int, CopyData] = {}
+    for size in BY_SECONDS:
+        is_fresh = fresh.get(size)
+        # all of a coarse window's partials share its freshness: split, then roll up
+        split = [(stored, p, identities)] if is_fresh is None else [
+            (stored, p.take(~is_fresh), identities), (fresh_rows, p.take(is_fresh), identities)]
+        for into, part, ids in split:
+            if len(part):
+                if size == p.size_s:
+                    blobs = [] if ids is None else [("identities", *identity_column(part, ids))]
+                    into[size] = _partials_copy(part, meters, regions, blobs)
+                else:
+                    into[size] = _partials_copy(roll_up(part, size, region_rank), meters,
+                                                regions)
+    windows = np.unique(p.window_start_ms).tolist()  # for the regional roll-up
+    return Encoded(stored, fresh_rows, windows)
+
+
+def _partials_copy(p: Partials, meters: list[bytes], regions: list[bytes],
+                   blobs: list[BytesColumn] | None = None) -> CopyData:
     return copy_data(
         [("window_start_ms", p.window_start_ms), ("sample_count", p.count),
          ("power_sum", p.power_sum), ("power_max", p.power_max), ("power_min", p.power_min),
          ("energy_sum", p.energy_sum), ("last_ts_ms", p.last_ts_ms),
          ("source_partition", p.partition), ("voltage_sum", p.voltage_sum),
          ("voltage_count", p.voltage_count)],
-        [("meter_id", p.meter, meters), ("region", p.region, regions)])
+        [("meter_id", p.meter, meters), ("region", p.region, regions)], blobs=blobs or ())
 
 
 class MeterPartitions:

@@ -52,35 +52,41 @@ class CopyData:
 
 FixedColumn = tuple[str, NDArray[np.generic]]  # (name, int4/int8/float8 values)
 TextColumn = tuple[str, NDArray[np.integer], list[bytes]]  # (name, slots, fields by slot)
+# (name, every row's bytes one after the other, row i's bytes at bounds[i]:bounds[i + 1])
+BytesColumn = tuple[str, bytes, NDArray[np.int64]]
 
 
 def copy_data(fixed: Sequence[FixedColumn], texts: Sequence[TextColumn],
-              rows_per_chunk: int = CHUNK_ROWS) -> CopyData:
+              rows_per_chunk: int = CHUNK_ROWS,
+              blobs: Sequence[BytesColumn] = ()) -> CopyData:
     """Binary COPY data of ``len(fixed[0])`` rows: the ``fixed`` columns (int4, int8 or
     float8 arrays, in column order), then the ``texts`` columns, each given as slots and the
-    encoded fields by slot from :meth:`TextFields.fields`. Encoded lazily, a chunk of
-    ``rows_per_chunk`` rows at a time, so memory stays small for a million rows."""
+    encoded fields by slot from :meth:`TextFields.fields`, then the ``blobs`` (bytea).
+    Encoded lazily, a chunk of ``rows_per_chunk`` rows at a time, so memory stays small for
+    a million rows."""
     layout: list[tuple[str, str]] = [("n", ">i2")]
     for j, (name, col) in enumerate(fixed):
         if col.dtype.kind not in "if" or col.dtype.itemsize not in (4, 8):
             raise TypeError(f"column {name}: {col.dtype} is not int4, int8 or float8")
         layout += [(f"len{j}", ">i4"), (f"val{j}", col.dtype.newbyteorder(">").str)]
-    columns = tuple(name for name, _ in fixed) + tuple(name for name, _, _ in texts)
+    columns = (tuple(name for name, _ in fixed) + tuple(name for name, _, _ in texts)
+               + tuple(name for name, _, _ in blobs))
     return CopyData(columns, _chunks(np.dtype(layout), [col for _, col in fixed],
                                      [(slots, fields) for _, slots, fields in texts],
-                                     rows_per_chunk))
+                                     rows_per_chunk, [(data, b) for _, data, b in blobs]))
 
 
 def _chunks(layout: np.dtype[np.void], fixed: Sequence[NDArray[np.generic]],
             texts: Sequence[tuple[NDArray[np.integer], list[bytes]]],
-            rows_per_chunk: int) -> Iterator[bytes]:
+            rows_per_chunk: int,
+            blobs: Sequence[tuple[bytes, NDArray[np.int64]]] = ()) -> Iterator[bytes]:
     yield HEADER
     n = len(fixed[0])
-    step = 1 + len(texts)
+    step = 1 + len(texts) + 2 * len(blobs)
     for start in range(0, n, rows_per_chunk):
         stop = min(n, start + rows_per_chunk)
         rec = np.empty(stop - start, layout)
-        rec["n"] = len(fixed) + len(texts)
+        rec["n"] = len(fixed) + len(texts) + len(blobs)
         for j, col in enumerate(fixed):
             rec[f"len{j}"] = col.dtype.itemsize
             rec[f"val{j}"] = col[start:stop]
@@ -89,5 +95,11 @@ def _chunks(layout: np.dtype[np.void], fixed: Sequence[NDArray[np.generic]],
         pieces[0::step] = [raw[i:i + width] for i in range(0, len(raw), width)]
         for k, (slots, fields) in enumerate(texts, 1):
             pieces[k::step] = list(map(fields.__getitem__, slots[start:stop].tolist()))
+        for k, (data, bounds) in enumerate(blobs, 1 + len(texts)):
+            lo, hi = bounds[start:stop], bounds[start + 1:stop + 1]
+            lengths = (hi - lo).astype(">i4").tobytes()
+            pieces[k::step] = [lengths[i:i + 4] for i in range(0, len(lengths), 4)]
+            pieces[k + 1::step] = [data[a:b] for a, b in zip(lo.tolist(), hi.tolist(),
+                                                            strict=True)]
         yield b"".join(pieces)
     yield TRAILER

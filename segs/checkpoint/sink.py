@@ -46,7 +46,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
 import psycopg
@@ -58,21 +58,24 @@ from segs.checkpoint.migrate import hypertables, timescale
 from segs.checkpoint.pgcopy import CopyData
 from segs.errors import DatabaseError, FencedError, SegsError
 from segs.intake.decode import METER_ID_MAX, REGION_MAX
-from segs.windows.sizes import SIZES, WindowSize
+from segs.windows.sizes import ONE_MINUTE, SIZES, WindowSize
 
 log = logging.getLogger("segs.sink")
 
 TABLES = {size.seconds: size.table for size in SIZES}  # window size (s) → aggregate table
+# the sizes whose rows keep their readings' identities: the finest, which every reading is
+# deduplicated against before it reaches any partial (segs.checkpoint.dedup)
+IDENTITY_SIZES = (ONE_MINUTE.seconds,)
 
 # One partial aggregate row as Python values; window times as epoch milliseconds.
 # Python rows may stop before the voltage columns: then no reading had a voltage.
 PARTIAL_COLUMNS = (
     "meter_id", "region", "window_start_ms", "sample_count", "power_sum", "power_max",
     "power_min", "energy_sum", "last_ts_ms", "source_partition", "voltage_sum",
-    "voltage_count",
+    "voltage_count", "identities",
 )
 _PARTIAL_TYPES = ("text", "text", "int8", "int8", "float8", "float8", "float8", "float8",
-                  "int8", "int4", "float8", "int8")
+                  "int8", "int4", "float8", "int8", "bytea")
 _PARTIAL_DEFAULTS = {"voltage_sum": "0", "voltage_count": "0"}
 
 
@@ -86,10 +89,11 @@ class BaselineRow(NamedTuple):
     last_outage_ms: int
     last_spike_ms: int
     last_drop_ms: int
+    newest_reading_ms: int | None = None  # newest event time folded; None: stored before V009
 
 
 BASELINE_COLUMNS = BaselineRow._fields
-_BASELINE_TYPES = ("text", "int4", "float8", "int8", "int8", "int8", "int8")
+_BASELINE_TYPES = ("text", "int4", "float8", "int8", "int8", "int8", "int8", "int8")
 # Rows to COPY: binary COPY data naming its columns (segs.checkpoint.pgcopy), or Python rows.
 Rows = CopyData | Iterable[Sequence[Any]]
 
@@ -131,11 +135,13 @@ def fitted(column: str, expr: str, numeric: Numeric) -> str:
             f"THEN {expr} END")
 
 
-def merge_set(numeric: Numeric) -> str:
+def merge_set(numeric: Numeric, identities: bool = False) -> str:
     """The merge of two partials, in SQL, for a table whose original-name columns of
-    :data:`ORIGINAL_FIGURES` are ``numeric``."""
+    :data:`ORIGINAL_FIGURES` are ``numeric``; ``identities``: it keeps reading identities
+    (``aggregates_1m``, :mod:`segs.checkpoint.dedup`: NULL, not known, stays NULL)."""
     originals = "".join(f"    {c} = {fitted(c, merge, numeric)},\n"
                         for c, (_, merge) in ORIGINAL_FIGURES.items())
+    kept = "    identities = a.identities || EXCLUDED.identities,\n" if identities else ""
     return f"""
     sample_count = {_COUNT},
     power_sum = a.power_sum + EXCLUDED.power_sum,
@@ -151,7 +157,7 @@ def merge_set(numeric: Numeric) -> str:
     source_partition = CASE WHEN {_NEWER} THEN EXCLUDED.source_partition
                             ELSE a.source_partition END,
     last_reading_at = GREATEST(a.last_reading_at, EXCLUDED.last_reading_at),
-    published = false,
+{kept}    published = false,
     updated_at = now()
 """
 
@@ -164,13 +170,13 @@ _ROW = """SELECT meter_id, region, {start} AS window_start, {end} AS window_end,
     power_sum / sample_count AS avg_power, power_max AS max_power, power_min AS min_power,
     energy_sum AS total_energy, sample_count, power_sum, {last} AS last_reading_at,
     source_partition, false AS published, {originals}, sample_count AS reading_count,
-    sample_count AS "count", voltage_sum, voltage_count
+    sample_count AS "count", voltage_sum, voltage_count{identities}
 FROM {source} AS p"""
 _INSERT = """
 INSERT INTO {table} AS a (meter_id, region, window_start, window_end, avg_power, max_power,
     min_power, total_energy, sample_count, power_sum, last_reading_at, source_partition,
     published, avg_power_kw, max_power_kw, min_power_kw, energy_kwh_sum, voltage_avg,
-    reading_count, "count", voltage_sum, voltage_count)
+    reading_count, "count", voltage_sum, voltage_count{identities})
 {row}
 """
 _MERGE = """
@@ -204,7 +210,13 @@ def _row(size: int, source: str, numeric: Numeric) -> str:
     return _ROW.format(
         source=source, start=_TS.format("window_start_ms"),
         end=_TS.format(f"(window_start_ms + {size * 1000})"), last=_TS.format("last_ts_ms"),
-        originals=originals)
+        originals=originals, identities=", identities" if size in IDENTITY_SIZES else "")
+
+
+def _insert(size: WindowSize, source: str, numeric: Numeric) -> str:
+    """The insert of one window size's partials from the temporary table ``source``."""
+    return _INSERT.format(table=size.table, row=_row(size.seconds, source, numeric),
+                          identities=", identities" if size.seconds in IDENTITY_SIZES else "")
 
 
 def _statements(numeric: Mapping[str, Numeric]) -> Statements:
@@ -212,14 +224,13 @@ def _statements(numeric: Mapping[str, Numeric]) -> Statements:
     ``numeric`` (table → its NUMERIC columns; none on a table segs-stream made)."""
     merges, inserts, updates = {}, {}, {}
     for size in SIZES:
-        cols = numeric.get(size.table, {})
+        cols, keeps = numeric.get(size.table, {}), size.seconds in IDENTITY_SIZES
         for source in (size.partials_table, size.fresh_table):
-            insert = _INSERT.format(table=size.table, row=_row(size.seconds, source, cols))
-            merges[source] = _MERGE.format(insert=insert, merge_set=merge_set(cols)).encode()
-        inserts[size.seconds] = _INSERT.format(
-            table=size.table, row=_row(size.seconds, size.fresh_table, cols)).encode()
+            merges[source] = _MERGE.format(
+                insert=_insert(size, source, cols), merge_set=merge_set(cols, keeps)).encode()
+        inserts[size.seconds] = _insert(size, size.fresh_table, cols).encode()
         updates[size.seconds] = _UPDATE.format(
-            merge_set=merge_set(cols), row=_row(size.seconds, size.partials_table, cols))
+            merge_set=merge_set(cols, keeps), row=_row(size.seconds, size.partials_table, cols))
     return Statements(merges, inserts, updates)
 
 
@@ -318,6 +329,7 @@ class Position:
 
     next_offset: int
     watermark_ms: int | None
+    newest_ms: int | None = None  # newest event time stored for it; None: before V009
 
 
 @dataclass(frozen=True, slots=True)
@@ -326,6 +338,7 @@ class CommitStats:
     new_rows: dict[str, int]  # table → rows inserted (windows seen for the first time)
     baselines: int
     seconds: float
+    duplicates: int = 0  # undecided readings found re-sent in the transaction
 
 
 class ClosedRow(NamedTuple):
@@ -374,6 +387,25 @@ Positions = dict[int, PositionWrite]  # by partition
 PartialsBySize = Mapping[int, Rows]
 
 
+class Encoded(NamedTuple):
+    """Partials of a checkpoint ready to COPY (:meth:`Sink.commit`'s arguments of that name)."""
+
+    partials: PartialsBySize
+    fresh: PartialsBySize
+    windows: Sequence[int]
+    duplicates: int = 0
+
+
+class Deferred(NamedTuple):
+    """Partials made in the transaction, from the stored identities of some 1-minute windows
+    (:mod:`segs.checkpoint.dedup`): ``finish`` gets them, by window, in the order given
+    (None: no row, or its identities are not known)."""
+
+    meter_ids: list[str]
+    window_starts_ms: list[int]
+    finish: Callable[[list[bytes | None]], Encoded]
+
+
 class CommitJob(NamedTuple):
     """One transaction of :meth:`Sink.commit_all`: the arguments of :meth:`Sink.commit`."""
 
@@ -382,6 +414,8 @@ class CommitJob(NamedTuple):
     positions: Positions
     fresh: PartialsBySize  # rows of windows this worker never wrote: inserted
     window_starts_ms: Sequence[int]  # the 1-minute windows of its partials (regional)
+    deferred: Deferred | None = None  # partials, fresh and windows are made in the transaction
+    newest_ms: Mapping[int, int] = {}  # partition → newest event time stored (of positions)
 
 
 class Sink:
@@ -467,11 +501,13 @@ class Sink:
 
     def load_positions(self, partitions: Sequence[int]) -> dict[int, Position]:
         rows = self._query(
-            "SELECT kafka_partition, next_offset, watermark_ms FROM stream_positions "
+            "SELECT kafka_partition, next_offset, watermark_ms, newest_event_ms "
+            "FROM stream_positions "
             "WHERE consumer_group = %s AND topic = %s AND kafka_partition = ANY(%s)",
             (self.group, self.topic, list(partitions)),
         )
-        return {int(p): Position(int(o), None if w is None else int(w)) for p, o, w in rows}
+        return {int(p): Position(int(o), None if w is None else int(w),
+                                 None if e is None else int(e)) for p, o, w, e in rows}
 
     def stored_baselines(self, partitions: Sequence[int]) -> list[BaselineRow]:
         """The stored state of the meters last seen on these partitions."""
@@ -497,7 +533,8 @@ class Sink:
 
     def commit(self, partials: PartialsBySize, baselines: Rows, positions: Positions,
                fresh: PartialsBySize | None = None,
-               windows: Sequence[int] = ()) -> CommitStats:
+               windows: Sequence[int] = (), deferred: Deferred | None = None,
+               newest_ms: Mapping[int, int] | None = None) -> CommitStats:
         """Write one checkpoint atomically (see the module docstring for the steps).
 
         ``partials`` maps a window size of :data:`TABLES` to its partials (distinct (meter,
@@ -509,7 +546,10 @@ class Sink:
         next offset, watermark ms or None). ``fresh`` holds more partials as ``partials``
         does, of windows the worker never wrote, expected to be new rows (none may have the
         key of a row in ``partials``). ``windows`` are the 1-minute window starts (ms) the
-        partials cover, recorded for the regional roll-up when it is on.
+        partials cover, recorded for the regional roll-up when it is on. With ``deferred``,
+        the first statement reads the stored identities of its windows and ``partials``,
+        ``fresh`` and ``windows`` are what its ``finish`` makes of them. ``newest_ms``: per
+        partition of ``positions``, the newest event time of its readings stored so far.
         """
         t0 = time.perf_counter()
         self.stored_types()  # once: the statements that fit the tables
@@ -523,11 +563,15 @@ class Sink:
                 cur.execute(b"SET LOCAL synchronous_commit = off")
                 cur.execute(b"SET LOCAL work_mem = '64MB'")
                 cur.execute(b"SET LOCAL jit = off")
-                # Updates of stored rows probe the primary key once per partial; a hash or
-                # merge join would read every row of the chunk instead. No other statement
-                # here joins.
+                # Updates of stored rows and reads of stored identities probe the primary
+                # key once per partial or window; a hash or merge join would read every row
+                # of the chunk instead. No other statement here joins.
                 cur.execute(b"SET LOCAL enable_hashjoin = off")
                 cur.execute(b"SET LOCAL enable_mergejoin = off")
+                duplicates = 0
+                if deferred is not None:
+                    partials, fresh, windows, duplicates = deferred.finish(
+                        _stored_identities(cur, deferred, ONE_MINUTE.table in hyper))
                 rows, new_rows = {}, {}
                 for size in SIZES:
                     inserted = written = 0
@@ -549,12 +593,12 @@ class Sink:
                     cur.execute(_UPSERT_BASELINES, (self.group,))
                 if self.regional and len(windows):
                     cur.execute(_DIRTY_WINDOWS, (self.group, list(windows)))
-                self._write_positions(cur, positions)
+                self._write_positions(cur, positions, newest_ms or {})
         except FencedError:
             raise
         except (psycopg.Error, psycopg_pool_error()) as exc:
             raise DatabaseError(_one_line(exc)) from exc
-        return CommitStats(rows, new_rows, n_base, time.perf_counter() - t0)
+        return CommitStats(rows, new_rows, n_base, time.perf_counter() - t0, duplicates)
 
     def commit_all(self, jobs: Sequence[CommitJob]) -> list[CommitStats | SegsError]:
         """Write each job with :meth:`commit` in a transaction of its own, side by side.
@@ -579,21 +623,24 @@ class Sink:
         except (DatabaseError, FencedError) as exc:
             return exc
 
-    def _write_positions(self, cur: psycopg.Cursor[Any], positions: Positions) -> None:
+    def _write_positions(self, cur: psycopg.Cursor[Any], positions: Positions,
+                         newest_ms: Mapping[int, int]) -> None:
         for partition, (prev, nxt, wm) in sorted(positions.items()):
+            newest = newest_ms.get(partition)
             if prev is None:
                 cur.execute(
                     "INSERT INTO stream_positions (consumer_group, topic, kafka_partition, "
-                    "next_offset, watermark_ms) VALUES (%s, %s, %s, %s, %s) "
-                    "ON CONFLICT DO NOTHING",
-                    (self.group, self.topic, partition, nxt, wm),
+                    "next_offset, watermark_ms, newest_event_ms) VALUES (%s, %s, %s, %s, %s, "
+                    "%s) ON CONFLICT DO NOTHING",
+                    (self.group, self.topic, partition, nxt, wm, newest),
                 )
             else:
                 cur.execute(
                     "UPDATE stream_positions SET next_offset = %s, watermark_ms = %s, "
+                    "newest_event_ms = COALESCE(%s, newest_event_ms), "
                     "updated_at = now() WHERE consumer_group = %s AND topic = %s "
                     "AND kafka_partition = %s AND next_offset = %s",
-                    (nxt, wm, self.group, self.topic, partition, prev),
+                    (nxt, wm, newest, self.group, self.topic, partition, prev),
                 )
             if cur.rowcount != 1:
                 raise FencedError(
@@ -690,13 +737,14 @@ class Sink:
 
 _UPSERT_BASELINES = b"""
 INSERT INTO meter_baselines AS b (consumer_group, meter_id, source_partition, baseline,
-    samples, last_outage_ms, last_spike_ms, last_drop_ms)
+    samples, last_outage_ms, last_spike_ms, last_drop_ms, newest_reading_ms)
 SELECT %s, meter_id, source_partition, baseline, samples, last_outage_ms, last_spike_ms,
-    last_drop_ms FROM segs_baselines
+    last_drop_ms, newest_reading_ms FROM segs_baselines
 ON CONFLICT (consumer_group, meter_id) DO UPDATE SET
     source_partition = EXCLUDED.source_partition, baseline = EXCLUDED.baseline,
     samples = EXCLUDED.samples, last_outage_ms = EXCLUDED.last_outage_ms,
     last_spike_ms = EXCLUDED.last_spike_ms, last_drop_ms = EXCLUDED.last_drop_ms,
+    newest_reading_ms = EXCLUDED.newest_reading_ms,
     updated_at = now()
 """
 
@@ -706,6 +754,49 @@ _DIRTY_WINDOWS = b"""
 INSERT INTO regional_dirty (consumer_group, window_start)
 SELECT %s, 'epoch'::timestamptz + w * interval '1 millisecond' FROM unnest(%s::int8[]) AS w
 """
+
+
+# The stored identities of the windows a checkpoint's undecided readings fall in: one query,
+# by primary key, in the checkpoint's transaction (a window's owner is its partition's, and
+# the positions' compare-and-set keeps every other writer of that partition out).
+# The stored identities of some 1-minute windows, from one table or chunk ({target}); the
+# windows come as parallel arrays (meter id, window start ms), numbered from 1.
+_STORED_IDENTITIES = """
+SELECT k.i, a.identities
+FROM unnest(%s::text[], %s::int8[]) WITH ORDINALITY AS k(meter_id, start_ms, i)
+JOIN {target} AS a ON a.meter_id = k.meter_id
+    AND a.window_start = 'epoch'::timestamptz + k.start_ms * interval '1 millisecond'{bound}
+"""
+
+
+def _stored_identities(cur: psycopg.Cursor[Any], deferred: Deferred,
+                       hypertable: bool) -> list[bytes | None]:
+    """The stored identities of ``deferred``'s windows, in its order (None: no row, or not
+    known). On a hypertable, chunk by chunk as :func:`_merge_stored` updates: a chunk by its
+    own name (primary-key probes), a compressed one through the hypertable bounded to its
+    range (TimescaleDB reads the compressed rows)."""
+    found: list[bytes | None] = [None] * len(deferred.meter_ids)
+    if not found:
+        return found
+    targets = [(ONE_MINUTE.table, "")]
+    if hypertable:
+        first, last = min(deferred.window_starts_ms), max(deferred.window_starts_ms)
+        chunks = cur.execute(_CHUNKS, (ONE_MINUTE.table, first, last)).fetchall()
+        targets = [(ONE_MINUTE.table, f" AND a.window_start >= {_literal_ts(lo)} AND "
+                                      f"a.window_start < {_literal_ts(hi)}")
+                   if compressed else (name, "") for name, compressed, lo, hi in chunks]
+    for target, bound in targets:
+        cur.execute(_STORED_IDENTITIES.format(target=target, bound=bound).encode(),
+                    (deferred.meter_ids, deferred.window_starts_ms))
+        for i, stored in cur.fetchall():
+            found[int(i) - 1] = None if stored is None else bytes(stored)
+    return found
+
+
+def _literal_ts(ms: int) -> str:
+    """Epoch milliseconds as a timestamptz literal: a constant, so TimescaleDB leaves the
+    chunks outside a bound out of the plan."""
+    return f"'{datetime.fromtimestamp(ms / 1000, UTC).isoformat()}'::timestamptz"
 
 
 def _insert_fresh(conn: psycopg.Connection[Any], cur: psycopg.Cursor[Any], insert: bytes,

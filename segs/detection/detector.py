@@ -44,7 +44,7 @@ database, so nothing is ever handed back.
 from __future__ import annotations
 
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
 import numpy as np
@@ -114,6 +114,9 @@ class Detections:
         )
 
 
+_NO_NEWEST: NDArray[np.int64] = np.zeros(0, np.int64)  # sentinel: "not given"
+
+
 @dataclass(slots=True)
 class BaselineState:
     """Detector state of some meter slots as columns (one row per slot), for checkpoints."""
@@ -125,6 +128,12 @@ class BaselineState:
     last_spike_ms: NDArray[np.int64]
     last_drop_ms: NDArray[np.int64]
     partition: NDArray[np.int32]  # source partition of the slot's last reading
+    # the newest event time folded (NEVER: none); left out: NEVER for every slot
+    newest_ms: NDArray[np.int64] = field(default_factory=lambda: _NO_NEWEST)
+
+    def __post_init__(self) -> None:
+        if self.newest_ms is _NO_NEWEST:
+            self.newest_ms = np.full(len(self.meter), NEVER, np.int64)
 
     def __len__(self) -> int:
         return int(self.meter.shape[0])
@@ -165,6 +174,7 @@ class AnomalyDetector:
         "_baseline",
         "_dirty",
         "_last",
+        "_newest",
         "_partition",
         "_samples",
         "settings",
@@ -178,6 +188,7 @@ class AnomalyDetector:
         self._last = np.full((len(KINDS), cap), NEVER, np.int64)  # [kind, slot]
         self._partition = np.full(cap, -1, np.int32)
         self._dirty = np.zeros(cap, np.bool_)
+        self._newest = np.full(cap, NEVER, np.int64)  # newest event time folded
 
     # -- detection -------------------------------------------------------------------------
 
@@ -199,6 +210,7 @@ class AnomalyDetector:
         group_meter = sorted_meter[starts]
         self._partition[group_meter] = r.partition[order[ends - 1]]
         self._dirty[group_meter] = True
+        np.maximum.at(self._newest, meter, r.ts_ms)
 
         found: list[_Found] = []
         rounds = int((ends - starts).max())
@@ -358,6 +370,22 @@ class AnomalyDetector:
         severity[outage] = HIGH
         return kind, severity, change
 
+    def unseen(self, r: Readings) -> NDArray[np.bool_]:
+        """Which readings cannot have been folded before, whatever their identity: the first
+        of their (meter, timestamp) in the batch and newer than every reading the meter's
+        baseline holds. For readings whose window cannot be decided in memory: a re-send
+        then never reaches the detector twice (an older reading is not folded at all)."""
+        n = len(r)
+        if n == 0:
+            return np.zeros(0, np.bool_)
+        self._reserve(int(r.meter.max()) + 1)
+        fresh = r.ts_ms > self._newest[r.meter]
+        order = np.lexsort((np.arange(n), r.ts_ms, r.meter))
+        m, t = r.meter[order], r.ts_ms[order]
+        repeat = np.zeros(n, np.bool_)
+        repeat[order[1:]] = (m[1:] == m[:-1]) & (t[1:] == t[:-1])
+        return fresh & ~repeat
+
     # -- state -------------------------------------------------------------------------------
 
     def take_dirty(self, partitions: Collection[int] | None = None) -> BaselineState:
@@ -387,6 +415,7 @@ class AnomalyDetector:
         self._last[SPIKE, slots] = state.last_spike_ms
         self._last[DROP, slots] = state.last_drop_ms
         self._partition[slots] = state.partition
+        self._newest[slots] = state.newest_ms
         self._dirty[slots] = False
 
     def forget_partitions(self, partitions: Collection[int]) -> None:
@@ -401,6 +430,7 @@ class AnomalyDetector:
         self._samples[slots] = 0
         self._last[:, slots] = NEVER
         self._partition[slots] = -1
+        self._newest[slots] = NEVER
         self._dirty[slots] = False
 
     def snapshot(self, slots: NDArray[np.integer] | None = None) -> BaselineState:
@@ -421,6 +451,7 @@ class AnomalyDetector:
             last_spike_ms=self._last[SPIKE, slots],
             last_drop_ms=self._last[DROP, slots],
             partition=self._partition[slots],
+            newest_ms=self._newest[slots],
         )
 
     def _reserve(self, size: int) -> None:
@@ -439,6 +470,7 @@ class AnomalyDetector:
         )
         self._partition = np.concatenate([self._partition, np.full(extra, -1, np.int32)])
         self._dirty = np.concatenate([self._dirty, np.zeros(extra, np.bool_)])
+        self._newest = np.concatenate([self._newest, np.full(extra, NEVER, np.int64)])
 
 
 def _merge(found: list[_Found]) -> Detections:

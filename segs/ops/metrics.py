@@ -98,6 +98,10 @@ INVALID_MESSAGES = Counter(
 LATE_READINGS = Counter(
     "stream_late_readings_total", "Valid readings for a window that was already closed"
 )
+DUPLICATE_READINGS = Counter(
+    "stream_duplicate_readings_total",
+    "Valid readings not counted: their (meterId, timestamp) was counted already (DEDUPLICATE)",
+)
 DLQ_PUBLISHED = Counter("stream_dlq_published_total", "Messages published to the dead-letter topic")
 PUBLISH_ERRORS = Counter(
     "kafka_publish_errors_total",
@@ -258,6 +262,7 @@ _ALL: Final[tuple[Counter | Gauge | Histogram, ...]] = (
     ALERTS_PUBLISHED,
     INVALID_MESSAGES,
     LATE_READINGS,
+    DUPLICATE_READINGS,
     DLQ_PUBLISHED,
     PUBLISH_ERRORS,
     DLQ_TRUNCATED,

@@ -352,6 +352,8 @@ class Checkpointer:
     def _stored(self, payload: Payload, stats: CommitStats) -> None:
         """Book a written payload: its positions are the stored ones now."""
         self.book.stored_now(payload.positions)
+        if stats.duplicates:
+            metrics.DUPLICATE_READINGS.inc(stats.duplicates)
         for size in SIZES:
             metrics.AGGREGATES_WRITTEN.labels(size.granularity, size.granularity).inc(
                 stats.new_rows[size.table])

@@ -54,6 +54,7 @@ from segs.runtime.kafka_clients import make_consumer
 from segs.runtime.outbox import Outbox
 from segs.runtime.partitions import PartitionBook
 from segs.runtime.state import WorkerState
+from segs.times import NEVER
 from segs.windows.engine import WindowEngine
 from segs.windows.partials import region_ranks
 from segs.windows.sizes import ONE_MINUTE
@@ -110,7 +111,8 @@ class Worker:
     def _fresh_state(self) -> None:
         lateness, idle = self.s.allowed_lateness_ms, self.s.idle_advance_ms
         self.windows = WindowEngine(ONE_MINUTE.seconds, regions=self.regions,
-                                    allowed_lateness_ms=lateness, idle_advance_ms=idle)
+                                    allowed_lateness_ms=lateness, idle_advance_ms=idle,
+                                    deduplicate=self.s.deduplicate)
         self.detector = AnomalyDetector(self.detector_settings)
 
     # ------------------------------------------------------------------ main loop
@@ -187,18 +189,35 @@ class Worker:
         if len(readings):
             if self.sink.writers > 1:  # only a cut checkpoint needs to know
                 self.meter_partitions.note(readings.meter, readings.partition)
-            late = self.windows.add(readings, now_ms)
+            if self.s.deduplicate:
+                late, distinct = self._add_distinct(readings, now_ms)
+            else:
+                late, distinct = self.windows.add(readings, now_ms), readings
             if late:
                 metrics.LATE_READINGS.inc(late)
-            if self.s.anomaly_detection:
-                det = self.detector.check(readings)
+            if self.s.anomaly_detection and len(distinct):
+                det = self.detector.check(distinct)
                 if len(det):
-                    self.outbox.alerts(det, readings)
+                    self.outbox.alerts(det, distinct)
             self._lag(readings, now_ms)
         self.book.processed(present, part_arr, off_arr, now_ms)
         seconds = time.perf_counter() - t0
         metrics.PROCESSING_SECONDS.observe(seconds)
         metrics.observe_each(metrics.MESSAGE_PROCESSING_MS, seconds * 1000 / len(msgs), len(msgs))
+
+    def _add_distinct(self, readings: Readings, now_ms: int) -> tuple[int, Readings]:
+        """Window a batch counting each identity once; returns the late readings and the
+        readings for the detector: those counted now, and undecided ones it cannot have
+        folded before (:meth:`AnomalyDetector.unseen`: newer than the meter's baseline)."""
+        added = self.windows.add_distinct(readings, now_ms)
+        if added.duplicates:
+            metrics.DUPLICATE_READINGS.inc(added.duplicates)
+        chosen = added.counted
+        if added.undecided.any():
+            undecided = np.flatnonzero(added.undecided)
+            chosen = chosen.copy()
+            chosen[undecided[self.detector.unseen(readings.take(undecided))]] = True
+        return added.late, readings if chosen.all() else readings.take(chosen)
 
     def _without_errors(self, msgs: list[Message]) -> list[Message]:
         for m in msgs:
@@ -257,7 +276,11 @@ class Worker:
                                        empty_end=self._empty_partition_end)
         partials = self.windows.drain()
         payload = Payload(partials, self.detector.take_dirty(), positions,
-                          self.written.fresh(partials))
+                          self.written.fresh(partials),
+                          newest_ms={p: self.windows.newest(p) for p in positions})
+        if self.s.deduplicate:
+            payload.identities = self.windows.take_identities()
+            payload.undecided = self.windows.take_undecided()
         parts = self.sink.writers
         if self.meter_partitions.take_mixed():
             log.debug("a meter's readings came from two partitions: one checkpoint transaction")
@@ -378,8 +401,16 @@ class Worker:
         committed = self._committed(unstored) if unstored else {}
         if committed is None:
             return None
+        thresholds = {p: _stored_newest(stored.get(p), self.s.allowed_lateness_ms)
+                      for p in parts}
+        for p, newest in thresholds.items():
+            self.windows.set_threshold(p, newest)
         if baselines:
-            self.detector.load(baseline_state(baselines, self.meters.slot))
+            state = baseline_state(baselines, self.meters.slot)
+            before = state.newest_ms == NEVER  # stored before V009: as new as its partition
+            state.newest_ms[before] = [thresholds.get(p, NEVER)
+                                       for p in state.partition[before].tolist()]
+            self.detector.load(state)
         default = OFFSET_BEGINNING if self.s.auto_offset_reset == "earliest" else OFFSET_END
         tps, positions = [], {}
         for p in parts:
@@ -447,6 +478,16 @@ class Worker:
             return 1
         log.info("worker %d stopped after its final checkpoint", self.worker_id)
         return 0
+
+
+def _stored_newest(pos: Position | None, lateness_ms: int) -> int:
+    """The newest event time stored for a partition: no window starting later has a row of
+    it. Positions stored before V009 have only the watermark (newest − lateness, or later)."""
+    if pos is None:
+        return NEVER
+    if pos.newest_ms is not None:
+        return pos.newest_ms
+    return NEVER if pos.watermark_ms is None else pos.watermark_ms + lateness_ms
 
 
 class _Status(Protocol):

@@ -19,6 +19,17 @@ Late-data policy (nothing is ever dropped):
 Watermark per partition = highest event time seen − ``allowed_lateness_ms``, raised to
 ``now − allowed_lateness_ms`` by :meth:`WindowEngine.advance_idle` when the partition saw
 no reading for ``idle_advance_ms`` of wall clock.
+
+Re-sent readings (``deduplicate=True``, 1-minute windows only): a cell whose window started
+after its partition's *threshold* (:meth:`WindowEngine.set_threshold`: the newest event time
+stored for the partition, so nothing of that window can be stored) is *known*: it holds every
+identity counted in its window (:mod:`segs.windows.identities`), and a reading for it is
+counted or dropped as a duplicate right here, until a drain finds the window closed. Every
+other reading (a window at or before the threshold, one closed at a drain, one older than
+its cell holds) is *undecided*: it is kept raw, counted in no
+partial, and decided in the checkpoint's transaction against the stored identities
+(:mod:`segs.checkpoint.dedup`). A cell never becomes known after it took its window, and
+windows only move forward in a cell, so an undecided window stays undecided.
 """
 
 from __future__ import annotations
@@ -31,7 +42,8 @@ from numpy.typing import NDArray
 
 from segs.intake.readings import Interner, Readings, grown
 from segs.times import NEVER
-from segs.windows.partials import Partials, combine, region_ranks
+from segs.windows.identities import IdentityIndex, IdentityLog
+from segs.windows.partials import Partials, combine, of_readings, region_ranks
 
 __all__ = ["Partials", "WindowEngine"]
 
@@ -45,6 +57,15 @@ class _Unreported(NamedTuple):
     meter: NDArray[np.int32]
     window: NDArray[np.int64]  # window index: start // size
     partition: NDArray[np.int32]
+
+
+class Added(NamedTuple):
+    """What :meth:`WindowEngine.add_distinct` did with a batch, by reading."""
+
+    late: int
+    counted: NDArray[np.bool_]  # counted now: a new identity of a known window
+    undecided: NDArray[np.bool_]  # kept raw for the checkpoint to decide
+    duplicates: int  # dropped: identity counted already
 
 
 def default_ring(size_s: int, allowed_lateness_ms: int) -> int:
@@ -68,6 +89,9 @@ class WindowEngine:
     _region: NDArray[np.int32]
     _part: NDArray[np.int32]
     _open: NDArray[np.bool_]
+    _known: NDArray[np.bool_]
+    _gen: NDArray[np.int32]
+    _nid: NDArray[np.int32]
     _scratch: NDArray[np.int64]
 
     def __init__(
@@ -79,6 +103,7 @@ class WindowEngine:
         idle_advance_ms: int = 10000,
         ring: int | None = None,
         report_closed: bool = False,
+        deduplicate: bool = False,
     ) -> None:
         """``report_closed=True`` only for a caller that asks :meth:`closed` (the worker
         does not: it publishes closed windows from the database). Windows are then kept
@@ -94,10 +119,17 @@ class WindowEngine:
         self.report_closed = report_closed
         if self.ring < 1:
             raise ValueError(f"ring must be ≥ 1, got {self.ring}")
+        self.deduplicate = deduplicate
+        if deduplicate and self.size_ms > 1 << 16:
+            raise ValueError("identities are 16-bit offsets: windows of at most 65 s")
+        self._ids = IdentityIndex()
+        self._id_log: list[IdentityLog] = []
+        self._undecided: list[Readings] = []
         self._capacity = 0  # meter slots
         self._alloc_cells(0)
         # per partition
         self._max_ts = np.empty(0, np.int64)
+        self._threshold = np.empty(0, np.int64)  # newest event time stored (deduplicate)
         self._wm = np.empty(0, np.int64)
         self._last_wall = np.empty(0, np.int64)
         self._seen = np.empty(0, np.bool_)
@@ -125,6 +157,9 @@ class WindowEngine:
         self._region = grown(None if first else self._region, n, -1, np.int32)
         self._part = grown(None if first else self._part, n, -1, np.int32)
         self._open = grown(None if first else self._open, n, False)  # not reported closed
+        self._known = grown(None if first else self._known, n, False)  # identities complete
+        self._gen = grown(None if first else self._gen, n, 0, np.int32)  # identity generation
+        self._nid = grown(None if first else self._nid, n, 0, np.int32)  # identities counted
         self._scratch = grown(None if first else self._scratch, n, 0)
         self._capacity = capacity
 
@@ -144,6 +179,7 @@ class WindowEngine:
             return b
 
         self._max_ts = ext(self._max_ts, NEVER)  # type: ignore[assignment]
+        self._threshold = ext(self._threshold, NEVER)  # type: ignore[assignment]
         self._wm = ext(self._wm, NEVER)  # type: ignore[assignment]
         self._last_wall = ext(self._last_wall, NEVER)  # type: ignore[assignment]
         self._seen = ext(self._seen, False)  # type: ignore[assignment]
@@ -185,6 +221,8 @@ class WindowEngine:
 
     def add(self, r: Readings, now_ms: int) -> int:
         """Apply a batch of readings; returns how many of them were late."""
+        if self.deduplicate:
+            return self.add_distinct(r, now_ms).late
         n = len(r)
         if n == 0:
             return 0
@@ -214,6 +252,87 @@ class WindowEngine:
             r, w, cell = r.take(keep), w[keep], cell[keep]
         self._accumulate(r, w, cell)
         return late
+
+    def add_distinct(self, r: Readings, now_ms: int) -> Added:
+        """Apply a batch, each identity counted once (see the module docstring): the first
+        reading of a new identity of a known window is counted, later ones are dropped as
+        duplicates, readings of other windows are kept undecided for the checkpoint."""
+        n = len(r)
+        counted = np.zeros(n, np.bool_)
+        if n == 0:
+            return Added(0, counted, counted.copy(), 0)
+        part = r.partition
+        if int(part.min()) < 0:
+            raise ValueError("partitions must be ≥ 0")
+        self._ensure_partitions(int(part.max()) + 1)
+        self._ensure_meters(int(r.meter.max()) + 1)
+        ts = r.ts_ms
+        size_ms = self.size_ms
+        w = ts // size_ms
+        late = int(np.count_nonzero((w + 1) * size_ms <= self._wm[part]))
+        self._advance(part, ts, now_ms)
+
+        cell = r.meter.astype(np.intp) * self.ring + (w % self.ring)
+        old = self._win[cell]
+        np.maximum.at(self._win, cell, w)
+        new = self._win[cell]
+        moved = new != old
+        if moved.any():
+            self._evict(cell[moved], old[moved])
+            self._new_generation(np.unique(cell[moved]))
+            took = moved & (w == new)
+            cells = cell[took]
+            self._known[cells] = True  # unless one of its readings' partitions stored it
+            self._known[cells[w[took] * size_ms <= self._threshold[part[took]]]] = False
+        decided = (w == new) & self._known[cell]
+        undecided = ~decided
+        if undecided.any():
+            self._undecided.append(r.take(undecided))
+        idx = np.flatnonzero(decided)
+        if idx.size == 0:
+            return Added(late, counted, undecided, 0)
+        off = ts[idx] - w[idx] * size_ms
+        first = self._ids.first_new(cell[idx], off, self._gen)
+        sel = idx[first]
+        counted[sel] = True
+        np.add.at(self._nid, cell[sel], np.ones(sel.shape[0], np.int32))
+        self._id_log.append(IdentityLog(r.meter[sel].astype(np.int32), w[sel] * size_ms,
+                                        off[first].astype(np.uint16),
+                                        part[sel].astype(np.int32)))
+        self._accumulate(r.take(sel), w[sel], cell[sel])
+        self._ids.compact(self._gen)
+        return Added(late, counted, undecided, int(idx.size - sel.size))
+
+    def _new_generation(self, cells: NDArray[np.intp]) -> None:
+        """Cells that took a new window or were reset: their identities stop matching."""
+        if not self.deduplicate or cells.size == 0:
+            return
+        self._ids.retired(int(self._nid[cells].sum(dtype=np.int64)))
+        self._nid[cells] = 0
+        self._gen[cells] += 1
+        self._known[cells] = False
+
+    def set_threshold(self, partition: int, newest_stored_ms: int) -> None:
+        """The newest event time stored for ``partition`` (by any life of any worker): a
+        window starting after it has nothing stored, so its cell can be known."""
+        self._ensure_partitions(partition + 1)
+        self._threshold[partition] = newest_stored_ms
+
+    def newest(self, partition: int) -> int:
+        """The newest event time of ``partition`` seen or stored: the next threshold."""
+        if partition >= self._max_ts.shape[0]:
+            return NEVER
+        return max(int(self._max_ts[partition]), int(self._threshold[partition]))
+
+    def take_identities(self) -> IdentityLog:
+        """Identities counted since the last call, for the checkpoint to store."""
+        log, self._id_log = IdentityLog.concat(self._id_log), []
+        return log
+
+    def take_undecided(self) -> Readings:
+        """Readings kept for the checkpoint to decide, in arrival order."""
+        out, self._undecided = concat_readings(self._undecided), []
+        return out
 
     def _advance(self, part: NDArray[np.int32], ts: NDArray[np.int64], now_ms: int) -> None:
         p0 = int(part[0])
@@ -249,23 +368,7 @@ class WindowEngine:
 
     def _to_overflow(self, r: Readings, w: NDArray[np.int64]) -> None:
         """Readings for windows older than their cell holds: one-reading partials."""
-        self._over.append(
-            Partials(
-                size_s=self.size_s,
-                meter=r.meter.astype(np.int32),
-                window_start_ms=w * self.size_ms,
-                count=np.ones(len(r), np.int64),
-                power_sum=r.power.astype(np.float64),
-                power_max=r.power.astype(np.float64),
-                power_min=r.power.astype(np.float64),
-                energy_sum=r.energy.astype(np.float64),
-                last_ts_ms=r.ts_ms.astype(np.int64),
-                region=r.region.astype(np.int32),
-                partition=r.partition.astype(np.int32),
-                voltage_sum=np.nan_to_num(r.voltage, nan=0.0),
-                voltage_count=(~np.isnan(r.voltage)).astype(np.int64),
-            )
-        )
+        self._over.append(of_readings(r, self.size_s))
         if self.report_closed:
             self._over_open.append(
                 _Unreported(r.meter.astype(np.int32), w.copy(), r.partition.astype(np.int32)))
@@ -352,7 +455,14 @@ class WindowEngine:
     # output
 
     def drain(self) -> Partials:
-        """All pending partials (distinct (meter, window) keys); pending is reset."""
+        """All pending partials (distinct (meter, window) keys); pending is reset. With
+        ``deduplicate``, cells whose window is closed forget its identities (memory holds
+        those of open windows only): a later reading for it is undecided."""
+        if self.deduplicate:
+            held = np.flatnonzero(self._known)
+            part = np.maximum(self._part[held], 0)
+            self._new_generation(held[(self._win[held] + 1) * self.size_ms <= self._wm[part]])
+            self._ids.compact(self._gen)
         cells = np.flatnonzero(self._count > 0)
         out = self._cell_partials(cells, self._win[cells])
         self._reset_pending(cells)
@@ -398,12 +508,15 @@ class WindowEngine:
             return
         cells = np.flatnonzero(np.isin(self._part, ps))
         self._reset_pending(cells)
+        self._new_generation(cells)
         self._win[cells] = NEVER
         self._open[cells] = False
         self._region[cells] = -1
         self._part[cells] = -1
         self._over = [o.take(~np.isin(o.partition, ps)) for o in self._over]
         self._over = [o for o in self._over if len(o)]
+        self._id_log = [g.take(~np.isin(g.partition, ps)) for g in self._id_log]
+        self._undecided = [u.take(~np.isin(u.partition, ps)) for u in self._undecided]
         kept: list[_Unreported] = []
         for m, w, p in self._over_open:
             k = ~np.isin(p, ps)
@@ -413,12 +526,24 @@ class WindowEngine:
         known = ps[ps < self._wm.shape[0]]
         known = known[known >= 0]
         self._max_ts[known] = NEVER
+        self._threshold[known] = NEVER
         self._wm[known] = NEVER
         self._last_wall[known] = NEVER
         self._seen[known] = False
 
     def pending_readings(self) -> int:
-        return int(self._count.sum(dtype=np.int64)) + sum(int(o.count.sum()) for o in self._over)
+        return (int(self._count.sum(dtype=np.int64)) + sum(int(o.count.sum()) for o in self._over)
+                + sum(len(u) for u in self._undecided))
 
     def pending_windows(self) -> int:
         return int(np.count_nonzero(self._count)) + sum(len(o) for o in self._over)
+
+
+def concat_readings(parts: list[Readings]) -> Readings:
+    """Batches of readings as one, in order."""
+    if not parts:
+        return Readings.empty()
+    if len(parts) == 1:
+        return parts[0]
+    return Readings(**{f: np.concatenate([getattr(p, f) for p in parts])
+                       for f in Readings.__dataclass_fields__})

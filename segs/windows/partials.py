@@ -17,7 +17,7 @@ from typing import NamedTuple
 import numpy as np
 from numpy.typing import NDArray
 
-from segs.intake.readings import Interner, take_rows
+from segs.intake.readings import Interner, Readings, take_rows
 
 
 class PartialRow(NamedTuple):
@@ -139,6 +139,26 @@ class Partials:
             voltage_sum=float(self.voltage_sum[i]),
             voltage_count=int(self.voltage_count[i]),
         )
+
+
+def of_readings(r: Readings, size_s: int) -> Partials:
+    """One partial per reading (not merged: keys may repeat)."""
+    power = r.power.astype(np.float64)
+    return Partials(
+        size_s=size_s,
+        meter=r.meter.astype(np.int32),
+        window_start_ms=r.ts_ms // (size_s * 1000) * (size_s * 1000),
+        count=np.ones(len(r), np.int64),
+        power_sum=power,
+        power_max=power,
+        power_min=power,
+        energy_sum=r.energy.astype(np.float64),
+        last_ts_ms=r.ts_ms.astype(np.int64),
+        region=r.region.astype(np.int32),
+        partition=r.partition.astype(np.int32),
+        voltage_sum=np.nan_to_num(r.voltage, nan=0.0),
+        voltage_count=(~np.isnan(r.voltage)).astype(np.int64),
+    )
 
 
 def region_ranks(regions: Interner) -> NDArray[np.int64]:

@@ -162,7 +162,10 @@ def batches(draw: st.DrawFn) -> Batch:
 
 
 def test_poison_goes_to_the_dlq_and_partitions_keep_flowing(fault: Fault) -> None:
-    svc = fault.service(workers=2, FLUSH_INTERVAL_1M="300").start()
+    # DEDUPLICATE=off: the batches put a meter's readings on any partition, and hypothesis
+    # repeats (meterId, timestamp) with other values there; which copy comes first across
+    # two workers' partitions is not defined (docs/contract.md, "Re-sent readings")
+    svc = fault.service(workers=2, FLUSH_INTERVAL_1M="300", DEDUPLICATE="off").start()
     pids = sorted(fault.wait_workers(svc, 2))
     produced: list[SimMessage] = []
     examples = [0]
@@ -182,7 +185,7 @@ def test_poison_goes_to_the_dlq_and_partitions_keep_flowing(fault: Fault) -> Non
         examples[0] += 1
         produced.extend(fault.produce([(k, v, p) for k, v, p in batch]))  # type: ignore[misc]
         now_ms = int(time.time() * 1000)
-        want, invalid = expected(produced, now_ms)
+        want, invalid = expected(produced, now_ms, deduplicate=False)
         ends = end_offsets(fault.kafka.bootstrap, fault.topics.input)
         wait_consumed(fault.db_url, fault.topics.group, fault.topics.input, ends,
                       timeout_s=60, service=svc)
@@ -192,7 +195,7 @@ def test_poison_goes_to_the_dlq_and_partitions_keep_flowing(fault: Fault) -> Non
     check()
     fault.entry.notes.append(f"{examples[0]} hypothesis batches")
     now_ms = int(time.time() * 1000)
-    want, invalid = expected(produced, now_ms)
+    want, invalid = expected(produced, now_ms, deduplicate=False)
     fault.inject("poison message", len(invalid))
     fault.verify(produced, svc, want=want, invalid=invalid)
     fault.assert_no_crash(svc)

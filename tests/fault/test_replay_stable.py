@@ -31,7 +31,7 @@ from confluent_kafka import Producer
 from segs.tools.simulator import SimMessage
 from tests.fault.conftest import Fault
 from tests.pipeline import TABLES, end_offsets, read_topic, stored_positions
-from tests.reference import aggregate, parse_reading
+from tests.reference import aggregate, distinct, parse_reading
 
 pytestmark = [pytest.mark.fault]
 
@@ -112,7 +112,7 @@ def test_validity_is_decided_by_the_message_and_replays_the_same(fault: Fault) -
             valid.append(verdict)
     assert {m.key.decode().split("-")[0] for m, _ in invalid} == {"ahead"}
     assert {reason for _, reason in invalid} == {"future_timestamp"}
-    want = {size: aggregate(valid, size) for size in TABLES}
+    want = {size: aggregate(distinct(valid), size) for size in TABLES}
     fault.verify(messages, svc, want=want, invalid=invalid, replays=True)
     counts = dead_letters(fault)
     assert any(counts[s] > 1 for s in round_two), "no dead letter was replayed"

@@ -382,3 +382,60 @@ def test_an_encoded_payload_lands_as_its_rows(db_url: str, sink: Sink) -> None:
         ("enc-ä", "nörth", 0, 5, 9.5, 4.0, 0.5, 0.75, 239_000, 4)]
     assert base == [("enc-b", 4, 2.5, 11, -(2**62), 5, 6)]
     assert sink.load_positions([4]) == {4: Position(9, 120_000)}
+
+
+def test_identities_are_stored_and_undecided_resends_decided_in_the_transaction(
+        sink: Sink, db_url: str) -> None:
+    """DEDUPLICATE: a first checkpoint stores its partial with its identities, fresh, cut in
+    two; a second one holds undecided readings for that window (two re-sends, one new one
+    twice) and for a window with no row: only the new identities are counted."""
+    from segs.intake.readings import Readings
+    from segs.windows.identities import IdentityLog
+
+    meters, region_names = TextFields(["dd-a", "dd-b"]), Interner()
+    region_names.slot("r")
+    rank, regions = region_ranks(region_names), TextFields(region_names.names)
+    t0 = 1_795_759_200_000
+    partials = Partials(
+        size_s=60, meter=np.array([0, 1], np.int32), window_start_ms=np.array([t0, t0]),
+        count=np.array([2, 1]), power_sum=np.array([3.0, 5.0]), power_max=np.array([2.0, 5.0]),
+        power_min=np.array([1.0, 5.0]), energy_sum=np.array([0.5, 0.0]),
+        last_ts_ms=np.array([t0 + 2_000, t0 + 7]), region=np.zeros(2, np.int32),
+        partition=np.array([0, 1], np.int32))
+    ids = IdentityLog(np.array([0, 0, 1], np.int32), np.full(3, t0),
+                      np.array([1_000, 2_000, 7], np.uint16), np.array([0, 0, 1], np.int32))
+    first = Payload(partials, BaselineState.empty(), {0: (None, 2, None), 1: (None, 1, None)},
+                    {60: np.array([True, True]), 900: np.array([True, True])}, ids,
+                    Readings.empty(), {0: t0 + 2_000, 1: t0 + 7})
+    done = sink.commit_all([p.commit_job(meters.fields(), regions.fields(), rank)
+                            for p in first.split(2)])
+    assert all(isinstance(d, CommitStats) for d in done) and len(done) == 2
+
+    def readings(ts: list[int], power: list[float]) -> Readings:
+        n = len(ts)
+        return Readings(np.zeros(n, np.int32), np.zeros(n, np.int32), np.array(ts),
+                        np.array(power), np.zeros(n), np.full(n, np.nan), np.zeros(n, np.int32),
+                        np.arange(2, 2 + n))
+
+    undecided = readings([t0 + 1_000, t0 + 2_000, t0 + 3_000, t0 + 3_000, t0 + 60_500],
+                         [9.0, 9.0, 4.0, 8.0, 6.0])
+    second = Payload(Partials.empty(60), BaselineState.empty(), {0: (2, 7, None)},
+                     {60: np.zeros(0, bool), 900: np.zeros(0, bool)}, IdentityLog.empty(),
+                     undecided, {0: t0 + 60_500})
+    (stats,) = sink.commit_all([second.commit_job(meters.fields(), regions.fields(), rank)])
+    assert isinstance(stats, CommitStats) and stats.duplicates == 3
+    with psycopg.connect(db_url) as conn:
+        rows = conn.execute(
+            "SELECT meter_id, (extract(epoch FROM window_start) * 1000)::int8 - %s, "
+            "sample_count, max_power, identities FROM aggregates_1m "
+            "WHERE meter_id LIKE 'dd-%%' ORDER BY 1, 2", (t0,)).fetchall()
+        fifteen = conn.execute("SELECT sample_count, max_power FROM aggregates_15m "
+                               "WHERE meter_id = 'dd-a'").fetchall()
+        newest = conn.execute("SELECT kafka_partition, newest_event_ms FROM stream_positions "
+                              "WHERE consumer_group = 'g' ORDER BY 1").fetchall()
+    got = [(m, w, c, mx, sorted(np.frombuffer(bytes(i), "<u2").tolist())) for m, w, c, mx, i
+           in rows]
+    assert got == [("dd-a", 0, 3, 4.0, [1_000, 2_000, 3_000]), ("dd-a", 60_000, 1, 6.0, [500]),
+                   ("dd-b", 0, 1, 5.0, [7])]
+    assert fifteen == [(4, 6.0)]
+    assert newest == [(0, t0 + 60_500), (1, t0 + 7)]
