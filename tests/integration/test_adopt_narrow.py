@@ -75,11 +75,11 @@ def adopted(request: pytest.FixtureRequest, postgres_server: PostgresServer) -> 
 
 def _produce(bootstrap: str, topic: str, window_ms: int,
              phase: dict[str, list[tuple[int, float, float, float | None]]],
-             ms: int = 0) -> list[bytes]:
+             first_ms: int = 0) -> list[bytes]:
     """The phase's readings, each meter on a partition of its own choosing, interleaved so
-    that valid readings follow the long ids on their partitions; returns the values. The
-    k-th reading of a meter is at ``ms`` + k milliseconds into its minute: a second phase
-    passes its own ``ms``, or its readings would be re-sends of the first's."""
+    that valid readings follow the long ids on their partitions; returns the values. A
+    reading's millisecond is ``first_ms`` + its round: phases differ in it, so a reading of
+    phase 2 is not a re-send of one of phase 1 (DEDUPLICATE)."""
     producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5})
     values: list[bytes] = []
     rounds = max(len(r) for r in phase.values())
@@ -93,7 +93,7 @@ def _produce(bootstrap: str, topic: str, window_ms: int,
                 "meterId": meter, "region": f"region-{n % 3}", "powerKw": power,
                 "energyKwh": energy,
                 "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(
-                    (window_ms + minute * 60_000) // 1000)) + f".{ms + k:03d}Z"}
+                    (window_ms + minute * 60_000) // 1000)) + f".{first_ms + k:03d}Z"}
             if voltage is not None:
                 obj["voltage"] = voltage
             value = json.dumps(obj, ensure_ascii=False).encode()
@@ -144,7 +144,7 @@ def test_long_ids_and_oversized_figures_never_stall_an_adopted_database(
         wait_consumed(url, topics.group, topics.input,
                       end_offsets(kafka_server.bootstrap, topics.input), timeout_s=60,
                       service=svc)
-        values += _produce(kafka_server.bootstrap, topics.input, window_ms, PHASE_2, ms=500)
+        values += _produce(kafka_server.bootstrap, topics.input, window_ms, PHASE_2, first_ms=500)
         wait_consumed(url, topics.group, topics.input,
                       end_offsets(kafka_server.bootstrap, topics.input), timeout_s=60,
                       service=svc)
