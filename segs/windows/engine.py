@@ -223,25 +223,9 @@ class WindowEngine:
         """Apply a batch of readings; returns how many of them were late."""
         if self.deduplicate:
             return self.add_distinct(r, now_ms).late
-        n = len(r)
-        if n == 0:
+        if len(r) == 0:
             return 0
-        part = r.partition
-        if int(part.min()) < 0:
-            raise ValueError("partitions must be ≥ 0")
-        self._ensure_partitions(int(part.max()) + 1)
-        self._ensure_meters(int(r.meter.max()) + 1)
-        ts = r.ts_ms
-        size_ms = self.size_ms
-        w = ts // size_ms
-        late = int(np.count_nonzero((w + 1) * size_ms <= self._wm[part]))
-        self._advance(part, ts, now_ms)
-
-        ring = self.ring
-        cell = r.meter.astype(np.intp) * ring + (w % ring)
-        old = self._win[cell]
-        np.maximum.at(self._win, cell, w)
-        new = self._win[cell]
+        late, w, cell, old, new = self._place(r, now_ms)
         moved = new != old
         if moved.any():
             self._evict(cell[moved], old[moved])
@@ -253,6 +237,24 @@ class WindowEngine:
         self._accumulate(r, w, cell)
         return late
 
+    def _place(self, r: Readings, now_ms: int) -> tuple[
+            int, NDArray[np.int64], NDArray[np.intp], NDArray[np.int64], NDArray[np.int64]]:
+        """The step both ways of adding share: grow the tables, count the late readings,
+        advance the watermarks and move each reading's cell to the newest window among its
+        readings. Returns (late, window index, cell, the cell's window before and after)."""
+        part = r.partition
+        if int(part.min()) < 0:
+            raise ValueError("partitions must be ≥ 0")
+        self._ensure_partitions(int(part.max()) + 1)
+        self._ensure_meters(int(r.meter.max()) + 1)
+        w = r.ts_ms // self.size_ms
+        late = int(np.count_nonzero((w + 1) * self.size_ms <= self._wm[part]))
+        self._advance(part, r.ts_ms, now_ms)
+        cell = r.meter.astype(np.intp) * self.ring + (w % self.ring)
+        old = self._win[cell]
+        np.maximum.at(self._win, cell, w)
+        return late, w, cell, old, self._win[cell]
+
     def add_distinct(self, r: Readings, now_ms: int) -> Added:
         """Apply a batch, each identity counted once (see the module docstring): the first
         reading of a new identity of a known window is counted, later ones are dropped as
@@ -261,21 +263,8 @@ class WindowEngine:
         counted = np.zeros(n, np.bool_)
         if n == 0:
             return Added(0, counted, counted.copy(), 0)
-        part = r.partition
-        if int(part.min()) < 0:
-            raise ValueError("partitions must be ≥ 0")
-        self._ensure_partitions(int(part.max()) + 1)
-        self._ensure_meters(int(r.meter.max()) + 1)
-        ts = r.ts_ms
-        size_ms = self.size_ms
-        w = ts // size_ms
-        late = int(np.count_nonzero((w + 1) * size_ms <= self._wm[part]))
-        self._advance(part, ts, now_ms)
-
-        cell = r.meter.astype(np.intp) * self.ring + (w % self.ring)
-        old = self._win[cell]
-        np.maximum.at(self._win, cell, w)
-        new = self._win[cell]
+        late, w, cell, old, new = self._place(r, now_ms)
+        part, ts, size_ms = r.partition, r.ts_ms, self.size_ms
         moved = new != old
         if moved.any():
             self._evict(cell[moved], old[moved])

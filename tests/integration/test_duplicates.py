@@ -6,31 +6,15 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from confluent_kafka import Producer
 
 from segs.tools.simulator import SimMessage, SimulatorOptions, generate
-from tests.conftest import KafkaServer, Topics
 from tests.integration.test_pipeline import SIM, Run, signal_kill
 from tests.pipeline import Service, assert_exact, end_offsets, expected, process_all, wait_consumed
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-
-@pytest.fixture
-def run(kafka_server: KafkaServer, db_url: str, topics: Topics, tmp_path: Path) -> Run:
-    return Run(kafka_server, db_url, topics, tmp_path)
-
-
-@pytest.fixture
-def cleanup() -> Iterator[list[Service]]:
-    services: list[Service] = []
-    yield services
-    for s in services:
-        s.kill()
 
 
 def _produce(run: Run, messages: list[SimMessage]) -> None:

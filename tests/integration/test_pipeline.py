@@ -15,7 +15,7 @@ import signal
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,19 +88,6 @@ class Run:
                    for m in dlq}
         got = collections.Counter(letters.values())
         assert got == collections.Counter((m.value, reason) for m, reason in invalid)
-
-
-@pytest.fixture
-def run(kafka_server: KafkaServer, db_url: str, topics: Topics, tmp_path: Path) -> Run:
-    return Run(kafka_server, db_url, topics, tmp_path)
-
-
-@pytest.fixture
-def cleanup() -> Iterator[list[Service]]:
-    services: list[Service] = []
-    yield services
-    for s in services:
-        s.kill()
 
 
 def test_exact_with_two_workers_and_closed_windows_published(run: Run,
