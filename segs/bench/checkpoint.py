@@ -1,8 +1,8 @@
 """Checkpoint: time of the worker's database step for N partial aggregates (1-minute rows of
 N distinct meters spread over the 6 partitions of the topic, as one worker holds them with
 ``--workers 1``), first as new rows, then merged into those same rows, then merged once
-more as a restarted worker would: it takes every window for fresh, the plain insert meets a
-stored row, and the savepoint falls back to the merge (``replay``, the cost of a wrong guess).
+more as a restarted worker would (``replay``): it knows nothing it wrote, only the newest
+event time stored for each partition, and takes the windows starting by then for stored.
 
 The payload is built before the clock starts, as the worker builds it before its commit;
 the timed part is what the worker runs: the cut along partitions
@@ -36,6 +36,7 @@ from segs.checkpoint.sink import CommitStats, Positions, PositionWrite, Sink
 from segs.config import load_settings
 from segs.detection.detector import BaselineState
 from segs.intake.readings import Interner
+from segs.times import NEVER
 from segs.windows.identities import IdentityLog
 from segs.windows.partials import Partials, region_ranks
 
@@ -58,7 +59,8 @@ def _payload(n: int, salt: int, prev: dict[int, int | None],
         voltage_sum=ones * 2301.5, voltage_count=np.full(n, 10, np.int64))
     positions: Positions = {p: PositionWrite(prev[p], (prev[p] or 0) + n, None)
                              for p in range(PARTITIONS)}
-    payload = Payload(partials, BaselineState.empty(), positions, written.fresh(partials))
+    payload = Payload(partials, BaselineState.empty(), positions, written.fresh(partials),
+                      newest_ms=dict.fromkeys(range(PARTITIONS), _T0_MS + 59_000))
     if deduplicate:  # 10 readings a partial, other ones each phase (a merge appends them)
         payload.identities = IdentityLog(
             np.repeat(partials.meter, 10), np.repeat(partials.window_start_ms, 10),
@@ -125,8 +127,11 @@ def _run(srv: Servers, n: int, writers: int, meters: list[bytes], regions: list[
             prev: dict[int, int | None] = dict.fromkeys(range(PARTITIONS))
             written = WrittenWindows()
             for salt, phase in enumerate(PHASES):
-                if phase == "replay":
-                    written = WrittenWindows()  # a restarted worker's
+                if phase == "replay":  # a restarted worker's, as it takes its partitions
+                    written = WrittenWindows()
+                    for p, pos in sink.load_positions(range(PARTITIONS)).items():
+                        written.stored_through(p, NEVER if pos.newest_ms is None
+                                               else pos.newest_ms)
                 payload = _payload(n, salt, prev, written, deduplicate)
                 t0 = time.perf_counter()
                 done = sink.commit_all([p.commit_job(meters, regions, rank)

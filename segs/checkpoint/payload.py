@@ -225,17 +225,33 @@ class WrittenWindows:
     (partitions moved, or a producer spread a meter over partitions) or this worker did
     before a restart; the sink then merges it, so a wrong guess costs time, not exactness.
     A window older than the latest one is never called fresh, so one that really is new
-    is merged (a late reading for a window nothing was written for).
+    is merged (a late reading for a window nothing was written for). Nor is a window that
+    starts by the newest event time stored for its partition (:meth:`stored_through`):
+    after a restart or a move, the replayed readings of such windows mostly find their rows.
     """
 
     def __init__(self, sizes: tuple[int, ...] = tuple(BY_SECONDS)) -> None:
         self._latest = {size: np.full(1024, NEVER, np.int64) for size in sizes}
+        self._stored = np.full(0, NEVER, np.int64)  # per partition: newest event ms stored
+
+    def stored_through(self, partition: int, newest_ms: int) -> None:
+        """Rows of ``partition`` may exist for windows starting by ``newest_ms`` (the
+        newest event time of its stored position; NEVER: none)."""
+        if partition >= self._stored.shape[0]:
+            self._stored = grown(self._stored, partition + 1, NEVER)
+        self._stored[partition] = newest_ms
 
     def fresh(self, partials: Partials) -> dict[int, NDArray[np.bool_]]:
         """Per size, which of ``partials`` (distinct (meter, window) keys of windows that
         nest in each size) fall in a window of that size fresh for their meter; the
         windows count as written from now on."""
         meter = partials.meter
+        stored: NDArray[np.int64] | None = None
+        if self._stored.shape[0] and len(meter):
+            part = partials.partition
+            if int(part.max()) >= self._stored.shape[0]:
+                self._stored = grown(self._stored, int(part.max()) + 1, NEVER)
+            stored = self._stored[part]
         out: dict[int, NDArray[np.bool_]] = {}
         for size, latest in self._latest.items():
             if len(meter) and int(meter.max()) >= latest.shape[0]:
@@ -243,5 +259,7 @@ class WrittenWindows:
                 self._latest[size] = latest
             window = partials.window_start_ms // (size * 1000)
             out[size] = window > latest[meter]
+            if stored is not None:
+                out[size] &= window > stored // (size * 1000)
             np.maximum.at(latest, meter, window)
         return out

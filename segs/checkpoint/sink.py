@@ -193,6 +193,15 @@ UPDATE {{target}} AS a SET {merge_set}
 FROM ({row}{{within}}) AS excluded
 WHERE a.meter_id = excluded.meter_id AND a.window_start = excluded.window_start
 """
+# After the UPDATEs, appended to the insert of the partials of one chunk ({within}: of its
+# range; or of the whole table): those the UPDATE found no row for. Probing the chunk, not
+# the hypertable, which would probe every chunk, or with a bound on window_start, fall into
+# the planner trap of _merge_stored.
+_MISSING = """
+WHERE {within}NOT EXISTS (SELECT FROM {target} AS s
+    WHERE s.meter_id = p.meter_id
+        AND s.window_start = ('epoch'::timestamptz + p.window_start_ms * interval '1 ms'))
+"""
 
 
 class Statements(NamedTuple):
@@ -201,6 +210,7 @@ class Statements(NamedTuple):
     merge: dict[str, bytes]  # temporary table → the upsert of its partials
     insert_fresh: dict[int, bytes]  # window size → the plain insert of its fresh partials
     update: dict[int, str]  # window size → the update of stored rows (a _UPDATE template)
+    insert: dict[int, bytes]  # window size → the insert of its (stored) partials: + _MISSING
 
 
 def _row(size: int, source: str, numeric: Numeric) -> str:
@@ -222,7 +232,7 @@ def _insert(size: WindowSize, source: str, numeric: Numeric) -> str:
 def _statements(numeric: Mapping[str, Numeric]) -> Statements:
     """The statements for tables whose original-name columns of :data:`ORIGINAL_FIGURES` are
     ``numeric`` (table → its NUMERIC columns; none on a table segs-stream made)."""
-    merges, inserts, updates = {}, {}, {}
+    merges, inserts, updates, missing = {}, {}, {}, {}
     for size in SIZES:
         cols, keeps = numeric.get(size.table, {}), size.seconds in IDENTITY_SIZES
         for source in (size.partials_table, size.fresh_table):
@@ -231,7 +241,8 @@ def _statements(numeric: Mapping[str, Numeric]) -> Statements:
         inserts[size.seconds] = _insert(size, size.fresh_table, cols).encode()
         updates[size.seconds] = _UPDATE.format(
             merge_set=merge_set(cols, keeps), row=_row(size.seconds, size.partials_table, cols))
-    return Statements(merges, inserts, updates)
+        missing[size.seconds] = _insert(size, size.partials_table, cols).rstrip().encode()
+    return Statements(merges, inserts, updates, missing)
 
 
 # the longest names the contract allows: a column at least this long limits nothing
@@ -841,9 +852,11 @@ def _merge_stored(conn: psycopg.Connection[Any], cur: psycopg.Cursor[Any], size:
 
     By an UPDATE of each table or chunk that holds them, in a savepoint: a partial matches at
     most one row and a row at most one partial, so the updates' row counts add up to ``n``
-    exactly when every row was found. Should one be gone (retention, an operator) or sit in
-    a compressed chunk, the savepoint rolls back and the upsert merges them all."""
-    targets: list[tuple[str, str]] = [(size.table, "")]
+    exactly when every row was found. The partials whose row is not there (a late reading
+    for a window never written, the first checkpoint after a restart) are then inserted.
+    Should another transaction insert one of those meanwhile, or a row sit in a compressed
+    chunk, the savepoint rolls back and the upsert merges them all."""
+    targets: list[tuple[str, str]] = [(size.table, "")]  # (table or chunk, its partials)
     if hypertable:
         first, last = cur.execute(f"SELECT min(window_start_ms), max(window_start_ms) "
                                   f"FROM {size.partials_table}".encode()).fetchone() or (0, 0)
@@ -852,20 +865,27 @@ def _merge_stored(conn: psycopg.Connection[Any], cur: psycopg.Cursor[Any], size:
             targets = []
         else:
             targets = [(name, "" if len(chunks) == 1 else
-                        f" WHERE window_start_ms >= {int(lo)} AND window_start_ms < {int(hi)}")
+                        f"window_start_ms >= {int(lo)} AND window_start_ms < {int(hi)}")
                        for name, _, lo, hi in chunks]
     if targets:
-        found = 0
+        found = inserted = 0
         try:
             with conn.transaction():  # a savepoint
                 for target, within in targets:
                     cur.execute(statements.update[size.seconds].format(
-                        target=target, within=within).encode())
+                        target=target, within=within and f" WHERE {within}").encode())
                     found += max(cur.rowcount, 0)
                 if found == n:
                     return 0, n
+                for target, within in targets:  # a partial in no chunk's range is left out
+                    cur.execute(statements.insert[size.seconds] + _MISSING.format(
+                        target=target, within=within and f"{within} AND ").encode())
+                    inserted += max(cur.rowcount, 0)
+                if found + inserted == n:
+                    return inserted, n
                 raise _NotAllStored
-        except (_NotAllStored, psycopg.errors.UndefinedTable):  # or a chunk dropped meanwhile
+        except (_NotAllStored, psycopg.errors.UndefinedTable,  # or a chunk dropped meanwhile
+                psycopg.errors.UniqueViolation):  # a missing row inserted meanwhile
             log.debug("%d of %d %s rows to merge into were not found: upserted instead",
                       n - found, n, size.table)
     cur.execute(statements.merge[size.partials_table])

@@ -405,6 +405,7 @@ class Worker:
                       for p in parts}
         for p, newest in thresholds.items():
             self.windows.set_threshold(p, newest)
+            self.written.stored_through(p, newest)
         if baselines:
             state = baseline_state(baselines, self.meters.slot)
             before = state.newest_ms == NEVER  # stored before V009: as new as its partition

@@ -140,8 +140,8 @@ _DAY = 86_400_000
 def test_stored_rows_are_merged_in_every_chunk_and_missing_ones_inserted(
         db_url: str, sink: Sink) -> None:
     """Partials of windows a worker wrote before are merged by updating each chunk (on
-    TimescaleDB: one a day) that holds them; when one of their rows is gone, all of them go
-    through the upsert instead, and the gone row comes back as the partial."""
+    TimescaleDB: one a day) that holds them; when one of their rows is gone, it comes back
+    as the partial, inserted."""
     def rows(meters: range, days: tuple[int, ...], power: float) -> list[tuple[object, ...]]:
         return [(f"c{m}", "r", d * _DAY, 2, power, power, power, 1.0, d * _DAY + 1, 0)
                 for d in days for m in meters]
@@ -189,10 +189,13 @@ def test_stored_rows_are_updated_through_the_primary_key_of_a_chunk_without_stat
         conn.execute(f"CREATE TEMP TABLE segs_partials_1m ({columns})".encode())
         conn.execute(b"INSERT INTO segs_partials_1m SELECT 'p' || i, 'r', 60000, 1, 1, 1, 1, "
                      b"1, 60001, 0, 0, 0 FROM generate_series(0, 999) i")
-        update = sink._sql.update[60].format(target=target, within="")
-        plan = "\n".join(r[0] for r in conn.execute(f"EXPLAIN {update}".encode()))
-    assert "Nested Loop" in plan and "_pkey" in plan, plan
-    assert "aggregates_1m_window_start" not in plan and "Seq Scan on _hyper" not in plan, plan
+        update = sink._sql.update[60].format(target=target, within="").encode()
+        missing = sink_module._MISSING.format(target=target, within="").encode()
+        plans = ["\n".join(r[0] for r in conn.execute(b"EXPLAIN " + statement))
+                 for statement in (update, sink._sql.insert[60] + missing)]
+    for plan in plans:  # the update, and the insert of partials it found no row for
+        assert "Nested Loop" in plan and "_pkey" in plan, plan
+        assert "aggregates_1m_window_start" not in plan and "Seq Scan on _hyper" not in plan, plan
 
 
 def test_positions_are_compare_and_set(db_url: str, sink: Sink) -> None:

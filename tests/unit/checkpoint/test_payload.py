@@ -172,13 +172,19 @@ def test_an_unmixed_checkpoint_has_every_partial_from_one_partition(
 
 @settings(deadline=None, max_examples=300)
 @given(drains=st.lists(st.lists(st.tuples(st.integers(0, 4), st.integers(-20, 40)), max_size=10),
-                       max_size=6))
+                       max_size=6),
+       stored=st.lists(st.one_of(st.none(), st.integers(-20 * 60_000, 40 * 60_000)),
+                       min_size=2, max_size=2))
 def test_written_windows_calls_fresh_only_what_was_never_drained(
-        drains: list[list[tuple[int, int]]]) -> None:
-    """Reference: the set of (meter, window) drained so far, per window size. Fresh must
-    never be a window drained before (a wrong "fresh" costs a savepoint rollback), and must
-    be every window after the meter's latest one (so new rows, in order, skip the merge)."""
+        drains: list[list[tuple[int, int]]], stored: list[int | None]) -> None:
+    """Reference: the set of (meter, window) drained so far, per window size, and per
+    partition (meter % 2) the newest event time stored before (None: none). Fresh must never
+    be a window drained before or one starting by that time (a wrong "fresh" costs a
+    savepoint rollback), and must be every window after both the meter's latest one and
+    that time (so new rows, in order, skip the merge)."""
     written = WrittenWindows()
+    for p, newest in enumerate(stored):
+        written.stored_through(p, NEVER if newest is None else newest)
     seen: dict[int, set[tuple[int, int]]] = {60: set(), 900: set()}
     for drain in drains:
         keys = sorted({(meter, minute * 60_000) for meter, minute in drain})
@@ -188,16 +194,19 @@ def test_written_windows_calls_fresh_only_what_was_never_drained(
             count=np.ones(len(keys), np.int64), power_sum=np.ones(len(keys)),
             power_max=np.ones(len(keys)), power_min=np.ones(len(keys)),
             energy_sum=np.ones(len(keys)), last_ts_ms=np.zeros(len(keys), np.int64),
-            region=np.zeros(len(keys), np.int32), partition=np.zeros(len(keys), np.int32))
+            region=np.zeros(len(keys), np.int32),
+            partition=np.array([m % 2 for m, _ in keys], np.int32))
         fresh = written.fresh(partials)
         for size, flags in fresh.items():
             size_ms = size * 1000
             for (meter, start), flag in zip(keys, flags.tolist(), strict=True):
                 key = (meter, start // size_ms)
                 latest = max((w for m, w in seen[size] if m == meter), default=None)
+                newest = stored[meter % 2]
+                before = newest is not None and key[1] * size_ms <= newest
                 if flag:
-                    assert key not in seen[size]
-                if latest is None or key[1] > latest:
+                    assert key not in seen[size] and not before
+                if (latest is None or key[1] > latest) and not before:
                     assert flag
             seen[size] |= {(m, w // size_ms) for m, w in keys}
 
