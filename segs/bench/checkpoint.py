@@ -3,6 +3,8 @@ N distinct meters spread over the 6 partitions of the topic, as one worker holds
 ``--workers 1``), first as new rows, then merged into those same rows, then merged once
 more as a restarted worker would (``replay``): it knows nothing it wrote, only the newest
 event time stored for each partition, and takes the windows starting by then for stored.
+``restart`` is a restart in the middle of the window: another restarted worker's checkpoint
+of N partials of that window, half of them of meters stored (merged), half of new ones.
 
 The payload is built before the clock starts, as the worker builds it before its commit;
 the timed part is what the worker runs: the cut along partitions
@@ -44,18 +46,20 @@ _T0_MS = 1_795_759_200_000  # 2026-11-27T06:00:00Z
 PARTITIONS = 6
 REPEATS = 3  # runs per size up to REPEATED_UP_TO partials; larger sizes run once
 REPEATED_UP_TO = 100_000
-PHASES = ("new", "merge", "replay")
+PHASES = ("new", "merge", "replay", "restart")
 
 
 def _payload(n: int, salt: int, prev: dict[int, int | None],
-             written: WrittenWindows, deduplicate: bool = False) -> Payload:
+             written: WrittenWindows, deduplicate: bool = False, first: int = 0) -> Payload:
+    """Partials of meters ``first`` … ``first + n - 1`` in one window."""
     ones = np.ones(n)
+    meter = np.arange(first, first + n, dtype=np.int32)
     partials = Partials(
-        size_s=60, meter=np.arange(n, dtype=np.int32),
+        size_s=60, meter=meter,
         window_start_ms=np.full(n, _T0_MS, np.int64), count=np.full(n, 10, np.int64),
         power_sum=ones * (25.0 + salt), power_max=ones * (3.5 + salt), power_min=ones * 1.5,
         energy_sum=ones * 0.02, last_ts_ms=np.full(n, _T0_MS + 59_000, np.int64),
-        region=np.zeros(n, np.int32), partition=(np.arange(n) % PARTITIONS).astype(np.int32),
+        region=np.zeros(n, np.int32), partition=(meter % PARTITIONS).astype(np.int32),
         voltage_sum=ones * 2301.5, voltage_count=np.full(n, 10, np.int64))
     positions: Positions = {p: PositionWrite(prev[p], (prev[p] or 0) + n, None)
                              for p in range(PARTITIONS)}
@@ -74,7 +78,7 @@ def run_checkpoint(srv: Servers, sizes: list[int]) -> list[dict[str, Any]]:
     writers = load_settings(env=os.environ, env_file=None).checkpoint_writers  # as the service
     for n in sizes:
         # names encoded before the clock starts, as the worker keeps them encoded
-        meters = TextFields([f"MTR-{i:08d}" for i in range(n)]).fields()
+        meters = TextFields([f"MTR-{i:08d}" for i in range(n + n // 2)]).fields()
         region_names = Interner()
         region_names.slot("north")
         regions, rank = TextFields(region_names.names).fields(), region_ranks(region_names)
@@ -96,7 +100,7 @@ def run_checkpoint_dedup(srv: Servers, sizes: list[int]) -> list[dict[str, Any]]
     results = []
     writers = load_settings(env=os.environ, env_file=None).checkpoint_writers
     for n in sizes:
-        meters = TextFields([f"MTR-{i:08d}" for i in range(n)]).fields()
+        meters = TextFields([f"MTR-{i:08d}" for i in range(n + n // 2)]).fields()
         region_names = Interner()
         region_names.slot("north")
         regions, rank = TextFields(region_names.names).fields(), region_ranks(region_names)
@@ -127,12 +131,13 @@ def _run(srv: Servers, n: int, writers: int, meters: list[bytes], regions: list[
             prev: dict[int, int | None] = dict.fromkeys(range(PARTITIONS))
             written = WrittenWindows()
             for salt, phase in enumerate(PHASES):
-                if phase == "replay":  # a restarted worker's, as it takes its partitions
-                    written = WrittenWindows()
+                if phase in ("replay", "restart"):  # a restarted worker's, as it takes
+                    written = WrittenWindows()  # its partitions
                     for p, pos in sink.load_positions(range(PARTITIONS)).items():
                         written.stored_through(p, NEVER if pos.newest_ms is None
                                                else pos.newest_ms)
-                payload = _payload(n, salt, prev, written, deduplicate)
+                payload = _payload(n, salt, prev, written, deduplicate,
+                                   first=n // 2 if phase == "restart" else 0)
                 t0 = time.perf_counter()
                 done = sink.commit_all([p.commit_job(meters, regions, rank)
                                         for p in payload.split(sink.writers)])

@@ -9,7 +9,8 @@ run_checkpoint` (its schema, its sink; three fresh databases per size) once, in 
 rotated from round to round, so that what the machine does meanwhile falls on all of them
 alike. On this 2-core machine a single run of one checkout spreads by ±20 %, more than most
 differences worth measuring; medians over rounds taken this way do not. Reported per
-checkout and phase: the median of all runs and its ratio to the first checkout's.
+checkout and phase: the median of all runs and its ratio to the first checkout's (a dash
+for a phase the checkout's scenario does not have yet).
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def main() -> None:
                 runs[str(c)].append(rows)
                 print(f"round {r + 1}/{args.rounds} {c}: " + "; ".join(
                     f"{row['partials']:,}: " + " / ".join(
-                        f"{row[f'{ph}_s']:.3f}" for ph in PHASES) for row in rows)
+                        _figure(row.get(f"{ph}_s")) for ph in PHASES) for row in rows)
                     + f" s ({time.monotonic() - t0:.0f} s)", file=sys.stderr, flush=True)
     if args.json:
         args.json.write_text(json.dumps(runs, indent=1))
@@ -79,10 +80,17 @@ def main() -> None:
         print(f"{n:,} partials, median of {args.rounds} rounds × 3 runs, "
               f"{' / '.join(PHASES)} (ratio to {ref}):")
         medians = {c: [statistics.median(x for rows in rr for x in rows[i][f"{ph}_runs"])
-                       for ph in PHASES] for c, rr in runs.items()}
+                       if f"{ph}_runs" in rr[0][i] else None for ph in PHASES]
+                   for c, rr in runs.items()}
         for c, m in medians.items():
-            ratios = " / ".join(f"{v / r:.2f}" for v, r in zip(m, medians[ref], strict=True))
-            print(f"  {c}: {' / '.join(f'{v:.3f}' for v in m)} s  ({ratios})")
+            ratios = " / ".join("–" if v is None or r is None else f"{v / r:.2f}"
+                                for v, r in zip(m, medians[ref], strict=True))
+            print(f"  {c}: {' / '.join(_figure(v) for v in m)} s  ({ratios})")
+
+
+def _figure(seconds: float | None) -> str:
+    """Seconds, or a dash for a phase an older checkout's scenario does not have."""
+    return "–" if seconds is None else f"{seconds:.3f}"
 
 
 if __name__ == "__main__":

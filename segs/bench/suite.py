@@ -294,8 +294,8 @@ class Suite:
             runs = len(r["new_runs"])
             self.progress.add("checkpoint", f"{r['partials']:,} partials",
                               f"{r['new_s']:.3f} s / {r['merge_s']:.3f} s / "
-                              f"{r['replay_s']:.3f} s",
-                              "new / merge / replay"
+                              f"{r['replay_s']:.3f} s / {r['restart_s']:.3f} s",
+                              "new / merge / replay / restart"
                               + (f", median of {runs}" if runs > 1 else ""))
 
     def _peer(self) -> None:
