@@ -121,7 +121,7 @@ class WindowEngine:
         self.deduplicate = deduplicate
         if deduplicate and self.size_ms > 1 << 16:
             raise ValueError("identities are 16-bit offsets: windows of at most 65 s")
-        self._ids = IdentitySlab()
+        self._ids = IdentitySlab(self.ring)
         # new identities taken from the slab (at a drain, or of a window a cell left), by
         # window, until take_identities hands them to the checkpoint
         self._waiting: list[GroupedIdentities] = []

@@ -29,6 +29,7 @@ from segs.intake.readings import take_rows
 
 OFFSET_BITS = 16
 _MIN_ROOM = 2  # a region's first capacity, in offsets
+_MAX_ARENA = (1 << 31) - 1  # region starts are int32
 
 
 @dataclass(slots=True)
@@ -112,12 +113,15 @@ class IdentitySlab:
 
     compact_min: ClassVar[int] = 1 << 16  # garbage offsets below which nothing is compacted
 
-    def __init__(self) -> None:
+    def __init__(self, ring: int = 1) -> None:
+        """Cells are ``meter * ring + window % ring``: a cell's neighbour below (cyclically)
+        holds the meter's previous window, whose size sizes a new region."""
+        self.ring = ring
         self._arena = np.empty(0, np.uint16)
         self._top = 0  # arena offsets handed out as regions (owned or garbage)
         self._owned = 0  # offsets of the regions cells own
         self.held = 0  # offsets held (sum of n)
-        self._at = np.empty(0, np.int64)
+        self._at = np.empty(0, np.int32)  # int32: 4 bytes a cell, held offsets < 2**31
         self._cap = np.empty(0, np.int32)
         self._old = np.empty(0, np.int32)
         self._n = np.empty(0, np.int32)
@@ -127,7 +131,7 @@ class IdentitySlab:
         old = self._n.shape[0]
         if cells <= old:
             return
-        self._at = np.concatenate([self._at, np.zeros(cells - old, np.int64)])
+        self._at = np.concatenate([self._at, np.zeros(cells - old, np.int32)])
         self._cap = np.concatenate([self._cap, np.zeros(cells - old, np.int32)])
         self._old = np.concatenate([self._old, np.zeros(cells - old, np.int32)])
         self._n = np.concatenate([self._n, np.zeros(cells - old, np.int32)])
@@ -154,7 +158,7 @@ class IdentitySlab:
         uniq, first = np.unique(key, return_index=True)
         ucell = uniq >> OFFSET_BITS
         uoff = (uniq & 0xFFFF).astype(np.uint16)
-        at, old, held = self._at[ucell], self._old[ucell], self._n[ucell]
+        at, old, held = self._at[ucell].astype(np.int64), self._old[ucell], self._n[ucell]
         u = uniq.shape[0]
         found = self._search(np.concatenate([at, at + old]),
                              np.concatenate([at + old, at + held]),
@@ -188,12 +192,15 @@ class IdentitySlab:
 
     def _insert(self, cell: NDArray[np.int64], offset: NDArray[np.uint16]) -> None:
         """Add new offsets (sorted by cell, then offset; none held) to the cells' new runs."""
-        cells, start, add = np.unique(cell, return_index=True, return_counts=True)
+        start = np.flatnonzero(np.concatenate([[True], cell[1:] != cell[:-1]]))
+        cells = cell[start]
+        add = np.diff(np.append(start, cell.shape[0]))
         need = self._n[cells].astype(np.int64) + add
         short = need > self._cap[cells]
         if short.any():
             self._relocate(cells[short], need[short])
-        at, old, held = self._at[cells], self._old[cells], self._n[cells].astype(np.int64)
+        at = self._at[cells].astype(np.int64)
+        old, held = self._old[cells], self._n[cells].astype(np.int64)
         arena = self._arena
         # in order: the cell's new run is empty, or all of its new offsets come after it
         tail = arena[np.maximum(at + held - 1, 0)]
@@ -221,12 +228,19 @@ class IdentitySlab:
         arena[spans(run, length + add)] = (key & 0xFFFF).astype(np.uint16)
 
     def _relocate(self, cells: NDArray[np.int64], need: NDArray[np.int64]) -> None:
-        """Move cells that outgrow their regions to new ones at the top, twice as large."""
+        """Move cells that outgrow their regions to new ones at the top, twice as large; a
+        cell without one gets room for as many offsets as the meter's previous window holds
+        (a meter reads at a steady rate), so it rarely moves and leaves no garbage."""
         cap = np.maximum(np.maximum(2 * self._cap[cells].astype(np.int64), need), _MIN_ROOM)
+        fresh = self._cap[cells] == 0
+        if fresh.any() and self.ring > 1:
+            c = cells[fresh]
+            prev = np.where(c % self.ring == 0, c + self.ring - 1, c - 1)
+            cap[fresh] = np.maximum(cap[fresh], self._n[prev])
         self._reserve(int(cap.sum()))
         at = self._top + np.cumsum(cap) - cap
         held = self._n[cells].astype(np.int64)
-        self._arena[spans(at, held)] = self._arena[spans(self._at[cells], held)]
+        self._arena[spans(at, held)] = self._arena[spans(self._at[cells].astype(np.int64), held)]
         self._owned += int(cap.sum() - self._cap[cells].sum(dtype=np.int64))
         self._top += int(cap.sum())
         self._at[cells] = at
@@ -241,7 +255,9 @@ class IdentitySlab:
             self.compact(extra, force=True)
             if self._top + extra <= self._arena.shape[0]:
                 return
-        size = max(self._top + extra, self._arena.shape[0] * 3 // 2, 1024)
+        if self._top + extra > _MAX_ARENA:
+            raise OverflowError("the identity slab holds at most 2**31 offsets")
+        size = min(max(self._top + extra, self._arena.shape[0] * 3 // 2, 1024), _MAX_ARENA)
         arena = np.empty(size, np.uint16)
         arena[:self._top] = self._arena[:self._top]
         self._arena = arena
@@ -258,7 +274,7 @@ class IdentitySlab:
         mine = cells[has]
         o = old[has].astype(np.int64)
         count = held[has].astype(np.int64) - o
-        at = self._at[mine]
+        at = self._at[mine].astype(np.int64)
         offsets = self._arena[spans(at + o, count)]
         overlap = (o > 0) & (self._arena[np.maximum(at + o - 1, 0)] > offsets[np.cumsum(count)
                                                                               - count])
@@ -296,8 +312,8 @@ class IdentitySlab:
         cap = self._cap[cells].astype(np.int64)
         at = np.cumsum(cap) - cap
         top = int(cap.sum())
-        arena = np.empty(max(top + extra + top // 4, 1024), np.uint16)
+        arena = np.empty(min(max(top + extra + top // 4, 1024), _MAX_ARENA), np.uint16)
         held = self._n[cells].astype(np.int64)
-        arena[spans(at, held)] = self._arena[spans(self._at[cells], held)]
+        arena[spans(at, held)] = self._arena[spans(self._at[cells].astype(np.int64), held)]
         self._arena, self._top, self._owned = arena, top, top
         self._at[cells] = at
