@@ -23,7 +23,7 @@ no reading for ``idle_advance_ms`` of wall clock.
 Re-sent readings (``deduplicate=True``, 1-minute windows only): a cell whose window started
 after its partition's *threshold* (:meth:`WindowEngine.set_threshold`: the newest event time
 stored for the partition, so nothing of that window can be stored) is *known*: it holds every
-identity counted in its window (:mod:`segs.windows.identities`), and a reading for it is
+identity counted in its window (:mod:`segs.windows.slab`), and a reading for it is
 counted or dropped as a duplicate right here, until a drain finds the window closed and
 releases them. Every
 other reading (a window at or before the threshold, one closed at a drain, one older than
@@ -43,8 +43,9 @@ from numpy.typing import NDArray
 
 from segs.intake.readings import Interner, Readings, grown
 from segs.times import NEVER
-from segs.windows.identities import GroupedIdentities, IdentityLog, IdentitySlab
+from segs.windows.identities import IdentityLog
 from segs.windows.partials import Partials, combine, of_readings, region_ranks
+from segs.windows.slab import IdentitySlab
 
 __all__ = ["Partials", "WindowEngine"]
 
@@ -124,7 +125,7 @@ class WindowEngine:
         self._ids = IdentitySlab(self.ring)
         # new identities taken from the slab (at a drain, or of a window a cell left), by
         # window, until take_identities hands them to the checkpoint
-        self._waiting: list[GroupedIdentities] = []
+        self._waiting: list[IdentityLog] = []
         self._undecided: list[Readings] = []
         self._capacity = 0  # meter slots
         self._alloc_cells(0)
@@ -302,7 +303,7 @@ class WindowEngine:
         if has.size:
             cells = cells[has]
             w = self._win[cells] if win is None else win[has]
-            self._waiting.append(GroupedIdentities(
+            self._waiting.append(IdentityLog.grouped(
                 (cells // self.ring).astype(np.int32), w * self.size_ms,
                 self._part[cells].copy(), count, offsets))
 
@@ -323,7 +324,7 @@ class WindowEngine:
         if self.deduplicate:
             self._hold_new(np.flatnonzero(self._known))
         waiting, self._waiting = self._waiting, []
-        return IdentityLog.concat([g.log() for g in waiting])
+        return IdentityLog.concat(waiting)
 
     def take_undecided(self) -> Readings:
         """Readings kept for the checkpoint to decide, in arrival order."""
@@ -516,7 +517,7 @@ class WindowEngine:
         self._part[cells] = -1
         self._over = [o.take(~np.isin(o.partition, ps)) for o in self._over]
         self._over = [o for o in self._over if len(o)]
-        self._waiting = [g.keep(~np.isin(g.partition, ps)) for g in self._waiting]
+        self._waiting = [g.take(~np.isin(g.partition, ps)) for g in self._waiting]
         self._undecided = [u.take(~np.isin(u.partition, ps)) for u in self._undecided]
         kept: list[_Unreported] = []
         for m, w, p in self._over_open:

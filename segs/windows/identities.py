@@ -1,48 +1,76 @@
-"""Reading identities of open 1-minute windows: which (meter, timestamp) are counted already.
+"""Reading identities as the checkpoint stores them: per identity its meter, window, offset.
 
-A reading is identified by ``(meterId, timestamp)``; within its window that is the meter's
-cell and the millisecond offset from the window start (0 … 59,999, 16 bits). The
-:class:`IdentitySlab` holds, per cell, the offsets counted in the window it holds, in a
-region of one uint16 arena (2 bytes a reading, plus the regions' room to grow): an *old*
-run, sorted, of the offsets handed to the checkpoint already, then a *new* run, sorted, of
-those counted since. A lookup is a binary search in both runs, vectorised over the batch;
-an insert appends to the new run (readings come mostly in time order) or merges into it.
-
-The new runs are what the checkpoint stores beside each 1-minute partial
-(``aggregates_1m.identities``), so a restarted worker, or the next owner of the partition,
-decides late re-sends in the checkpoint's transaction (:mod:`segs.checkpoint.dedup`). They
-are handed over as an :class:`IdentityLog` built at drain time, not kept per reading.
-A cell that takes a new window forgets the old one's offsets (its region is reused); a drain
-releases the regions of closed windows (:meth:`segs.windows.engine.WindowEngine.drain`), and
-the arena is compacted once released regions outweigh the rest.
+A reading is identified by ``(meterId, timestamp)``; within its 1-minute window that is the
+meter and the millisecond offset from the window start (0 … 59,999, 16 bits). The window
+engine holds those of open windows in a slab (:mod:`segs.windows.slab`); what it counted
+since the last checkpoint is handed over as an :class:`IdentityLog` and stored beside each
+1-minute partial (``aggregates_1m.identities``), so a restarted worker, or the next owner of
+the partition, decides late re-sends in the checkpoint's transaction
+(:mod:`segs.checkpoint.dedup`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar, NamedTuple
-
 import numpy as np
 from numpy.typing import NDArray
 
-from segs.intake.readings import take_rows
-
 OFFSET_BITS = 16
-_MIN_ROOM = 2  # a region's first capacity, in offsets
-_MAX_ARENA = (1 << 31) - 1  # region starts are int32
 
 
-@dataclass(slots=True)
 class IdentityLog:
-    """Identities counted since the last drain, one row each: its window and offset."""
+    """Identities with the window and the partition of the partial they belong to.
 
-    meter: NDArray[np.int32]
-    window_start_ms: NDArray[np.int64]
-    offset: NDArray[np.uint16]  # ms from the window start
-    partition: NDArray[np.int32]
+    Read as one row per identity (``meter``, ``window_start_ms``, ``offset``,
+    ``partition``), held as one header per window and the offsets one window after the
+    other: 2 bytes an identity rather than 18, which matters while a checkpoint holds
+    millions. Rows given one by one (the constructor) are windows of one identity each.
+    The per-identity columns are made on each read; :meth:`windows` gives the headers."""
+
+    __slots__ = ("_length", "_meter", "_partition", "_window_start_ms", "offset")
+
+    def __init__(self, meter: NDArray[np.int32], window_start_ms: NDArray[np.int64],
+                 offset: NDArray[np.uint16], partition: NDArray[np.int32]) -> None:
+        self._meter, self._window_start_ms, self._partition = meter, window_start_ms, partition
+        self.offset = offset  # ms from the window start
+        self._length: NDArray[np.int64] | None = None  # None: a window per identity
+
+    @classmethod
+    def grouped(cls, meter: NDArray[np.int32], window_start_ms: NDArray[np.int64],
+                partition: NDArray[np.int32], length: NDArray[np.int64],
+                offset: NDArray[np.uint16]) -> IdentityLog:
+        """``length[i]`` identities of window i (of ``meter[i]``, …), offsets in order."""
+        log = cls(meter, window_start_ms, offset, partition)
+        log._length = length
+        return log
 
     def __len__(self) -> int:
-        return int(self.meter.shape[0])
+        return int(self.offset.shape[0])
+
+    def _rows(self, header: NDArray[np.generic]) -> NDArray[np.generic]:
+        return header if self._length is None else np.repeat(header, self._length)
+
+    @property
+    def meter(self) -> NDArray[np.int32]:
+        return self._rows(self._meter)  # type: ignore[return-value]
+
+    @property
+    def window_start_ms(self) -> NDArray[np.int64]:
+        return self._rows(self._window_start_ms)  # type: ignore[return-value]
+
+    @property
+    def partition(self) -> NDArray[np.int32]:
+        return self._rows(self._partition)  # type: ignore[return-value]
+
+    def windows(self) -> tuple[NDArray[np.int32], NDArray[np.int64], NDArray[np.int64]]:
+        """(meter, window start, identities) of each window, in the order of ``offset``.
+        The same window may come more than once."""
+        if self._length is None:
+            return self._meter, self._window_start_ms, np.ones(len(self), np.int64)
+        return self._meter, self._window_start_ms, self._length
+
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self._meter, self._window_start_ms, self._partition,
+                                      self.offset, self._length) if a is not None)
 
     @classmethod
     def empty(cls) -> IdentityLog:
@@ -55,265 +83,32 @@ class IdentityLog:
             return cls.empty()
         if len(logs) == 1:
             return logs[0]
-        return cls(np.concatenate([g.meter for g in logs]),
-                   np.concatenate([g.window_start_ms for g in logs]),
-                   np.concatenate([g.offset for g in logs]),
-                   np.concatenate([g.partition for g in logs]))
+        if all(g._length is None for g in logs):
+            return cls(np.concatenate([g._meter for g in logs]),
+                       np.concatenate([g._window_start_ms for g in logs]),
+                       np.concatenate([g.offset for g in logs]),
+                       np.concatenate([g._partition for g in logs]))
+        return cls.grouped(np.concatenate([g._meter for g in logs]),
+                           np.concatenate([g._window_start_ms for g in logs]),
+                           np.concatenate([g._partition for g in logs]),
+                           np.concatenate([g.windows()[2] for g in logs]),
+                           np.concatenate([g.offset for g in logs]))
 
     def take(self, index: NDArray[np.intp] | NDArray[np.bool_]) -> IdentityLog:
-        return take_rows(self, index)
-
-
-class GroupedIdentities(NamedTuple):
-    """Identities waiting for the checkpoint, one header per window: 2 bytes a reading."""
-
-    meter: NDArray[np.int32]
-    window_start_ms: NDArray[np.int64]
-    partition: NDArray[np.int32]
-    length: NDArray[np.int64]  # offsets of each window, one window after the other
-    offset: NDArray[np.uint16]
-
-    def nbytes(self) -> int:
-        return sum(a.nbytes for a in self)
-
-    def keep(self, mask: NDArray[np.bool_]) -> GroupedIdentities:
-        """The windows selected by ``mask``, with their offsets."""
-        return GroupedIdentities(self.meter[mask], self.window_start_ms[mask],
-                                 self.partition[mask], self.length[mask],
-                                 self.offset[np.repeat(mask, self.length)])
-
-    def log(self) -> IdentityLog:
-        """One row per identity, as the checkpoint consumes them."""
-        c = self.length
-        return IdentityLog(np.repeat(self.meter, c), np.repeat(self.window_start_ms, c),
-                           self.offset, np.repeat(self.partition, c))
+        """The identities selected by an index array or boolean mask, order kept. A mask
+        that takes or leaves whole windows (one by partition does) keeps the headers."""
+        if self._length is not None and index.dtype == np.bool_:
+            length = self._length
+            whole = index[np.cumsum(length) - length] if len(length) else index[:0]
+            if np.array_equal(np.repeat(whole, length), index):
+                return IdentityLog.grouped(self._meter[whole], self._window_start_ms[whole],
+                                           self._partition[whole], length[whole],
+                                           self.offset[index])
+        return IdentityLog(self.meter[index], self.window_start_ms[index], self.offset[index],
+                           self.partition[index])
 
 
 def window_keys(meter: NDArray[np.integer], window_start_ms: NDArray[np.int64],
                 size_ms: int) -> NDArray[np.int64]:
     """One int64 per (meter, window): meter slot in the high bits, window index below."""
     return (meter.astype(np.int64) << 32) | (window_start_ms // size_ms)
-
-
-def spans(start: NDArray[np.int64], length: NDArray[np.int64]) -> NDArray[np.int64]:
-    """Concatenated ``arange(start[i], start[i] + length[i])`` for every i."""
-    total = int(length.sum())
-    ends = np.cumsum(length)
-    out: NDArray[np.int64] = np.arange(total, dtype=np.int64)
-    out += np.repeat(start - (ends - length), length)
-    return out
-
-
-class IdentitySlab:
-    """The counted identities of the windows the cells hold (see the module docstring).
-
-    Per cell: ``at`` (region start), ``cap`` (its room), ``old`` (length of the old run)
-    and ``n`` (old + new run). ``cap == 0``: no region. Released regions and those left by
-    a cell that outgrew its own are *garbage*, reclaimed by :meth:`compact`."""
-
-    compact_min: ClassVar[int] = 1 << 16  # garbage offsets below which nothing is compacted
-
-    def __init__(self, ring: int = 1) -> None:
-        """Cells are ``meter * ring + window % ring``: a cell's neighbour below (cyclically)
-        holds the meter's previous window, whose size sizes a new region."""
-        self.ring = ring
-        self._arena = np.empty(0, np.uint16)
-        self._top = 0  # arena offsets handed out as regions (owned or garbage)
-        self._owned = 0  # offsets of the regions cells own
-        self.held = 0  # offsets held (sum of n)
-        self._at = np.empty(0, np.int32)  # int32: 4 bytes a cell, held offsets < 2**31
-        self._cap = np.empty(0, np.int32)
-        self._old = np.empty(0, np.int32)
-        self._n = np.empty(0, np.int32)
-
-    def grow(self, cells: int) -> None:
-        """Room for ``cells`` cells (new ones empty)."""
-        old = self._n.shape[0]
-        if cells <= old:
-            return
-        self._at = np.concatenate([self._at, np.zeros(cells - old, np.int32)])
-        self._cap = np.concatenate([self._cap, np.zeros(cells - old, np.int32)])
-        self._old = np.concatenate([self._old, np.zeros(cells - old, np.int32)])
-        self._n = np.concatenate([self._n, np.zeros(cells - old, np.int32)])
-
-    def nbytes(self) -> tuple[int, int]:
-        """(the arena, the per-cell arrays) in bytes."""
-        return (int(self._arena.nbytes),
-                int(self._at.nbytes + self._cap.nbytes + self._old.nbytes + self._n.nbytes))
-
-    def counts(self, cells: NDArray[np.intp]) -> NDArray[np.int32]:
-        """Offsets held by each of ``cells``."""
-        return self._n[cells]
-
-    # ------------------------------------------------------------------------- lookups
-
-    def first_new(self, cell: NDArray[np.intp], offset: NDArray[np.int64]) -> NDArray[np.bool_]:
-        """Which readings are counted: the first of their (cell, offset) in the batch, and
-        not held by the cell. Their offsets are added to the cells' new runs."""
-        n = cell.shape[0]
-        counted = np.zeros(n, np.bool_)
-        if n == 0:
-            return counted
-        key: NDArray[np.int64] = (cell.astype(np.int64) << OFFSET_BITS) | offset
-        uniq, first = np.unique(key, return_index=True)
-        ucell = uniq >> OFFSET_BITS
-        uoff = (uniq & 0xFFFF).astype(np.uint16)
-        at, old, held = self._at[ucell].astype(np.int64), self._old[ucell], self._n[ucell]
-        u = uniq.shape[0]
-        found = self._search(np.concatenate([at, at + old]),
-                             np.concatenate([at + old, at + held]),
-                             np.concatenate([uoff, uoff]))
-        new = ~(found[:u] | found[u:])
-        if new.any():
-            self._insert(ucell[new], uoff[new])
-        counted[first[new]] = True
-        return counted
-
-    def _search(self, lo: NDArray[np.int64], hi: NDArray[np.int64],
-                value: NDArray[np.uint16]) -> NDArray[np.bool_]:
-        """Whether ``value[i]`` is in the sorted ``arena[lo[i]:hi[i]]``: a lower bound by
-        bisection, all queries at once."""
-        arena = self._arena
-        last = arena.shape[0] - 1
-        if last < 0:
-            return np.zeros(lo.shape[0], np.bool_)
-        end = hi
-        lo = lo.copy()
-        for _ in range(int((hi - lo).max(initial=0)).bit_length()):
-            mid = (lo + hi) >> 1
-            active = lo < hi
-            less = active & (arena[np.minimum(mid, last)] < value)
-            lo = np.where(less, mid + 1, lo)
-            hi = np.where(active & ~less, mid, hi)
-        found: NDArray[np.bool_] = (lo < end) & (arena[np.minimum(lo, last)] == value)
-        return found
-
-    # ------------------------------------------------------------------------- inserts
-
-    def _insert(self, cell: NDArray[np.int64], offset: NDArray[np.uint16]) -> None:
-        """Add new offsets (sorted by cell, then offset; none held) to the cells' new runs."""
-        start = np.flatnonzero(np.concatenate([[True], cell[1:] != cell[:-1]]))
-        cells = cell[start]
-        add = np.diff(np.append(start, cell.shape[0]))
-        need = self._n[cells].astype(np.int64) + add
-        short = need > self._cap[cells]
-        if short.any():
-            self._relocate(cells[short], need[short])
-        at = self._at[cells].astype(np.int64)
-        old, held = self._old[cells], self._n[cells].astype(np.int64)
-        arena = self._arena
-        # in order: the cell's new run is empty, or all of its new offsets come after it
-        tail = arena[np.maximum(at + held - 1, 0)]
-        in_order = (held == old) | (tail < offset[start])
-        rank = np.arange(offset.shape[0], dtype=np.int64) - np.repeat(start, add)
-        ok = np.repeat(in_order, add)
-        arena[(np.repeat(at + held, add) + rank)[ok]] = offset[ok]
-        if not in_order.all():
-            self._merge(at[~in_order] + old[~in_order], (held - old)[~in_order],
-                        offset[~ok], add[~in_order])
-        self._n[cells] = need
-        self.held += int(add.sum())
-
-    def _merge(self, run: NDArray[np.int64], length: NDArray[np.int64],
-               offset: NDArray[np.uint16], add: NDArray[np.int64]) -> None:
-        """Merge ``add[i]`` offsets each (one group after the other) into the sorted runs
-        ``arena[run[i]:run[i]+length[i]]``, which have room after them: one sort of all."""
-        arena = self._arena
-        group = np.arange(run.shape[0], dtype=np.int64)
-        have = spans(run, length)
-        key = np.concatenate([
-            (np.repeat(group, length) << OFFSET_BITS) | arena[have],
-            (np.repeat(group, add) << OFFSET_BITS) | offset])
-        key.sort()
-        arena[spans(run, length + add)] = (key & 0xFFFF).astype(np.uint16)
-
-    def _relocate(self, cells: NDArray[np.int64], need: NDArray[np.int64]) -> None:
-        """Move cells that outgrow their regions to new ones at the top, twice as large; a
-        cell without one gets room for as many offsets as the meter's previous window holds
-        (a meter reads at a steady rate), so it rarely moves and leaves no garbage."""
-        cap = np.maximum(np.maximum(2 * self._cap[cells].astype(np.int64), need), _MIN_ROOM)
-        fresh = self._cap[cells] == 0
-        if fresh.any() and self.ring > 1:
-            c = cells[fresh]
-            prev = np.where(c % self.ring == 0, c + self.ring - 1, c - 1)
-            cap[fresh] = np.maximum(cap[fresh], self._n[prev])
-        self._reserve(int(cap.sum()))
-        at = self._top + np.cumsum(cap) - cap
-        held = self._n[cells].astype(np.int64)
-        self._arena[spans(at, held)] = self._arena[spans(self._at[cells].astype(np.int64), held)]
-        self._owned += int(cap.sum() - self._cap[cells].sum(dtype=np.int64))
-        self._top += int(cap.sum())
-        self._at[cells] = at
-        self._cap[cells] = cap
-
-    def _reserve(self, extra: int) -> None:
-        """Room for ``extra`` offsets at the top: compact first when garbage is a third of
-        the arena, grow by half otherwise (the copy is amortised over what filled it)."""
-        if self._top + extra <= self._arena.shape[0]:
-            return
-        if 2 * (self._top - self._owned) > self._owned:
-            self.compact(extra, force=True)
-            if self._top + extra <= self._arena.shape[0]:
-                return
-        if self._top + extra > _MAX_ARENA:
-            raise OverflowError("the identity slab holds at most 2**31 offsets")
-        size = min(max(self._top + extra, self._arena.shape[0] * 3 // 2, 1024), _MAX_ARENA)
-        arena = np.empty(size, np.uint16)
-        arena[:self._top] = self._arena[:self._top]
-        self._arena = arena
-
-    # ------------------------------------------------------------------------- the log
-
-    def take_new(self, cells: NDArray[np.intp]) -> tuple[NDArray[np.intp], NDArray[np.int64],
-                                                         NDArray[np.uint16]]:
-        """The new runs of ``cells``: which of them have one (indices into ``cells``), their
-        lengths and their offsets one run after the other; each joins its old run, merged
-        only where the two overlap (readings mostly come in time order)."""
-        old, held = self._old[cells], self._n[cells]
-        has = np.flatnonzero(held > old)
-        mine = cells[has]
-        o = old[has].astype(np.int64)
-        count = held[has].astype(np.int64) - o
-        at = self._at[mine].astype(np.int64)
-        offsets = self._arena[spans(at + o, count)]
-        overlap = (o > 0) & (self._arena[np.maximum(at + o - 1, 0)] > offsets[np.cumsum(count)
-                                                                              - count])
-        if overlap.any():
-            self._merge(at[overlap], o[overlap], offsets[np.repeat(overlap, count)],
-                        count[overlap])
-        self._old[mine] = held[has]
-        return has, count, offsets
-
-    # ------------------------------------------------------------------------- forgetting
-
-    def forget(self, cells: NDArray[np.intp], *, release: bool) -> None:
-        """The cells' windows are gone: their offsets stop counting. ``release``: their
-        regions become garbage (closed windows); else each keeps its region for the next
-        window, which likely has as many readings."""
-        self.held -= int(self._n[cells].sum(dtype=np.int64))
-        self._n[cells] = 0
-        self._old[cells] = 0
-        if release:
-            self._owned -= int(self._cap[cells].sum(dtype=np.int64))
-            self._cap[cells] = 0
-            self._at[cells] = 0
-
-    def compact(self, extra: int = 0, *, force: bool = False) -> None:
-        """Move the held offsets into a new arena, dropping garbage and empty regions, once
-        garbage outweighs what cells own (or ``force``), with room for ``extra`` more."""
-        garbage = self._top - self._owned
-        if not force and (garbage < self.compact_min or garbage <= self._owned):
-            return
-        # empty regions are dropped too: a cell that needs one again gets a new one
-        cells = np.flatnonzero(self._n > 0)
-        empty = np.flatnonzero((self._n == 0) & (self._cap > 0))
-        self._cap[empty] = 0
-        self._at[empty] = 0
-        cap = self._cap[cells].astype(np.int64)
-        at = np.cumsum(cap) - cap
-        top = int(cap.sum())
-        arena = np.empty(min(max(top + extra + top // 4, 1024), _MAX_ARENA), np.uint16)
-        held = self._n[cells].astype(np.int64)
-        arena[spans(at, held)] = self._arena[spans(self._at[cells].astype(np.int64), held)]
-        self._arena, self._top, self._owned = arena, top, top
-        self._at[cells] = at

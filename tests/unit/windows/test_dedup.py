@@ -17,8 +17,8 @@ from segs.detection.detector import AnomalyDetector, BaselineState
 from segs.intake.readings import Interner
 from segs.times import NEVER
 from segs.windows.engine import WindowEngine
-from segs.windows.identities import IdentitySlab
 from segs.windows.partials import PartialRow, merge, region_ranks, roll_up
+from segs.windows.slab import IdentitySlab
 from tests.reference import aggregate, distinct
 from tests.unit.windows.test_engine import BASE, to_columns
 

@@ -1,93 +1,47 @@
-"""The identity slab against a model of sets: lookups, inserts out of order, growth,
-relocation, take, forget and compaction in any interleaving."""
+"""The identity log: held one header per window, read one row per identity."""
 
 from __future__ import annotations
 
 import numpy as np
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
-from segs.windows.identities import GroupedIdentities, IdentitySlab
-
-OFFSETS = [0, 1, 2, 3, 500, 999, 30_000, 59_999, 65_535]
+from segs.windows.identities import IdentityLog
 
 
-def check(slab: IdentitySlab, old: list[set[int]], new: list[set[int]]) -> None:
-    """Each cell's region holds its old run, then its new run, both sorted."""
-    assert slab.held == sum(len(o) + len(n) for o, n in zip(old, new, strict=True))
-    assert slab._top <= slab._arena.shape[0] and slab._owned <= slab._top
-    assert slab._owned == int(slab._cap.sum())
-    for c in range(len(old)):
-        at, o, n = int(slab._at[c]), int(slab._old[c]), int(slab._n[c])
-        assert n <= slab._cap[c] and at + slab._cap[c] <= slab._top
-        assert slab._arena[at:at + o].tolist() == sorted(old[c])
-        assert slab._arena[at + o:at + n].tolist() == sorted(new[c])
+def rows(log: IdentityLog) -> list[tuple[int, int, int, int]]:
+    return list(zip(log.meter.tolist(), log.window_start_ms.tolist(), log.offset.tolist(),
+                    log.partition.tolist(), strict=True))
 
 
-operations = st.one_of(
-    st.tuples(st.just("add"), st.lists(st.tuples(st.integers(0, 5), st.sampled_from(OFFSETS)),
-                                       max_size=30)),
-    st.tuples(st.just("take"), st.lists(st.integers(0, 5), unique=True)),
-    st.tuples(st.just("forget"), st.lists(st.integers(0, 5), unique=True), st.booleans()),
-    st.tuples(st.just("compact"), st.booleans()),
-    st.tuples(st.just("grow"), st.sampled_from([0, 3, 6])),  # whole meters
-)
+def grouped() -> IdentityLog:
+    return IdentityLog.grouped(np.array([3, 4], np.int32), np.array([60_000, 120_000]),
+                               np.array([0, 1], np.int32), np.array([2, 1]),
+                               np.array([5, 7, 9], np.uint16))
 
 
-@settings(max_examples=200, deadline=None)
-@given(st.lists(operations, max_size=25))
-def test_slab_is_a_set_of_offsets_per_cell(ops: list[tuple[object, ...]]) -> None:
-    slab = IdentitySlab(ring=3)  # cells 3k … 3k + 2: one meter
-    slab.compact_min = 0  # compact as often as the rules allow
-    cells = 6
-    slab.grow(cells)
-    old: list[set[int]] = [set() for _ in range(cells)]
-    new: list[set[int]] = [set() for _ in range(cells)]
-    for op in ops:
-        if op[0] == "add":
-            pairs: list[tuple[int, int]] = op[1]  # type: ignore[assignment]
-            cell = np.array([c for c, _ in pairs], np.intp)
-            off = np.array([o for _, o in pairs], np.int64)
-            counted = slab.first_new(cell, off).tolist()
-            seen: set[tuple[int, int]] = set()
-            for i, (c, o) in enumerate(pairs):
-                want = (c, o) not in seen and o not in old[c] and o not in new[c]
-                seen.add((c, o))
-                assert counted[i] == want
-            for c, o in pairs:
-                if o not in old[c]:
-                    new[c].add(o)
-        elif op[0] == "take":
-            asked = np.array(op[1], np.intp)
-            has, length, offsets = slab.take_new(asked)
-            assert asked[has].tolist() == [c for c in op[1] if new[c]]  # type: ignore[attr-defined]
-            runs = np.split(offsets, np.cumsum(length)[:-1]) if len(has) else []
-            for c, run in zip(asked[has].tolist(), runs, strict=True):
-                assert run.tolist() == sorted(new[c])
-                old[c] |= new[c]
-                new[c] = set()
-        elif op[0] == "forget":
-            slab.forget(np.array(op[1], np.intp), release=bool(op[2]))
-            for c in op[1]:  # type: ignore[attr-defined]
-                old[c], new[c] = set(), set()
-        elif op[0] == "compact":
-            slab.compact(force=bool(op[1]))
-        else:
-            more = int(op[1])  # type: ignore[call-overload]
-            cells += more
-            slab.grow(cells)
-            old += [set() for _ in range(more)]
-            new += [set() for _ in range(more)]
-        check(slab, old, new)
+def test_a_grouped_log_reads_as_rows() -> None:
+    g = grouped()
+    assert len(g) == 3
+    assert rows(g) == [(3, 60_000, 5, 0), (3, 60_000, 7, 0), (4, 120_000, 9, 1)]
+    assert [a.tolist() for a in g.windows()] == [[3, 4], [60_000, 120_000], [2, 1]]
 
 
-def test_grouped_identities_keep_and_log() -> None:
-    g = GroupedIdentities(np.array([3, 4], np.int32), np.array([60_000, 120_000], np.int64),
-                          np.array([0, 1], np.int32), np.array([2, 1], np.int64),
-                          np.array([5, 7, 9], np.uint16))
-    log = g.log()
-    assert log.meter.tolist() == [3, 3, 4] and log.offset.tolist() == [5, 7, 9]
-    assert log.window_start_ms.tolist() == [60_000, 60_000, 120_000]
-    assert log.partition.tolist() == [0, 0, 1]
-    kept = g.keep(np.array([False, True])).log()
-    assert kept.meter.tolist() == [4] and kept.offset.tolist() == [9]
+def test_take_keeps_headers_for_whole_windows_and_rows_otherwise() -> None:
+    g = grouped()
+    by_partition = g.take(g.partition == 1)
+    assert rows(by_partition) == [(4, 120_000, 9, 1)]
+    assert by_partition.windows()[2].tolist() == [1]
+    assert by_partition.nbytes() < g.nbytes()
+    assert rows(g.take(np.array([False, True, True]))) == rows(g)[1:]
+    assert rows(g.take(np.array([2, 0]))) == [rows(g)[2], rows(g)[0]]
+    assert rows(g.take(np.zeros(3, bool))) == []
+
+
+def test_concat_of_grouped_and_rows() -> None:
+    g = grouped()
+    one = IdentityLog(np.array([8], np.int32), np.array([0]), np.array([1], np.uint16),
+                      np.array([2], np.int32))
+    both = IdentityLog.concat([g, one, IdentityLog.empty()])
+    assert rows(both) == [*rows(g), *rows(one)]
+    assert both.windows()[2].tolist() == [2, 1, 1]
+    assert rows(IdentityLog.concat([one, one])) == rows(one) * 2
+    assert len(IdentityLog.concat([])) == 0
