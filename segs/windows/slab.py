@@ -27,6 +27,7 @@ from segs.windows.identities import OFFSET_BITS
 
 _MIN_ROOM = 2  # a region's first capacity, in offsets
 _MAX_ARENA = (1 << 31) - 1  # region starts are int32
+_CHUNK = 1 << 20  # offsets moved per step by copy_ranges
 
 
 def spans(start: NDArray[np.int64], length: NDArray[np.int64]) -> NDArray[np.int64]:
@@ -35,6 +36,28 @@ def spans(start: NDArray[np.int64], length: NDArray[np.int64]) -> NDArray[np.int
     ends = np.cumsum(length)
     out: NDArray[np.int64] = np.arange(total, dtype=np.int64)
     out += np.repeat(start - (ends - length), length)
+    return out
+
+
+def copy_ranges(dst: NDArray[np.uint16], dst_start: NDArray[np.int64], src: NDArray[np.uint16],
+                src_start: NDArray[np.int64], length: NDArray[np.int64]) -> None:
+    """``dst[dst_start[i]:][:length[i]] = src[src_start[i]:][:length[i]]`` for every i, about
+    ``_CHUNK`` offsets a step: the index arrays (8 bytes an offset) stay small however many
+    offsets a drain or a compaction moves."""
+    ends = np.cumsum(length)
+    i, n = 0, length.shape[0]
+    while i < n:
+        j = max(int(np.searchsorted(ends, (ends[i - 1] if i else 0) + _CHUNK, "right")), i + 1)
+        d, s, k = dst_start[i:j], src_start[i:j], length[i:j]
+        dst[spans(d, k)] = src[spans(s, k)]
+        i = j
+
+
+def gather_ranges(src: NDArray[np.uint16], start: NDArray[np.int64],
+                  length: NDArray[np.int64]) -> NDArray[np.uint16]:
+    """The ranges ``src[start[i]:][:length[i]]`` one after the other."""
+    out = np.empty(int(length.sum()), np.uint16)
+    copy_ranges(out, np.cumsum(length) - length, src, start, length)
     return out
 
 
@@ -170,7 +193,7 @@ class IdentitySlab:
         self._reserve(int(cap.sum()))
         at = self._top + np.cumsum(cap) - cap
         held = self._n[cells].astype(np.int64)
-        self._arena[spans(at, held)] = self._arena[spans(self._at[cells].astype(np.int64), held)]
+        copy_ranges(self._arena, at, self._arena, self._at[cells].astype(np.int64), held)
         self._owned += int(cap.sum() - self._cap[cells].sum(dtype=np.int64))
         self._top += int(cap.sum())
         self._at[cells] = at
@@ -205,7 +228,7 @@ class IdentitySlab:
         o = old[has].astype(np.int64)
         count = held[has].astype(np.int64) - o
         at = self._at[mine].astype(np.int64)
-        offsets = self._arena[spans(at + o, count)]
+        offsets = gather_ranges(self._arena, at + o, count)
         overlap = (o > 0) & (self._arena[np.maximum(at + o - 1, 0)] > offsets[np.cumsum(count)
                                                                               - count])
         if overlap.any():
@@ -244,6 +267,6 @@ class IdentitySlab:
         top = int(cap.sum())
         arena = np.empty(min(max(top + extra + top // 4, 1024), _MAX_ARENA), np.uint16)
         held = self._n[cells].astype(np.int64)
-        arena[spans(at, held)] = self._arena[spans(self._at[cells].astype(np.int64), held)]
+        copy_ranges(arena, at, self._arena, self._at[cells].astype(np.int64), held)
         self._arena, self._top, self._owned = arena, top, top
         self._at[cells] = at

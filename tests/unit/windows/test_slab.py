@@ -3,10 +3,13 @@ relocation, take, forget and compaction in any interleaving."""
 
 from __future__ import annotations
 
+from unittest import mock
+
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from segs.windows import slab as slab_module
 from segs.windows.slab import IdentitySlab
 
 OFFSETS = [0, 1, 2, 3, 500, 999, 30_000, 59_999, 65_535]
@@ -79,3 +82,14 @@ def test_slab_is_a_set_of_offsets_per_cell(ops: list[tuple[object, ...]]) -> Non
             old += [set() for _ in range(more)]
             new += [set() for _ in range(more)]
         check(slab, old, new)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.integers(0, 7), max_size=12), st.integers(1, 9))
+def test_gather_ranges_in_steps_of_any_size(lengths: list[int], chunk: int) -> None:
+    src = np.arange(1000, dtype=np.uint16)
+    start = np.array([37 * i for i in range(len(lengths))], np.int64)
+    length = np.array(lengths, np.int64)
+    want = [v for s, k in zip(start.tolist(), lengths, strict=True) for v in range(s, s + k)]
+    with mock.patch.object(slab_module, "_CHUNK", chunk):
+        assert slab_module.gather_ranges(src, start, length).tolist() == want
