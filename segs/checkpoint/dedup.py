@@ -110,10 +110,10 @@ def identity_column(partials: Partials, identities: IdentityLog) -> tuple[bytes,
     gkey = window_keys(meter, window_start, size_ms)
     pos = np.minimum(np.searchsorted(rkey[order], gkey), n - 1)
     mine = rkey[order][pos] == gkey  # identities of other rows (the other part of a split)
-    key = np.repeat(order[pos[mine]].astype(np.int64), length[mine])  # row, then offset
+    row = order[pos[mine]]
+    key = np.repeat(row.astype(np.int64), length[mine])  # row, then offset
     key <<= OFFSET_BITS
     key |= identities.offset[np.repeat(mine, length)]
     key.sort()
-    np.cumsum(np.bincount(key >> OFFSET_BITS, minlength=n) * 2, out=bounds[1:])
-    data = (key & 0xFFFF).astype("<u2").tobytes()
-    return data, bounds
+    np.cumsum(np.bincount(row, length[mine], minlength=n).astype(np.int64) * 2, out=bounds[1:])
+    return key.astype("<u2").tobytes(), bounds  # the low 16 bits: the offsets

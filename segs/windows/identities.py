@@ -107,6 +107,16 @@ class IdentityLog:
         return IdentityLog(self.meter[index], self.window_start_ms[index], self.offset[index],
                            self.partition[index])
 
+    def of_partitions(self, partitions: NDArray[np.int32]) -> IdentityLog:
+        """The identities of ``partitions``' partials: ``take(isin(partition, partitions))``
+        decided window by window, without a per-identity partition column."""
+        if self._length is None:
+            return self.take(np.isin(self._partition, partitions))
+        whole = np.isin(self._partition, partitions)
+        return IdentityLog.grouped(self._meter[whole], self._window_start_ms[whole],
+                                   self._partition[whole], self._length[whole],
+                                   self.offset[np.repeat(whole, self._length)])
+
 
 def window_keys(meter: NDArray[np.integer], window_start_ms: NDArray[np.int64],
                 size_ms: int) -> NDArray[np.int64]:

@@ -45,3 +45,13 @@ def test_concat_of_grouped_and_rows() -> None:
     assert both.windows()[2].tolist() == [2, 1, 1]
     assert rows(IdentityLog.concat([one, one])) == rows(one) * 2
     assert len(IdentityLog.concat([])) == 0
+
+
+def test_of_partitions_is_take_by_partition() -> None:
+    g = grouped()
+    one = IdentityLog(np.array([8, 9], np.int32), np.array([0, 0]), np.array([1, 2], np.uint16),
+                      np.array([1, 0], np.int32))
+    for log in (g, one, IdentityLog.concat([g, one])):
+        for keep in ([0], [1], [0, 1], []):
+            want = log.take(np.isin(log.partition, keep))
+            assert rows(log.of_partitions(np.array(keep, np.int32))) == rows(want)
