@@ -25,9 +25,8 @@ after its partition's *threshold* (:meth:`WindowEngine.set_threshold`: the newes
 stored for the partition, so nothing of that window can be stored) is *known*: it holds every
 identity counted in its window (:mod:`segs.windows.slab`), and a reading for it is
 counted or dropped as a duplicate right here, until a drain finds the window closed and
-releases them. Every
-other reading (a window at or before the threshold, one closed at a drain, one older than
-its cell holds) is *undecided*: it is kept raw, counted in no
+releases them. Every other reading (a window at or before the threshold, one closed at a
+drain, one older than its cell holds) is *undecided*: it is kept raw, counted in no
 partial, and decided in the checkpoint's transaction against the stored identities
 (:mod:`segs.checkpoint.dedup`). A cell never becomes known after it took its window, and
 windows only move forward in a cell, so an undecided window stays undecided.

@@ -7,7 +7,8 @@ region of one uint16 arena (2 bytes a reading, plus the regions' room to grow): 
 run, sorted, of the offsets handed to the checkpoint already, then a *new* run, sorted, of
 those counted since. A lookup is a binary search in both runs, vectorised over the batch;
 an insert appends to the new run (readings come mostly in time order) or merges into it.
-Nothing is copied per batch beyond the cells it touches.
+A batch copies only the regions of the cells it touches, but for the arena's growth and
+compaction, each paid for by the offsets added or released since the last one.
 
 The new runs are what the next checkpoint stores, so no separate log is kept per reading:
 :meth:`IdentitySlab.take_new` hands them over. A cell that takes a new window forgets the
