@@ -64,11 +64,12 @@ def decide(partials: Partials, identities: IdentityLog, fresh: dict[int, NDArray
     offs = [offsets_of(s) for s in stored]
     have_w = [np.repeat(np.arange(len(offs), dtype=np.int64), [len(o) for o in offs])]
     have_o = [np.concatenate(offs).astype(np.int64) if offs else np.empty(0, np.int64)]
-    ikey = window_keys(identities.meter, identities.window_start_ms, size_ms)
-    pos = np.minimum(np.searchsorted(wkeys, ikey), len(wkeys) - 1)
-    mine = wkeys[pos] == ikey
-    have_w.append(pos[mine].astype(np.int64))
-    have_o.append(identities.offset[mine].astype(np.int64))
+    meter, window_start, length = identities.windows()  # matched window by window
+    gkey = window_keys(meter, window_start, size_ms)
+    pos = np.minimum(np.searchsorted(wkeys, gkey), len(wkeys) - 1)
+    mine = wkeys[pos] == gkey
+    have_w.append(np.repeat(pos[mine].astype(np.int64), length[mine]))
+    have_o.append(identities.offset[np.repeat(mine, length)].astype(np.int64))
     have = (np.concatenate(have_w) << OFFSET_BITS) | np.concatenate(have_o)
     offset = undecided.ts_ms - start
     key = (inverse.astype(np.int64) << OFFSET_BITS) | offset
@@ -99,16 +100,20 @@ def identity_column(partials: Partials, identities: IdentityLog) -> tuple[bytes,
     the bounds of row i at ``bounds[i]:bounds[i + 1]`` (binary COPY, ``pgcopy.BytesColumn``)."""
     size_ms = partials.size_s * 1000
     n = len(partials)
-    rkey = window_keys(partials.meter, partials.window_start_ms, size_ms)
-    order = np.argsort(rkey, kind="stable")
-    ikey = window_keys(identities.meter, identities.window_start_ms, size_ms)
     bounds = np.zeros(n + 1, np.int64)
     if n == 0:
         return b"", bounds
-    pos = np.minimum(np.searchsorted(rkey[order], ikey), n - 1)
-    mine = rkey[order][pos] == ikey  # identities of other rows (the other part of a split)
-    row, offset = order[pos[mine]], identities.offset[mine]
-    by_row = np.lexsort((offset, row))
-    data = offset[by_row].astype("<u2").tobytes()
-    np.cumsum(np.bincount(row, minlength=n) * 2, out=bounds[1:])
-    return data, bounds
+    rkey = window_keys(partials.meter, partials.window_start_ms, size_ms)
+    order = np.argsort(rkey, kind="stable")
+    # matched window by window: per identity only its row and offset are made
+    meter, window_start, length = identities.windows()
+    gkey = window_keys(meter, window_start, size_ms)
+    pos = np.minimum(np.searchsorted(rkey[order], gkey), n - 1)
+    mine = rkey[order][pos] == gkey  # identities of other rows (the other part of a split)
+    row = order[pos[mine]]
+    key = np.repeat(row.astype(np.int64), length[mine])  # row, then offset
+    key <<= OFFSET_BITS
+    key |= identities.offset[np.repeat(mine, length)]
+    key.sort()
+    np.cumsum(np.bincount(row, length[mine], minlength=n).astype(np.int64) * 2, out=bounds[1:])
+    return key.astype("<u2").tobytes(), bounds  # the low 16 bits: the offsets

@@ -23,10 +23,10 @@ no reading for ``idle_advance_ms`` of wall clock.
 Re-sent readings (``deduplicate=True``, 1-minute windows only): a cell whose window started
 after its partition's *threshold* (:meth:`WindowEngine.set_threshold`: the newest event time
 stored for the partition, so nothing of that window can be stored) is *known*: it holds every
-identity counted in its window (:mod:`segs.windows.identities`), and a reading for it is
-counted or dropped as a duplicate right here, until a drain finds the window closed. Every
-other reading (a window at or before the threshold, one closed at a drain, one older than
-its cell holds) is *undecided*: it is kept raw, counted in no
+identity counted in its window (:mod:`segs.windows.slab`), and a reading for it is
+counted or dropped as a duplicate right here, until a drain finds the window closed and
+releases them. Every other reading (a window at or before the threshold, one closed at a
+drain, one older than its cell holds) is *undecided*: it is kept raw, counted in no
 partial, and decided in the checkpoint's transaction against the stored identities
 (:mod:`segs.checkpoint.dedup`). A cell never becomes known after it took its window, and
 windows only move forward in a cell, so an undecided window stays undecided.
@@ -42,8 +42,9 @@ from numpy.typing import NDArray
 
 from segs.intake.readings import Interner, Readings, grown
 from segs.times import NEVER
-from segs.windows.identities import IdentityIndex, IdentityLog
+from segs.windows.identities import IdentityLog
 from segs.windows.partials import Partials, combine, of_readings, region_ranks
+from segs.windows.slab import IdentitySlab
 
 __all__ = ["Partials", "WindowEngine"]
 
@@ -90,8 +91,6 @@ class WindowEngine:
     _part: NDArray[np.int32]
     _open: NDArray[np.bool_]
     _known: NDArray[np.bool_]
-    _gen: NDArray[np.int32]
-    _nid: NDArray[np.int32]
     _scratch: NDArray[np.int64]
 
     def __init__(
@@ -122,8 +121,10 @@ class WindowEngine:
         self.deduplicate = deduplicate
         if deduplicate and self.size_ms > 1 << 16:
             raise ValueError("identities are 16-bit offsets: windows of at most 65 s")
-        self._ids = IdentityIndex()
-        self._id_log: list[IdentityLog] = []
+        self._ids = IdentitySlab(self.ring)
+        # new identities taken from the slab (at a drain, or of a window a cell left), by
+        # window, until take_identities hands them to the checkpoint
+        self._waiting: list[IdentityLog] = []
         self._undecided: list[Readings] = []
         self._capacity = 0  # meter slots
         self._alloc_cells(0)
@@ -158,8 +159,8 @@ class WindowEngine:
         self._part = grown(None if first else self._part, n, -1, np.int32)
         self._open = grown(None if first else self._open, n, False)  # not reported closed
         self._known = grown(None if first else self._known, n, False)  # identities complete
-        self._gen = grown(None if first else self._gen, n, 0, np.int32)  # identity generation
-        self._nid = grown(None if first else self._nid, n, 0, np.int32)  # identities counted
+        if self.deduplicate:
+            self._ids.grow(n)
         self._scratch = grown(None if first else self._scratch, n, 0)
         self._capacity = capacity
 
@@ -268,7 +269,7 @@ class WindowEngine:
         moved = new != old
         if moved.any():
             self._evict(cell[moved], old[moved])
-            self._new_generation(np.unique(cell[moved]))
+            self._left_window(cell[moved], old[moved])
             took = moved & (w == new)
             cells = cell[took]
             self._known[cells] = True  # unless one of its readings' partitions stored it
@@ -281,25 +282,29 @@ class WindowEngine:
         if idx.size == 0:
             return Added(late, counted, undecided, 0)
         off = ts[idx] - w[idx] * size_ms
-        first = self._ids.first_new(cell[idx], off, self._gen)
-        sel = idx[first]
+        sel = idx[self._ids.first_new(cell[idx], off)]
         counted[sel] = True
-        np.add.at(self._nid, cell[sel], np.ones(sel.shape[0], np.int32))
-        self._id_log.append(IdentityLog(r.meter[sel].astype(np.int32), w[sel] * size_ms,
-                                        off[first].astype(np.uint16),
-                                        part[sel].astype(np.int32)))
         self._accumulate(r.take(sel), w[sel], cell[sel])
-        self._ids.compact(self._gen)
         return Added(late, counted, undecided, int(idx.size - sel.size))
 
-    def _new_generation(self, cells: NDArray[np.intp]) -> None:
-        """Cells that took a new window or were reset: their identities stop matching."""
-        if not self.deduplicate or cells.size == 0:
-            return
-        self._ids.retired(int(self._nid[cells].sum(dtype=np.int64)))
-        self._nid[cells] = 0
-        self._gen[cells] += 1
+    def _left_window(self, cells: NDArray[np.intp], old: NDArray[np.int64]) -> None:
+        """Cells that took a newer window than ``old``: the new identities of the old one
+        wait for the checkpoint (its partial went to overflow), the rest is forgotten."""
+        cells, first = np.unique(cells, return_index=True)
+        self._hold_new(cells, old[first])
+        self._ids.forget(cells, release=False)
         self._known[cells] = False
+
+    def _hold_new(self, cells: NDArray[np.intp], win: NDArray[np.int64] | None = None) -> None:
+        """Take the new identities of ``cells`` (of window ``win``, default the one each
+        holds) from the slab to wait for the checkpoint, with their partial's partition."""
+        has, count, offsets = self._ids.take_new(cells)
+        if has.size:
+            cells = cells[has]
+            w = self._win[cells] if win is None else win[has]
+            self._waiting.append(IdentityLog.grouped(
+                (cells // self.ring).astype(np.int32), w * self.size_ms,
+                self._part[cells].copy(), count, offsets))
 
     def set_threshold(self, partition: int, newest_stored_ms: int) -> None:
         """The newest event time stored for ``partition`` (by any life of any worker): a
@@ -315,8 +320,10 @@ class WindowEngine:
 
     def take_identities(self) -> IdentityLog:
         """Identities counted since the last call, for the checkpoint to store."""
-        log, self._id_log = IdentityLog.concat(self._id_log), []
-        return log
+        if self.deduplicate:
+            self._hold_new(np.flatnonzero(self._known))
+        waiting, self._waiting = self._waiting, []
+        return IdentityLog.concat(waiting)
 
     def take_undecided(self) -> Readings:
         """Readings kept for the checkpoint to decide, in arrival order."""
@@ -449,9 +456,12 @@ class WindowEngine:
         those of open windows only): a later reading for it is undecided."""
         if self.deduplicate:
             held = np.flatnonzero(self._known)
+            self._hold_new(held)  # drained with their partials
             part = np.maximum(self._part[held], 0)
-            self._new_generation(held[(self._win[held] + 1) * self.size_ms <= self._wm[part]])
-            self._ids.compact(self._gen)
+            closed = held[(self._win[held] + 1) * self.size_ms <= self._wm[part]]
+            self._ids.forget(closed, release=True)
+            self._known[closed] = False
+            self._ids.compact()
         cells = np.flatnonzero(self._count > 0)
         out = self._cell_partials(cells, self._win[cells])
         self._reset_pending(cells)
@@ -497,14 +507,16 @@ class WindowEngine:
             return
         cells = np.flatnonzero(np.isin(self._part, ps))
         self._reset_pending(cells)
-        self._new_generation(cells)
+        if self.deduplicate:
+            self._ids.forget(cells, release=True)
+            self._known[cells] = False
         self._win[cells] = NEVER
         self._open[cells] = False
         self._region[cells] = -1
         self._part[cells] = -1
         self._over = [o.take(~np.isin(o.partition, ps)) for o in self._over]
         self._over = [o for o in self._over if len(o)]
-        self._id_log = [g.take(~np.isin(g.partition, ps)) for g in self._id_log]
+        self._waiting = [g.take(~np.isin(g.partition, ps)) for g in self._waiting]
         self._undecided = [u.take(~np.isin(u.partition, ps)) for u in self._undecided]
         kept: list[_Unreported] = []
         for m, w, p in self._over_open:

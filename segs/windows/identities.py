@@ -1,44 +1,76 @@
-"""Reading identities of open 1-minute windows: which (meter, timestamp) are counted already.
+"""Reading identities as the checkpoint stores them: per identity its meter, window, offset.
 
-A reading is identified by ``(meterId, timestamp)``; within its window that is the meter's
-cell and the millisecond offset from the window start (0 … 59,999, 16 bits). The index holds
-one ``cell << 16 | offset`` key per counted reading of every window a cell holds, in one
-sorted int64 array with a parallel int32 *generation* tag: a cell's generation moves on
-whenever it takes a new window or is reset, so the keys of its old window stop matching
-without being searched for and removed (12 bytes a reading). They are dropped in one pass
-once they are more than half of the index. A drain retires the windows closed by then
-(:meth:`segs.windows.engine.WindowEngine.drain`).
-
-New identities are also kept in arrival order (:class:`IdentityLog`) until the checkpoint
-drains them: they are stored beside their 1-minute partial (``aggregates_1m.identities``),
-so a restarted worker, or the next owner of the partition, decides late re-sends in the
-checkpoint's transaction (:mod:`segs.checkpoint.dedup`).
+A reading is identified by ``(meterId, timestamp)``; within its 1-minute window that is the
+meter and the millisecond offset from the window start (0 … 59,999, 16 bits). The window
+engine holds those of open windows in a slab (:mod:`segs.windows.slab`); what it counted
+since the last checkpoint is handed over as an :class:`IdentityLog` and stored beside each
+1-minute partial (``aggregates_1m.identities``), so a restarted worker, or the next owner of
+the partition, decides late re-sends in the checkpoint's transaction
+(:mod:`segs.checkpoint.dedup`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 from numpy.typing import NDArray
 
-from segs.intake.readings import take_rows
-
 OFFSET_BITS = 16
-_COMPACT_MIN = 1 << 16  # keys below which the index is never compacted
 
 
-@dataclass(slots=True)
 class IdentityLog:
-    """Identities counted since the last drain, one row each: its window and offset."""
+    """Identities with the window and the partition of the partial they belong to.
 
-    meter: NDArray[np.int32]
-    window_start_ms: NDArray[np.int64]
-    offset: NDArray[np.uint16]  # ms from the window start
-    partition: NDArray[np.int32]
+    Read as one row per identity (``meter``, ``window_start_ms``, ``offset``,
+    ``partition``), held as one header per window and the offsets one window after the
+    other: 2 bytes an identity rather than 18, which matters while a checkpoint holds
+    millions. Rows given one by one (the constructor) are windows of one identity each.
+    The per-identity columns are made on each read; :meth:`windows` gives the headers."""
+
+    __slots__ = ("_length", "_meter", "_partition", "_window_start_ms", "offset")
+
+    def __init__(self, meter: NDArray[np.int32], window_start_ms: NDArray[np.int64],
+                 offset: NDArray[np.uint16], partition: NDArray[np.int32]) -> None:
+        self._meter, self._window_start_ms, self._partition = meter, window_start_ms, partition
+        self.offset = offset  # ms from the window start
+        self._length: NDArray[np.int64] | None = None  # None: a window per identity
+
+    @classmethod
+    def grouped(cls, meter: NDArray[np.int32], window_start_ms: NDArray[np.int64],
+                partition: NDArray[np.int32], length: NDArray[np.int64],
+                offset: NDArray[np.uint16]) -> IdentityLog:
+        """``length[i]`` identities of window i (of ``meter[i]``, …), offsets in order."""
+        log = cls(meter, window_start_ms, offset, partition)
+        log._length = length
+        return log
 
     def __len__(self) -> int:
-        return int(self.meter.shape[0])
+        return int(self.offset.shape[0])
+
+    def _rows(self, header: NDArray[np.generic]) -> NDArray[np.generic]:
+        return header if self._length is None else np.repeat(header, self._length)
+
+    @property
+    def meter(self) -> NDArray[np.int32]:
+        return self._rows(self._meter)  # type: ignore[return-value]
+
+    @property
+    def window_start_ms(self) -> NDArray[np.int64]:
+        return self._rows(self._window_start_ms)  # type: ignore[return-value]
+
+    @property
+    def partition(self) -> NDArray[np.int32]:
+        return self._rows(self._partition)  # type: ignore[return-value]
+
+    def windows(self) -> tuple[NDArray[np.int32], NDArray[np.int64], NDArray[np.int64]]:
+        """(meter, window start, identities) of each window, in the order of ``offset``.
+        The same window may come more than once."""
+        if self._length is None:
+            return self._meter, self._window_start_ms, np.ones(len(self), np.int64)
+        return self._meter, self._window_start_ms, self._length
+
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self._meter, self._window_start_ms, self._partition,
+                                      self.offset, self._length) if a is not None)
 
     @classmethod
     def empty(cls) -> IdentityLog:
@@ -51,75 +83,42 @@ class IdentityLog:
             return cls.empty()
         if len(logs) == 1:
             return logs[0]
-        return cls(np.concatenate([g.meter for g in logs]),
-                   np.concatenate([g.window_start_ms for g in logs]),
-                   np.concatenate([g.offset for g in logs]),
-                   np.concatenate([g.partition for g in logs]))
+        if all(g._length is None for g in logs):
+            return cls(np.concatenate([g._meter for g in logs]),
+                       np.concatenate([g._window_start_ms for g in logs]),
+                       np.concatenate([g.offset for g in logs]),
+                       np.concatenate([g._partition for g in logs]))
+        return cls.grouped(np.concatenate([g._meter for g in logs]),
+                           np.concatenate([g._window_start_ms for g in logs]),
+                           np.concatenate([g._partition for g in logs]),
+                           np.concatenate([g.windows()[2] for g in logs]),
+                           np.concatenate([g.offset for g in logs]))
 
     def take(self, index: NDArray[np.intp] | NDArray[np.bool_]) -> IdentityLog:
-        return take_rows(self, index)
+        """The identities selected by an index array or boolean mask, order kept. A mask
+        that takes or leaves whole windows (one by partition does) keeps the headers."""
+        if self._length is not None and index.dtype == np.bool_:
+            length = self._length
+            whole = index[np.cumsum(length) - length] if len(length) else index[:0]
+            if np.array_equal(np.repeat(whole, length), index):
+                return IdentityLog.grouped(self._meter[whole], self._window_start_ms[whole],
+                                           self._partition[whole], length[whole],
+                                           self.offset[index])
+        return IdentityLog(self.meter[index], self.window_start_ms[index], self.offset[index],
+                           self.partition[index])
+
+    def of_partitions(self, partitions: NDArray[np.int32]) -> IdentityLog:
+        """The identities of ``partitions``' partials: ``take(isin(partition, partitions))``
+        decided window by window, without a per-identity partition column."""
+        if self._length is None:
+            return self.take(np.isin(self._partition, partitions))
+        whole = np.isin(self._partition, partitions)
+        return IdentityLog.grouped(self._meter[whole], self._window_start_ms[whole],
+                                   self._partition[whole], self._length[whole],
+                                   self.offset[np.repeat(whole, self._length)])
 
 
 def window_keys(meter: NDArray[np.integer], window_start_ms: NDArray[np.int64],
                 size_ms: int) -> NDArray[np.int64]:
     """One int64 per (meter, window): meter slot in the high bits, window index below."""
     return (meter.astype(np.int64) << 32) | (window_start_ms // size_ms)
-
-
-class IdentityIndex:
-    """The counted identities of the windows the cells hold (see the module docstring)."""
-
-    def __init__(self) -> None:
-        self._key = np.empty(0, np.int64)
-        self._tag = np.empty(0, np.int32)
-        self.live = 0  # keys of current generations
-
-    def __len__(self) -> int:
-        return int(self._key.shape[0])
-
-    def nbytes(self) -> int:
-        return int(self._key.nbytes + self._tag.nbytes)
-
-    def first_new(self, cell: NDArray[np.intp], offset: NDArray[np.int64],
-                  gen: NDArray[np.int32]) -> NDArray[np.bool_]:
-        """Which readings are counted: the first of their (cell, offset) in the batch, and
-        not in the index under the cell's generation ``gen`` (per cell). Their keys are
-        added; ``gen`` must be the cells' current generations."""
-        n = cell.shape[0]
-        counted = np.zeros(n, np.bool_)
-        if n == 0:
-            return counted
-        key: NDArray[np.int64] = (cell.astype(np.int64) << OFFSET_BITS) | offset
-        uniq, first = np.unique(key, return_index=True)
-        ucell: NDArray[np.int64] = uniq >> OFFSET_BITS
-        tag: NDArray[np.int32] = gen[ucell]
-        pos: NDArray[np.intp] = np.searchsorted(self._key, uniq)
-        inside = pos < self._key.shape[0]
-        hit = np.zeros(uniq.shape[0], np.bool_)
-        hit[inside] = self._key[pos[inside]] == uniq[inside]
-        live = np.zeros(uniq.shape[0], np.bool_)
-        live[hit] = self._tag[pos[hit]] == tag[hit]
-        reuse = hit & ~live  # a key of an old generation: its slot takes the new one
-        self._tag[pos[reuse]] = tag[reuse]
-        add = ~hit
-        if add.any():
-            self._key = np.insert(self._key, pos[add], uniq[add])
-            self._tag = np.insert(self._tag, pos[add], tag[add])
-        new = ~live
-        counted[first[new]] = True
-        self.live += int(np.count_nonzero(new))
-        return counted
-
-    def retired(self, keys: int) -> None:
-        """``keys`` keys stopped matching (their cells moved on); compact when they are
-        most of the index."""
-        self.live -= keys
-
-    def compact(self, gen: NDArray[np.int32]) -> None:
-        """Drop keys of old generations when they are more than half of the index."""
-        n = self._key.shape[0]
-        if n < _COMPACT_MIN or n < 2 * self.live:
-            return
-        keep = self._tag == gen[self._key >> OFFSET_BITS]
-        self._key, self._tag = self._key[keep], self._tag[keep]
-        self.live = int(self._key.shape[0])

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
+from unittest import mock
 
 import numpy as np
 from hypothesis import HealthCheck, given, settings
@@ -17,6 +18,7 @@ from segs.intake.readings import Interner
 from segs.times import NEVER
 from segs.windows.engine import WindowEngine
 from segs.windows.partials import PartialRow, merge, region_ranks, roll_up
+from segs.windows.slab import IdentitySlab
 from tests.reference import aggregate, distinct
 from tests.unit.windows.test_engine import BASE, to_columns
 
@@ -134,6 +136,12 @@ def streams(draw: st.DrawFn) -> list[dict[str, Any]]:
 @given(stream=streams(), data=st.data())
 def test_each_identity_counted_once_through_checkpoints_restarts_and_rebalances(
         stream: list[dict[str, Any]], data: st.DataObject) -> None:
+    # compacting the identity slab as often as its rules allow, or at its real threshold
+    with mock.patch.object(IdentitySlab, "compact_min", data.draw(st.sampled_from([0, 1 << 16]))):
+        run_stream(stream, data)
+
+
+def run_stream(stream: list[dict[str, Any]], data: st.DataObject) -> None:
     meters, regions, store = Interner(), Interner(), Store()
     folded_ever: set[tuple[str, int]] = set()
     worker = Worker(store, meters, regions)
