@@ -133,7 +133,7 @@ class Payload:
                 {p: pos for p, pos in self.positions.items() if p in group},
                 {size: is_fresh[rows] for size, is_fresh in self.fresh.items()},
                 None if self.identities is None
-                else self.identities.take(np.isin(self.identities.partition, keep)),
+                else self.identities.of_partitions(keep),
                 None if self.undecided is None
                 else self.undecided.take(np.isin(self.undecided.partition, keep)),
                 {p: t for p, t in self.newest_ms.items() if p in group},
