@@ -65,11 +65,12 @@ def _payload(n: int, salt: int, prev: dict[int, int | None],
                              for p in range(PARTITIONS)}
     payload = Payload(partials, BaselineState.empty(), positions, written.fresh(partials),
                       newest_ms=dict.fromkeys(range(PARTITIONS), _T0_MS + 59_000))
-    if deduplicate:  # 10 readings a partial, other ones each phase (a merge appends them)
-        payload.identities = IdentityLog(
-            np.repeat(partials.meter, 10), np.repeat(partials.window_start_ms, 10),
-            np.tile((np.arange(10) * 6_000 + salt * 100).astype(np.uint16), n),
-            np.repeat(partials.partition, 10))
+    if deduplicate:  # 10 readings a partial, other ones each phase (a merge appends them),
+        # one header a window as the engine hands them over (WindowEngine.take_identities)
+        payload.identities = IdentityLog.grouped(
+            partials.meter, partials.window_start_ms, partials.partition,
+            np.full(n, 10, np.int64),
+            np.tile((np.arange(10) * 6_000 + salt * 100).astype(np.uint16), n))
     return payload
 
 
