@@ -200,10 +200,12 @@ def test_plain_tables_become_hypertables_once_timescaledb_is_preloaded(
     with psycopg.connect(url) as conn:  # … and lives in chunks now, not in the parent
         assert conn.execute("SELECT count(*) FROM ONLY aggregates_1m").fetchone() == (0,)
         fill = conn.execute(
-            "SELECT DISTINCT c.reloptions FROM timescaledb_information.chunks k"
+            "SELECT DISTINCT k.hypertable_name::text, c.reloptions"
+            " FROM timescaledb_information.chunks k"
             " JOIN pg_class c ON c.oid = to_regclass(quote_ident(k.chunk_schema) || '.'"
-            " || quote_ident(k.chunk_name))").fetchall()
-    assert fill == [(["fillfactor=50"],)], fill
+            " || quote_ident(k.chunk_name)) ORDER BY 1").fetchall()
+    assert fill == [("aggregates_15m", ["fillfactor=50"]),  # V004
+                    ("aggregates_1m", ["fillfactor=42"])], fill  # V010
 
     third = _migrate(url)  # nothing left to do
     assert third.returncode == 0 and "converted" not in third.stderr, third.stderr
