@@ -38,7 +38,6 @@ from segs.checkpoint.sink import CommitStats, Positions, PositionWrite, Sink
 from segs.config import load_settings
 from segs.detection.detector import BaselineState
 from segs.intake.readings import Interner
-from segs.times import NEVER
 from segs.windows.identities import IdentityLog
 from segs.windows.partials import Partials, region_ranks
 
@@ -135,8 +134,7 @@ def _run(srv: Servers, n: int, writers: int, meters: list[bytes], regions: list[
                 if phase in ("replay", "restart"):  # a restarted worker's, as it takes
                     written = WrittenWindows()  # its partitions
                     for p, pos in sink.load_positions(range(PARTITIONS)).items():
-                        written.stored_through(p, NEVER if pos.newest_ms is None
-                                               else pos.newest_ms)
+                        written.stored_through(p, pos.stored_newest(0))  # no watermarks
                 payload = _payload(n, salt, prev, written, deduplicate,
                                    first=n // 2 if phase == "restart" else 0)
                 t0 = time.perf_counter()

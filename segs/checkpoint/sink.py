@@ -8,11 +8,12 @@ One :meth:`Sink.commit` is one transaction:
    :func:`segs.windows.partials.roll_up` merges them per 15-minute window before the commit);
 2. per aggregate table, the partials merged into stored rows with the arithmetic of
    :mod:`segs.windows.partials` (:data:`MERGE_SET` is that arithmetic in SQL, written once,
-   for both statements below). Partials of windows the worker wrote before go in by an
-   ``UPDATE`` of each chunk (or plain table) that holds them, joined on the key, in a
-   savepoint; should one of their rows be gone, or sit in a compressed chunk, the savepoint
-   rolls back and one ``INSERT … SELECT … ON CONFLICT (meter_id, window_start) DO UPDATE``
-   (the *upsert*) merges them all. Partials of windows the worker never wrote (*fresh*,
+   for both statements below). Partials of windows the worker (may have) wrote before go
+   in by an ``UPDATE`` of each chunk (or plain table) that holds them, joined on the key, in
+   a savepoint, and those it found no row for are inserted next; should one of those be
+   inserted by another transaction meanwhile, or a row sit in a compressed chunk, the
+   savepoint rolls back and one ``INSERT … SELECT … ON CONFLICT (meter_id, window_start) DO
+   UPDATE`` (the *upsert*) merges them all. Partials of windows the worker never wrote (*fresh*,
    :class:`segs.checkpoint.payload.WrittenWindows`) come in a temporary table of their own
    and are inserted plainly, in a savepoint: a plain insert skips the conflict probe and
    speculative insertion an upsert costs per row. Should one of them exist after all, the
@@ -58,6 +59,7 @@ from segs.checkpoint.migrate import hypertables, timescale
 from segs.checkpoint.pgcopy import CopyData
 from segs.errors import DatabaseError, FencedError, SegsError
 from segs.intake.decode import METER_ID_MAX, REGION_MAX
+from segs.times import NEVER
 from segs.windows.sizes import ONE_MINUTE, SIZES, WindowSize
 
 log = logging.getLogger("segs.sink")
@@ -193,14 +195,13 @@ UPDATE {{target}} AS a SET {merge_set}
 FROM ({row}{{within}}) AS excluded
 WHERE a.meter_id = excluded.meter_id AND a.window_start = excluded.window_start
 """
-# After the UPDATEs, appended to the insert of the partials of one chunk ({within}: of its
-# range; or of the whole table): those the UPDATE found no row for. Probing the chunk, not
-# the hypertable, which would probe every chunk, or with a bound on window_start, fall into
-# the planner trap of _merge_stored.
-_MISSING = """
-WHERE {within}NOT EXISTS (SELECT FROM {target} AS s
-    WHERE s.meter_id = p.meter_id
-        AND s.window_start = ('epoch'::timestamptz + p.window_start_ms * interval '1 ms'))
+# After the UPDATEs: the insert of the partials of one table or chunk ({{target}}; {{within}}:
+# the condition that keeps the partials of other chunks out) that the UPDATE found no row
+# for. Probing the chunk, not the hypertable, which would probe every chunk, or with a bound
+# on window_start, fall into the planner trap of _merge_stored.
+_INSERT_MISSING = """{insert}
+WHERE {{within}}NOT EXISTS (SELECT FROM {{target}} AS s
+    WHERE s.meter_id = p.meter_id AND s.window_start = {start})
 """
 
 
@@ -210,7 +211,7 @@ class Statements(NamedTuple):
     merge: dict[str, bytes]  # temporary table → the upsert of its partials
     insert_fresh: dict[int, bytes]  # window size → the plain insert of its fresh partials
     update: dict[int, str]  # window size → the update of stored rows (a _UPDATE template)
-    insert: dict[int, bytes]  # window size → the insert of its (stored) partials: + _MISSING
+    insert_missing: dict[int, str]  # window size → the insert of stored partials with no row
 
 
 def _row(size: int, source: str, numeric: Numeric) -> str:
@@ -241,7 +242,9 @@ def _statements(numeric: Mapping[str, Numeric]) -> Statements:
         inserts[size.seconds] = _insert(size, size.fresh_table, cols).encode()
         updates[size.seconds] = _UPDATE.format(
             merge_set=merge_set(cols, keeps), row=_row(size.seconds, size.partials_table, cols))
-        missing[size.seconds] = _insert(size, size.partials_table, cols).rstrip().encode()
+        missing[size.seconds] = _INSERT_MISSING.format(
+            insert=_insert(size, size.partials_table, cols).strip(),
+            start=_TS.format("p.window_start_ms"))
     return Statements(merges, inserts, updates, missing)
 
 
@@ -341,6 +344,14 @@ class Position:
     next_offset: int
     watermark_ms: int | None
     newest_ms: int | None = None  # newest event time stored for it; None: before V009
+
+    def stored_newest(self, lateness_ms: int) -> int:
+        """The newest event time stored for the partition: no window starting later has a
+        row of it. Positions stored before V009 have only the watermark (newest − lateness,
+        or later)."""
+        if self.newest_ms is not None:
+            return self.newest_ms
+        return NEVER if self.watermark_ms is None else self.watermark_ms + lateness_ms
 
 
 @dataclass(frozen=True, slots=True)
@@ -878,7 +889,7 @@ def _merge_stored(conn: psycopg.Connection[Any], cur: psycopg.Cursor[Any], size:
                 if found == n:
                     return 0, n
                 for target, within in targets:  # a partial in no chunk's range is left out
-                    cur.execute(statements.insert[size.seconds] + _MISSING.format(
+                    cur.execute(statements.insert_missing[size.seconds].format(
                         target=target, within=within and f"{within} AND ").encode())
                     inserted += max(cur.rowcount, 0)
                 if found + inserted == n:
@@ -886,8 +897,8 @@ def _merge_stored(conn: psycopg.Connection[Any], cur: psycopg.Cursor[Any], size:
                 raise _NotAllStored
         except (_NotAllStored, psycopg.errors.UndefinedTable,  # or a chunk dropped meanwhile
                 psycopg.errors.UniqueViolation):  # a missing row inserted meanwhile
-            log.debug("%d of %d %s rows to merge into were not found: upserted instead",
-                      n - found, n, size.table)
+            log.debug("%d of %d %s partials found no row to update, and not all of them "
+                      "could be inserted: upserted instead", n - found, n, size.table)
     cur.execute(statements.merge[size.partials_table])
     inserted, written = cur.fetchone() or (0, 0)
     return int(inserted), int(written)

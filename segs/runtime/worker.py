@@ -401,7 +401,8 @@ class Worker:
         committed = self._committed(unstored) if unstored else {}
         if committed is None:
             return None
-        thresholds = {p: _stored_newest(stored.get(p), self.s.allowed_lateness_ms)
+        lateness = self.s.allowed_lateness_ms
+        thresholds = {p: NEVER if p not in stored else stored[p].stored_newest(lateness)
                       for p in parts}
         for p, newest in thresholds.items():
             self.windows.set_threshold(p, newest)
@@ -479,16 +480,6 @@ class Worker:
             return 1
         log.info("worker %d stopped after its final checkpoint", self.worker_id)
         return 0
-
-
-def _stored_newest(pos: Position | None, lateness_ms: int) -> int:
-    """The newest event time stored for a partition: no window starting later has a row of
-    it. Positions stored before V009 have only the watermark (newest − lateness, or later)."""
-    if pos is None:
-        return NEVER
-    if pos.newest_ms is not None:
-        return pos.newest_ms
-    return NEVER if pos.watermark_ms is None else pos.watermark_ms + lateness_ms
 
 
 class _Status(Protocol):

@@ -190,9 +190,9 @@ def test_stored_rows_are_updated_through_the_primary_key_of_a_chunk_without_stat
         conn.execute(b"INSERT INTO segs_partials_1m SELECT 'p' || i, 'r', 60000, 1, 1, 1, 1, "
                      b"1, 60001, 0, 0, 0 FROM generate_series(0, 999) i")
         update = sink._sql.update[60].format(target=target, within="").encode()
-        missing = sink_module._MISSING.format(target=target, within="").encode()
+        missing = sink._sql.insert_missing[60].format(target=target, within="").encode()
         plans = ["\n".join(r[0] for r in conn.execute(b"EXPLAIN " + statement))
-                 for statement in (update, sink._sql.insert[60] + missing)]
+                 for statement in (update, missing)]
     for plan in plans:  # the update, and the insert of partials it found no row for
         assert "Nested Loop" in plan and "_pkey" in plan, plan
         assert "aggregates_1m_window_start" not in plan and "Seq Scan on _hyper" not in plan, plan
