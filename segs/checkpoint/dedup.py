@@ -108,8 +108,9 @@ def identity_column(partials: Partials, identities: IdentityLog) -> tuple[bytes,
     # matched window by window: per identity only its row and offset are made
     meter, window_start, length = identities.windows()
     gkey = window_keys(meter, window_start, size_ms)
-    pos = np.minimum(np.searchsorted(rkey[order], gkey), n - 1)
-    mine = rkey[order][pos] == gkey  # identities of other rows (the other part of a split)
+    sorted_keys = rkey[order]
+    pos = np.minimum(np.searchsorted(sorted_keys, gkey), n - 1)
+    mine = sorted_keys[pos] == gkey  # identities of other rows (the other part of a split)
     row = order[pos[mine]]
     key = np.repeat(row.astype(np.int64), length[mine])  # row, then offset
     key <<= OFFSET_BITS

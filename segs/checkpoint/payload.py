@@ -166,12 +166,13 @@ def _encode(p: Partials, identities: IdentityLog | None, fresh: dict[int, NDArra
     for size in BY_SECONDS:
         is_fresh = fresh.get(size)
         # all of a coarse window's partials share its freshness: split, then roll up
-        split = [(stored, p, identities)] if is_fresh is None else [
-            (stored, p.take(~is_fresh), identities), (fresh_rows, p.take(is_fresh), identities)]
-        for into, part, ids in split:
+        split = [(stored, p)] if is_fresh is None else [
+            (stored, p.take(~is_fresh)), (fresh_rows, p.take(is_fresh))]
+        for into, part in split:
             if len(part):
                 if size == p.size_s:
-                    blobs = [] if ids is None else [("identities", *identity_column(part, ids))]
+                    blobs = [] if identities is None else [
+                        ("identities", *identity_column(part, identities))]
                     into[size] = _partials_copy(part, meters, regions, blobs)
                 else:
                     into[size] = _partials_copy(roll_up(part, size, region_rank), meters,
@@ -181,14 +182,14 @@ def _encode(p: Partials, identities: IdentityLog | None, fresh: dict[int, NDArra
 
 
 def _partials_copy(p: Partials, meters: list[bytes], regions: list[bytes],
-                   blobs: list[BytesColumn] | None = None) -> CopyData:
+                   blobs: Sequence[BytesColumn] = ()) -> CopyData:
     return copy_data(
         [("window_start_ms", p.window_start_ms), ("sample_count", p.count),
          ("power_sum", p.power_sum), ("power_max", p.power_max), ("power_min", p.power_min),
          ("energy_sum", p.energy_sum), ("last_ts_ms", p.last_ts_ms),
          ("source_partition", p.partition), ("voltage_sum", p.voltage_sum),
          ("voltage_count", p.voltage_count)],
-        [("meter_id", p.meter, meters), ("region", p.region, regions)], blobs=blobs or ())
+        [("meter_id", p.meter, meters), ("region", p.region, regions)], blobs=blobs)
 
 
 class MeterPartitions:

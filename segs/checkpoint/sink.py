@@ -7,21 +7,24 @@ One :meth:`Sink.commit` is one transaction:
    only 1-minute partials; they nest exactly in 15-minute windows, and
    :func:`segs.windows.partials.roll_up` merges them per 15-minute window before the commit);
 2. per aggregate table, the partials merged into stored rows with the arithmetic of
-   :mod:`segs.windows.partials` (:data:`MERGE_SET` is that arithmetic in SQL, written once,
-   for both statements below). Partials of windows the worker (may have) wrote before go
-   in by an ``UPDATE`` of each chunk (or plain table) that holds them, joined on the key, in
-   a savepoint, and those it found no row for are inserted next; should one of those be
-   inserted by another transaction meanwhile, or a row sit in a compressed chunk, the
-   savepoint rolls back and one ``INSERT … SELECT … ON CONFLICT (meter_id, window_start) DO
-   UPDATE`` (the *upsert*) merges them all. Partials of windows the worker never wrote (*fresh*,
-   :class:`segs.checkpoint.payload.WrittenWindows`) come in a temporary table of their own
-   and are inserted plainly, in a savepoint: a plain insert skips the conflict probe and
-   speculative insertion an upsert costs per row. Should one of them exist after all, the
-   savepoint rolls back and the upsert merges them;
+   :mod:`segs.windows.partials` (:func:`merge_set` is that arithmetic in SQL, written once,
+   for the statements below); with reading identities, those of the undecided readings'
+   windows are read first and the partials made in the transaction (:class:`Deferred`,
+   :mod:`segs.checkpoint.dedup`). Partials of windows the worker wrote, or may have
+   written, before go in by an ``UPDATE`` of each chunk (or plain table) that holds them,
+   joined on the key, in a savepoint, and those it found no row for are inserted next;
+   should one of those be inserted by another transaction meanwhile, or a row sit in a
+   compressed chunk, the savepoint rolls back and one ``INSERT … SELECT … ON CONFLICT
+   (meter_id, window_start) DO UPDATE`` (the *upsert*) merges them all. Partials of windows
+   the worker never wrote (*fresh*, :class:`segs.checkpoint.payload.WrittenWindows`) come in
+   a temporary table of their own and are inserted plainly, in a savepoint: a plain insert
+   skips the conflict probe and speculative insertion an upsert costs per row. Should one of
+   them exist after all, the savepoint rolls back and the upsert merges them;
 3. the detector's changed baselines, upserted;
    with regional aggregates on, one ``regional_dirty`` row per 1-minute window written
    (:mod:`segs.publish.regional`: that window's regional roll-up is due again);
-4. the next position of every covered partition, written with a compare-and-set on the
+4. the next position (and newest event time) of every covered partition, written with a
+   compare-and-set on the
    position this worker last read or wrote — when any compare fails the partition moved to
    another owner, the transaction rolls back and :class:`~segs.errors.FencedError` is raised.
 
@@ -778,16 +781,16 @@ SELECT %s, 'epoch'::timestamptz + w * interval '1 millisecond' FROM unnest(%s::i
 """
 
 
-# The stored identities of the windows a checkpoint's undecided readings fall in: one query,
-# by primary key, in the checkpoint's transaction (a window's owner is its partition's, and
-# the positions' compare-and-set keeps every other writer of that partition out).
-# The stored identities of some 1-minute windows, from one table or chunk ({target}); the
-# windows come as parallel arrays (meter id, window start ms), numbered from 1.
-_STORED_IDENTITIES = """
+# The stored identities of the windows a checkpoint's undecided readings fall in, from one
+# table or chunk ({target}), by primary key, in the checkpoint's transaction (a window's owner
+# is its partition's, and the positions' compare-and-set keeps every other writer of that
+# partition out). The windows come as parallel arrays (meter id, window start ms), numbered
+# from 1.
+_STORED_IDENTITIES = f"""
 SELECT k.i, a.identities
 FROM unnest(%s::text[], %s::int8[]) WITH ORDINALITY AS k(meter_id, start_ms, i)
-JOIN {target} AS a ON a.meter_id = k.meter_id
-    AND a.window_start = 'epoch'::timestamptz + k.start_ms * interval '1 millisecond'{bound}
+JOIN {{target}} AS a ON a.meter_id = k.meter_id
+    AND a.window_start = {_TS.format("k.start_ms")}{{bound}}
 """
 
 

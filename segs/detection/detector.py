@@ -3,9 +3,11 @@
 Semantics
 =========
 Every meter slot holds a *baseline* (an exponential moving average of powerKw), *samples*
-(how many readings were folded into it), the event time of the last alert of each kind and
-the partition of its last reading. Readings are processed one by one per meter, in batch
-order (= partition order); for one reading ``(power, ts_ms)``:
+(how many readings were folded into it), the event time of the last alert of each kind, the
+partition of its last reading and the newest event time folded (with ``DEDUPLICATE``: a
+reading of a window only the checkpoint can decide is folded only when newer). Readings
+are processed one by one per meter, in batch order (= partition order); for one reading
+``(power, ts_ms)``:
 
 1. **Seed.** If ``samples == 0``: ``baseline = power``, ``samples = 1``; nothing is checked.
 2. **Check** (only when ``samples >= min_samples``, against the baseline *before* this

@@ -221,7 +221,8 @@ class WindowEngine:
     # updates
 
     def add(self, r: Readings, now_ms: int) -> int:
-        """Apply a batch of readings; returns how many of them were late."""
+        """Apply a batch of readings; returns how many of them were late. With
+        ``deduplicate``, by :meth:`add_distinct`."""
         if self.deduplicate:
             return self.add_distinct(r, now_ms).late
         if len(r) == 0:
@@ -284,7 +285,7 @@ class WindowEngine:
         off = ts[idx] - w[idx] * size_ms
         sel = idx[self._ids.first_new(cell[idx], off)]
         counted[sel] = True
-        self._accumulate(r.take(sel), w[sel], cell[sel])
+        self._accumulate(r if sel.size == n else r.take(sel), w[sel], cell[sel])
         return Added(late, counted, undecided, int(idx.size - sel.size))
 
     def _left_window(self, cells: NDArray[np.intp], old: NDArray[np.int64]) -> None:

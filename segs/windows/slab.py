@@ -24,6 +24,7 @@ from typing import ClassVar
 import numpy as np
 from numpy.typing import NDArray
 
+from segs.intake.readings import grown
 from segs.windows.identities import OFFSET_BITS
 
 _MIN_ROOM = 2  # a region's first capacity, in offsets
@@ -89,10 +90,10 @@ class IdentitySlab:
         old = self._n.shape[0]
         if cells <= old:
             return
-        self._at = np.concatenate([self._at, np.zeros(cells - old, np.int32)])
-        self._cap = np.concatenate([self._cap, np.zeros(cells - old, np.int32)])
-        self._old = np.concatenate([self._old, np.zeros(cells - old, np.int32)])
-        self._n = np.concatenate([self._n, np.zeros(cells - old, np.int32)])
+        self._at = grown(self._at, cells, 0)
+        self._cap = grown(self._cap, cells, 0)
+        self._old = grown(self._old, cells, 0)
+        self._n = grown(self._n, cells, 0)
 
     def nbytes(self) -> tuple[int, int]:
         """(the arena, the per-cell arrays) in bytes."""
