@@ -344,6 +344,10 @@ SPECS: tuple[Spec, ...] = (
          "watermark = newest event time − this; later readings still update their row"),
     Spec("IDLE_ADVANCE", "idle_advance_ms", "10", _duration_ms("s"),
          "a partition silent this long has its watermark moved by wall clock"),
+    Spec("METER_IDLE_EVICT", "meter_idle_evict_ms", "3600", _duration_ms("s"),
+         "a meter with no reading for this much event time gives its memory back at the next "
+         "checkpoint; its detector baseline stays stored and is read again when it returns "
+         "(0 = never)"),
     Spec("MAX_FUTURE_SKEW", "max_future_skew_ms", "300", _duration_ms("s"),
          "readings further ahead of their message's Kafka timestamp (CreateTime or "
          "LogAppendTime) than this are dead-lettered; never compared with the wall clock"),
@@ -421,6 +425,7 @@ class Settings:
     flush_interval_15m_ms: int
     allowed_lateness_ms: int
     idle_advance_ms: int
+    meter_idle_evict_ms: int
     max_future_skew_ms: int
     max_message_bytes: int
     spike_threshold: float

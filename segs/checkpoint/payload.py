@@ -63,6 +63,15 @@ class Payload:
         return bool(len(self.partials) or len(self.baselines) or self.positions
                     or (self.undecided is not None and len(self.undecided)))
 
+    def meters(self) -> NDArray[np.int32]:
+        """Every meter slot the payload names (with repeats): their names must stay."""
+        held = [self.partials.meter, self.baselines.meter]
+        if self.identities is not None:
+            held.append(self.identities.windows()[0])
+        if self.undecided is not None:
+            held.append(self.undecided.meter)
+        return np.concatenate(held)
+
     def commit_job(self, meters: list[bytes], regions: list[bytes],
             region_rank: NDArray[np.int64]) -> CommitJob:
         """The arguments of :meth:`segs.checkpoint.sink.Sink.commit` for this payload: the 1-minute
@@ -217,6 +226,10 @@ class MeterPartitions:
         mixed, self._mixed = self._mixed, False
         return mixed
 
+    def release(self, slots: NDArray[np.intp]) -> None:
+        """Evicted meters: their slots have no last partition."""
+        self._home[slots[slots < self._home.shape[0]]] = -1
+
 
 class WrittenWindows:
     """Per meter slot and window size, the latest window this worker has drained to write:
@@ -241,6 +254,11 @@ class WrittenWindows:
         if partition >= self._stored.shape[0]:
             self._stored = grown(self._stored, partition + 1, NEVER)
         self._stored[partition] = newest_ms
+
+    def release(self, slots: NDArray[np.intp]) -> None:
+        """Evicted meters: their slots' next meters have written no window."""
+        for latest in self._latest.values():
+            latest[slots[slots < latest.shape[0]]] = NEVER
 
     def fresh(self, partials: Partials) -> dict[int, NDArray[np.bool_]]:
         """Per size, which of ``partials`` (distinct (meter, window) keys of windows that

@@ -14,7 +14,7 @@ them; :class:`CopyData` carries the column names in that order for the ``COPY`` 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,19 +26,42 @@ CHUNK_ROWS = 16_384  # rows encoded at a time: about 2 MB of data for checkpoint
 
 
 class TextFields:
-    """The strings of an append-only name list (an interner's), each kept encoded as one
-    binary COPY field: 4-byte big-endian length, then UTF-8."""
+    """The strings of an interner's name list, each kept encoded as one binary COPY field:
+    4-byte big-endian length, then UTF-8. ``reused`` (:meth:`Interner.take_reused`) names
+    the slots whose name changed since it was last asked; without it names only append."""
 
-    def __init__(self, names: list[str]) -> None:
+    def __init__(self, names: list[str],
+                 reused: Callable[[], list[int]] | None = None) -> None:
         self._names = names
+        self._reused = reused
         self._fields: list[bytes] = []
 
     def fields(self) -> list[bytes]:
-        """Encoded fields by slot, encoding only names added since the last call."""
-        for name in self._names[len(self._fields):]:
-            raw = name.encode()
-            self._fields.append(len(raw).to_bytes(4, "big") + raw)
-        return self._fields
+        """Encoded fields by slot, encoding only names added or changed since the last call.
+        A field of a slot in no payload may change later: a cut reads only its own slots."""
+        fields, names = self._fields, self._names
+        if self._reused is not None:
+            for s in self._reused():
+                if s < len(fields):
+                    fields[s] = _field(names[s])
+        for name in names[len(fields):]:
+            fields.append(_field(name))
+        return fields
+
+    def release(self, slots: NDArray[np.integer]) -> None:
+        """Drop the encoded names of released slots (their memory; the slot stays)."""
+        fields = self._fields
+        for s in slots.tolist():
+            if s < len(fields):
+                fields[s] = _EMPTY
+
+
+_EMPTY = (0).to_bytes(4, "big")
+
+
+def _field(name: str) -> bytes:
+    raw = name.encode()
+    return len(raw).to_bytes(4, "big") + raw
 
 
 @dataclass(frozen=True, slots=True)

@@ -534,12 +534,25 @@ class Sink:
         return {int(p): Position(int(o), None if w is None else int(w),
                                  None if e is None else int(e)) for p, o, w, e in rows}
 
-    def stored_baselines(self, partitions: Sequence[int]) -> list[BaselineRow]:
-        """The stored state of the meters last seen on these partitions."""
+    def stored_baselines(self, partitions: Sequence[int],
+                         newer_than_ms: int | None = None) -> list[BaselineRow]:
+        """The stored state of the meters last seen on these partitions; with
+        ``newer_than_ms``, only of those that read something after it (or before V009)."""
+        recent = "" if newer_than_ms is None else (
+            " AND (newest_reading_ms IS NULL OR newest_reading_ms > %s)")
+        params: tuple[Any, ...] = (self.group, list(partitions))
         return [BaselineRow._make(row) for row in self._query(
             f"SELECT {', '.join(BASELINE_COLUMNS)} FROM meter_baselines "
-            "WHERE consumer_group = %s AND source_partition = ANY(%s)",
-            (self.group, list(partitions)),
+            "WHERE consumer_group = %s AND source_partition = ANY(%s)" + recent,
+            params if newer_than_ms is None else (*params, newer_than_ms),
+        )]
+
+    def baselines_of(self, meter_ids: Sequence[str]) -> list[BaselineRow]:
+        """The stored state of these meters, wherever they were last seen: one query."""
+        return [BaselineRow._make(row) for row in self._query(
+            f"SELECT {', '.join(BASELINE_COLUMNS)} FROM meter_baselines "
+            "WHERE consumer_group = %s AND meter_id = ANY(%s)",
+            (self.group, list(meter_ids)),
         )]
 
     def connection(self) -> AbstractContextManager[psycopg.Connection[TupleRow]]:

@@ -37,7 +37,9 @@ State and checkpoints
 The state of a slot is one :class:`BaselineState` row; "never alerted" is
 :data:`segs.times.NEVER`. A slot never seen (or forgotten) has ``samples == 0`` and
 ``partition == -1``. Slots touched by :meth:`~AnomalyDetector.check` become *dirty*;
-:meth:`~AnomalyDetector.take_dirty` hands them to the checkpoint and clears the mark. The
+:meth:`~AnomalyDetector.take_dirty` hands them to the checkpoint and clears the mark. A slot
+is *held* once its stored state was loaded or looked up (or it was folded into): a meter
+evicted for idleness (:meth:`~AnomalyDetector.release`) is looked up again when it returns. The
 checkpoint owns what it took: a failed write is retried with that same state, and when the
 worker loses ownership it discards the whole detector and reloads baselines from the
 database, so nothing is ever handed back.
@@ -175,6 +177,7 @@ class AnomalyDetector:
     __slots__ = (
         "_baseline",
         "_dirty",
+        "_held",
         "_last",
         "_newest",
         "_partition",
@@ -191,6 +194,7 @@ class AnomalyDetector:
         self._partition = np.full(cap, -1, np.int32)
         self._dirty = np.zeros(cap, np.bool_)
         self._newest = np.full(cap, NEVER, np.int64)  # newest event time folded
+        self._held = np.zeros(cap, np.bool_)  # state known: loaded, looked up or folded
 
     # -- detection -------------------------------------------------------------------------
 
@@ -212,6 +216,7 @@ class AnomalyDetector:
         group_meter = sorted_meter[starts]
         self._partition[group_meter] = r.partition[order[ends - 1]]
         self._dirty[group_meter] = True
+        self._held[group_meter] = True
         np.maximum.at(self._newest, meter, r.ts_ms)
 
         found: list[_Found] = []
@@ -419,6 +424,30 @@ class AnomalyDetector:
         self._partition[slots] = state.partition
         self._newest[slots] = state.newest_ms
         self._dirty[slots] = False
+        self._held[slots] = True
+
+    def unheld(self, meter: NDArray[np.int32]) -> NDArray[np.intp]:
+        """The distinct slots among ``meter`` whose stored state is not held: never looked
+        up since they were made, forgotten or released. Look them up, then :meth:`load`
+        what is stored and :meth:`hold` the rest (a meter with nothing stored is new)."""
+        if meter.size == 0:
+            return np.empty(0, np.intp)
+        self._reserve(int(meter.max()) + 1)
+        if self._held[meter].all():
+            return np.empty(0, np.intp)
+        slots = np.unique(meter).astype(np.intp)
+        return slots[~self._held[slots]]
+
+    def hold(self, slots: NDArray[np.intp]) -> None:
+        """``slots`` have no stored state: their first state (never seen) is theirs."""
+        self._reserve(int(slots.max()) + 1 if slots.size else 0)
+        self._held[slots] = True
+
+    def release(self, slots: NDArray[np.intp]) -> None:
+        """Reset clean ``slots`` to never seen and not held (their meters were evicted;
+        their state is stored and is looked up when they come back)."""
+        slots = slots[slots < self._samples.shape[0]]
+        self._reset(slots)
 
     def forget_partitions(self, partitions: Collection[int]) -> None:
         """Reset the slots whose last reading came from ``partitions`` to never seen (clean).
@@ -427,13 +456,16 @@ class AnomalyDetector:
         """
         if not partitions:
             return
-        slots = np.flatnonzero(np.isin(self._partition, np.fromiter(partitions, np.int32)))
+        self._reset(np.flatnonzero(np.isin(self._partition, np.fromiter(partitions, np.int32))))
+
+    def _reset(self, slots: NDArray[np.intp]) -> None:
         self._baseline[slots] = 0.0
         self._samples[slots] = 0
         self._last[:, slots] = NEVER
         self._partition[slots] = -1
         self._newest[slots] = NEVER
         self._dirty[slots] = False
+        self._held[slots] = False
 
     def snapshot(self, slots: NDArray[np.integer] | None = None) -> BaselineState:
         """State of ``slots`` (default: every slot ever seen and not forgotten); read only."""
@@ -473,6 +505,7 @@ class AnomalyDetector:
         self._partition = np.concatenate([self._partition, np.full(extra, -1, np.int32)])
         self._dirty = np.concatenate([self._dirty, np.zeros(extra, np.bool_)])
         self._newest = np.concatenate([self._newest, np.full(extra, NEVER, np.int64)])
+        self._held = np.concatenate([self._held, np.zeros(extra, np.bool_)])
 
 
 def _merge(found: list[_Found]) -> Detections:

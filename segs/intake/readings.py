@@ -37,25 +37,61 @@ def grown(old: NDArray[_T] | None, n: int, fill: float,
 
 
 class Interner:
-    """Maps strings to dense integer slots (0, 1, 2, …) and back."""
+    """Maps strings to dense integer slots (0, 1, 2, …) and back.
 
-    __slots__ = ("names", "slots")
+    :meth:`release` gives slots back; :meth:`slot` hands them out again before new ones, so
+    the slots in use stay as few as the names held at once. A released slot's name is ``""``
+    until it is taken again; the slots taken again are listed for :meth:`take_reused`."""
+
+    __slots__ = ("_free", "_reused", "names", "slots")
 
     def __init__(self) -> None:
         self.slots: dict[str, int] = {}
         self.names: list[str] = []
+        self._free: list[int] = []  # released slots, the lowest last
+        self._reused: list[int] = []
 
     def __len__(self) -> int:
+        """Slots ever allocated (in use or released): the bound of every slot."""
         return len(self.names)
 
     def slot(self, name: str) -> int:
-        """The slot of ``name``, allocating the next one on first sight."""
+        """The slot of ``name``, allocating one on first sight (a released one first)."""
         s = self.slots.get(name)
         if s is None:
-            s = len(self.names)
+            if self._free:
+                s = self._free.pop()
+                self.names[s] = name
+                self._reused.append(s)
+            else:
+                s = len(self.names)
+                self.names.append(name)
             self.slots[name] = s
-            self.names.append(name)
         return s
+
+    def release(self, slots: NDArray[np.integer]) -> None:
+        """Forget the names of ``slots`` (in use, distinct); their slots are free again."""
+        names, table = self.names, self.slots
+        for s in slots.tolist():
+            del table[names[s]]
+            names[s] = ""
+        self._free.extend(slots.tolist())
+        self._free.sort(reverse=True)
+
+    def held(self) -> int:
+        """Names held: slots in use."""
+        return len(self.names) - len(self._free)
+
+    def in_use(self) -> NDArray[np.bool_]:
+        """By slot: whether a name holds it."""
+        used = np.ones(len(self.names), np.bool_)
+        used[self._free] = False
+        return used
+
+    def take_reused(self) -> list[int]:
+        """Slots given to a new name since the last call."""
+        out, self._reused = self._reused, []
+        return out
 
 
 @dataclass(slots=True)

@@ -68,7 +68,8 @@ _FLUSH_MS: Final = (10, 50, 100, 250, 500, 1000, 2500, 5000)
 _MESSAGE_MS: Final = (1, 5, 10, 25, 50, 100, 250)
 # label values of window_type
 WINDOW_TYPES: Final = (*(size.granularity for size in SIZES), REGIONAL_GRANULARITY)
-DB_OPERATIONS: Final = ("checkpoint", "publish", "load_positions")  # of db_write_errors_total
+# label values of db_write_errors_total
+DB_OPERATIONS: Final = ("checkpoint", "publish", "load_positions", "load_baselines")
 _BATCH_SIZES: Final = (1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 25000)
 
 # --- counters (summed over every process, dead ones included) -------------------------------
@@ -112,13 +113,18 @@ DLQ_TRUNCATED = Counter(
     "stream_dlq_truncated_total",
     "Dead letters cut to fit the dead-letter topic's max.message.bytes",
 )
+METERS_EVICTED = Counter(
+    "stream_meters_evicted_total",
+    "Meters idle for METER_IDLE_EVICT whose memory was given back (their baselines stay "
+    "stored and are read again when they return)",
+)
 WORKER_RESTARTS = Counter(
     "stream_worker_restarts_total", "Worker processes restarted by the supervisor"
 )
 DB_WRITE_ERRORS = Counter(
     "db_write_errors_total",
     "Database writes that failed (retried): checkpoint transactions, publish claims, "
-    "position loads",
+    "position and baseline loads",
     ["operation"],  # DB_OPERATIONS
 )
 DB_WRITE_ROWS = Counter(
@@ -189,6 +195,11 @@ WINDOWED_READINGS = Gauge(
 WINDOW_BUCKETS = Gauge(
     "stream_window_buckets_gauge",
     "Open (meter, window) buckets held in memory",
+    multiprocess_mode="livesum",
+)
+METERS_HELD = Gauge(
+    "stream_meters_held",
+    "Meter ids held in memory (read within METER_IDLE_EVICT, or not yet checkpointed)",
     multiprocess_mode="livesum",
 )
 ASSIGNED_PARTITIONS = Gauge(
@@ -266,6 +277,7 @@ _ALL: Final[tuple[Counter | Gauge | Histogram, ...]] = (
     DLQ_PUBLISHED,
     PUBLISH_ERRORS,
     DLQ_TRUNCATED,
+    METERS_EVICTED,
     WORKER_RESTARTS,
     DB_WRITE_ERRORS,
     DB_WRITE_ROWS,
@@ -280,6 +292,7 @@ _ALL: Final[tuple[Counter | Gauge | Histogram, ...]] = (
     CONSUMER_OFFSET_LAG,
     WINDOWED_READINGS,
     WINDOW_BUCKETS,
+    METERS_HELD,
     ASSIGNED_PARTITIONS,
     UNDELIVERED,
     DB_POOL_SIZE,

@@ -66,7 +66,8 @@ StopPublishing = Callable[[], bool]
 
 
 class Encodings(NamedTuple):
-    """The names a checkpoint encodes, as of its cut (append-only: safe to read later)."""
+    """The names a checkpoint encodes, as of its cut. Safe to read later: a slot changes
+    name only after its meter was evicted, and an evicted meter is in no cut."""
 
     names: list[bytes]  # encoded meter names by slot
     regions: list[bytes]  # encoded region names by slot

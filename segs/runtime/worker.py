@@ -39,7 +39,7 @@ from confluent_kafka import (
     TopicPartition,
 )
 
-from segs.checkpoint.payload import MeterPartitions, Payload, WrittenWindows, baseline_state
+from segs.checkpoint.payload import MeterPartitions, Payload, WrittenWindows
 from segs.checkpoint.pgcopy import TextFields
 from segs.checkpoint.sink import Position, Sink, StoredTypes
 from segs.config import Settings
@@ -50,6 +50,7 @@ from segs.intake.readings import Interner, Readings
 from segs.ops import metrics
 from segs.publish.regional import PassStats, Regional
 from segs.runtime.checkpointer import Checkpointer, Drained, Encodings, StopPublishing
+from segs.runtime.eviction import evict_idle, load_baselines, recall
 from segs.runtime.kafka_clients import make_consumer
 from segs.runtime.outbox import Outbox
 from segs.runtime.partitions import PartitionBook
@@ -78,7 +79,7 @@ class Worker:
         self.stop_requested = False
         self.meters = Interner()
         self.regions = Interner()
-        self.meter_fields = TextFields(self.meters.names)  # names encoded for COPY
+        self.meter_fields = TextFields(self.meters.names, self.meters.take_reused)  # for COPY
         self.region_fields = TextFields(self.regions.names)
         self.decoder = Decoder(self.meters, self.regions,
                                max_message_bytes=settings.max_message_bytes,
@@ -184,6 +185,8 @@ class Worker:
         metrics.BATCH_SIZE.observe(len(msgs))
         now_ms = _now_ms()
         readings, rejects = self.decoder.decode(values, part_arr, off_arr, kafka_ts)
+        if not self._recall(readings):
+            return
         if rejects:
             self.outbox.dead_letters(msgs, rejects)
         if len(readings):
@@ -204,6 +207,40 @@ class Worker:
         seconds = time.perf_counter() - t0
         metrics.PROCESSING_SECONDS.observe(seconds)
         metrics.observe_each(metrics.MESSAGE_PROCESSING_MS, seconds * 1000 / len(msgs), len(msgs))
+
+    def _recall(self, readings: Readings) -> bool:
+        """The stored baselines of the batch's meters the detector does not hold
+        (:func:`segs.runtime.eviction.recall`). False when the database is away: then
+        everything not stored is discarded and the partitions wait for their positions, as
+        after a lost partition, rather than check readings against a wrong baseline."""
+        if not (self.s.meter_idle_evict_ms and self.s.anomaly_detection) or not len(readings):
+            return True
+        try:
+            recall(readings, meters=self.meters, detector=self.detector, windows=self.windows,
+                   lookup=self.sink.baselines_of, threshold=self.windows.threshold)
+        except DatabaseError as exc:
+            metrics.DB_WRITE_ERRORS.labels("load_baselines").inc()
+            metrics.TIMESCALEDB_CONNECTED.set(0)
+            log.warning("cannot read the baselines of returning meters (%s): rewinding, "
+                        "partitions wait for the database", exc)
+            cp = self.checkpointer
+            if cp.in_flight is not None:
+                cp.settle()
+            cp.rewind()
+            return False
+        return True
+
+    def _evict_idle(self, payload: Payload) -> None:
+        after = self.s.meter_idle_evict_ms
+        if after:
+            evicted = evict_idle(after, payload.meters(), meters=self.meters,
+                                 fields=self.meter_fields, windows=self.windows,
+                                 detector=self.detector, written=self.written,
+                                 homes=self.meter_partitions,
+                                 recalled=self.s.anomaly_detection)
+            if evicted:
+                metrics.METERS_EVICTED.inc(evicted)
+        metrics.METERS_HELD.set(self.meters.held())
 
     def _add_distinct(self, readings: Readings, now_ms: int) -> tuple[int, Readings]:
         """Window a batch counting each identity once; returns the late readings and the
@@ -281,6 +318,7 @@ class Worker:
         if self.s.deduplicate:
             payload.identities = self.windows.take_identities()
             payload.undecided = self.windows.take_undecided()
+        self._evict_idle(payload)
         parts = self.sink.writers
         if self.meter_partitions.take_mixed():
             log.debug("a meter's readings came from two partitions: one checkpoint transaction")
@@ -391,7 +429,7 @@ class Worker:
         try:
             self._fit_decoder()
             stored = self.sink.load_positions(parts)
-            baselines = self.sink.stored_baselines(parts)
+            baselines = self.sink.stored_baselines(parts, self._recent(parts, stored))
         except DatabaseError as exc:
             metrics.DB_WRITE_ERRORS.labels("load_positions").inc()
             log.warning("cannot load positions (%s): partitions %s wait", exc, list(parts))
@@ -407,12 +445,8 @@ class Worker:
         for p, newest in thresholds.items():
             self.windows.set_threshold(p, newest)
             self.written.stored_through(p, newest)
-        if baselines:
-            state = baseline_state(baselines, self.meters.slot)
-            before = state.newest_ms == NEVER  # stored before V009: as new as its partition
-            state.newest_ms[before] = [thresholds.get(p, NEVER)
-                                       for p in state.partition[before].tolist()]
-            self.detector.load(state)
+        load_baselines(baselines, meters=self.meters, detector=self.detector,
+                       threshold=lambda p: thresholds.get(p, NEVER))
         default = OFFSET_BEGINNING if self.s.auto_offset_reset == "earliest" else OFFSET_END
         tps, positions = [], {}
         for p in parts:
@@ -421,6 +455,16 @@ class Worker:
             start = pos.next_offset if pos else committed.get(p, default)
             tps.append(TopicPartition(self.topic, p, start))
         return tps, positions
+
+    def _recent(self, parts: Sequence[int], stored: dict[int, Position]) -> int | None:
+        """With eviction, baselines loaded on assign are those of meters read within
+        METER_IDLE_EVICT of the oldest stored newest event time; the others are looked up
+        when they return. None (all) without eviction or a partition with no position."""
+        after = self.s.meter_idle_evict_ms
+        newest = [pos.stored_newest(self.s.allowed_lateness_ms) for pos in stored.values()]
+        if not after or len(stored) < len(parts) or NEVER in newest:
+            return None
+        return min(newest) - after
 
     def _committed(self, parts: Sequence[int]) -> dict[int, int] | None:
         """The group's committed Kafka offsets of partitions without a stored position, with

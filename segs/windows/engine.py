@@ -29,7 +29,9 @@ releases them. Every other reading (a window at or before the threshold, one clo
 drain, one older than its cell holds) is *undecided*: it is kept raw, counted in no
 partial, and decided in the checkpoint's transaction against the stored identities
 (:mod:`segs.checkpoint.dedup`). A cell never becomes known after it took its window, and
-windows only move forward in a cell, so an undecided window stays undecided.
+windows only move forward in a cell, so an undecided window stays undecided. A slot given
+back (:meth:`WindowEngine.release`, an evicted meter) starts again from no window, so the
+threshold is also at least the end of the newest window any released cell held.
 """
 
 from __future__ import annotations
@@ -138,6 +140,9 @@ class WindowEngine:
         self._over: list[Partials] = []
         self._over_open: list[_Unreported] = []
         self._rank = np.empty(0, np.int64)
+        # (deduplicate) the end of the newest window a released slot's cells held, for a
+        # caller that cannot seed returning meters (release(floor=True))
+        self._evicted_through = NEVER
         self.use_packed_keys = True  # False forces the general (slower) latest-tuple path
 
     # -----------------------------------------------------------------------------------
@@ -274,7 +279,8 @@ class WindowEngine:
             took = moved & (w == new)
             cells = cell[took]
             self._known[cells] = True  # unless one of its readings' partitions stored it
-            self._known[cells[w[took] * size_ms <= self._threshold[part[took]]]] = False
+            stored = np.maximum(self._threshold[part[took]], self._evicted_through)
+            self._known[cells[w[took] * size_ms <= stored]] = False
         decided = (w == new) & self._known[cell]
         undecided = ~decided
         if undecided.any():
@@ -312,6 +318,12 @@ class WindowEngine:
         window starting after it has nothing stored, so its cell can be known."""
         self._ensure_partitions(partition + 1)
         self._threshold[partition] = newest_stored_ms
+
+    def threshold(self, partition: int) -> int:
+        """The newest event time stored for ``partition``, as set (NEVER: none)."""
+        if partition >= self._threshold.shape[0]:
+            return NEVER
+        return int(self._threshold[partition])
 
     def newest(self, partition: int) -> int:
         """The newest event time of ``partition`` seen or stored: the next threshold."""
@@ -532,6 +544,69 @@ class WindowEngine:
         self._wm[known] = NEVER
         self._last_wall[known] = NEVER
         self._seen[known] = False
+
+    def idle(self, n: int, after_ms: int) -> NDArray[np.bool_]:
+        """By meter slot below ``n``: the engine holds nothing of it a drain or checkpoint
+        still needs (partial, overflow, identity, undecided reading) and its newest reading
+        in a cell is ``after_ms`` of event time older than its partition's newest (seen or
+        stored). A slot with no reading in any cell is idle. Ask after :meth:`drain` and
+        the takes, which leave only open windows' identities behind."""
+        idle = np.ones(n, np.bool_)
+        cap, ring = min(self._capacity, n), self.ring
+        if cap == 0:
+            return idle
+        last = self._last[: cap * ring].reshape(cap, ring)
+        col = last.argmax(axis=1)
+        newest = last[np.arange(cap), col]
+        part = self._part[np.arange(cap) * ring + col]
+        known = np.maximum(self._max_ts, self._threshold)
+        cutoff = np.where(known == NEVER, NEVER, known - after_ms)
+        read = newest != NEVER
+        idle[:cap] = ~read
+        idle[:cap][read] = newest[read] < cutoff[part[read]]
+        busy = (self._count[: cap * ring] > 0) | self._known[: cap * ring]
+        idle[:cap] &= ~busy.reshape(cap, ring).any(axis=1)
+        held = [o.meter for o in self._over] + [u.meter for u in self._undecided]
+        held += [log.windows()[0] for log in self._waiting]
+        for meter in held:
+            idle[meter[meter < n]] = False
+        return idle
+
+    def release(self, slots: NDArray[np.intp], *, floor: bool = False) -> None:
+        """Give ``slots`` (idle, see :meth:`idle`) their first state back: never read.
+
+        With ``deduplicate`` a meter that comes back must not take a window it had as
+        known (its readings may be stored): either the caller seeds its new slot from its
+        stored newest event time (:meth:`seed`), or, with ``floor``, no cell of any meter
+        takes as known a window up to the newest one the released cells held."""
+        slots = slots[slots < self._capacity]
+        cells = (slots[:, None] * self.ring + np.arange(self.ring)).ravel()
+        self._reset_pending(cells)
+        if self.deduplicate:
+            top = int(self._win[cells].max(initial=NEVER))
+            if floor and top != NEVER:
+                self._evicted_through = max(self._evicted_through, (top + 1) * self.size_ms - 1)
+            self._ids.forget(cells, release=True)
+            self._known[cells] = False
+        self._win[cells] = NEVER
+        self._last[cells] = NEVER
+        self._open[cells] = False
+        self._region[cells] = -1
+        self._part[cells] = -1
+
+    def seed(self, slots: NDArray[np.intp], newest_ms: NDArray[np.int64]) -> None:
+        """(deduplicate) Meters come back with readings stored up to ``newest_ms``: every
+        empty cell of their slots holds that window, so a reading up to it is undecided
+        and only a later window is known, as if the meter had never left."""
+        if not self.deduplicate or slots.size == 0:
+            return
+        self._ensure_meters(int(slots.max()) + 1)
+        cells = (slots[:, None] * self.ring + np.arange(self.ring)).ravel()
+        win = np.repeat(np.where(newest_ms == NEVER, NEVER, newest_ms // self.size_ms),
+                        self.ring)
+        empty = (self._count[cells] == 0) & ~self._known[cells]
+        cells, win = cells[empty], win[empty]
+        self._win[cells] = np.maximum(self._win[cells], win)
 
     def pending_readings(self) -> int:
         return (int(self._count.sum(dtype=np.int64)) + sum(int(o.count.sum()) for o in self._over)

@@ -1,0 +1,66 @@
+"""Churn: three waves of new meter ids, each wave idle before the next, and some meters of
+the first wave returning in the third.
+
+Each wave's meters are evicted once event time has moved ``METER_IDLE_EVICT`` past them, so
+a worker holds about one wave of meters, never all three; the returning meters get their
+baselines back from ``meter_baselines`` (their alerts are the reference's); aggregates are
+exact. RSS is asserted loosely: at these sizes librdkafka's buffers outweigh the meters.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+
+import pytest
+
+from segs.tools.procfs import status_kb
+from tests.fault.conftest import Fault
+from tests.fault.test_shapes import reading, scrape
+from tests.integration.test_alerts_e2e import _alerts, _iso, _key, _valid
+from tests.reference import detect
+
+pytestmark = [pytest.mark.fault]
+
+WAVE = 20_000  # meters per wave
+MINUTE = 60_000
+GAP = 20 * MINUTE  # event time between waves; METER_IDLE_EVICT is half of it
+RETURNING = 1_000  # meters of wave 1 that come back in wave 3
+
+
+def test_three_waves_of_new_meters_hold_one_wave_and_stay_exact(fault: Fault) -> None:
+    svc = fault.service(workers=2, METER_IDLE_EVICT="600", MIN_SAMPLES="2").start()
+    fault.wait_workers(svc, 2)
+    base = (int(time.time() * 1000) - 2 * 60 * MINUTE) // MINUTE * MINUTE
+    messages, evicted, hwm = [], [], []
+    for wave in range(3):
+        t = base + wave * GAP
+        batch = [(f"C{wave}-{i}".encode(), reading(f"C{wave}-{i}", t + k * 10_000, 1.0 + k), None)
+                 for k in range(2) for i in range(WAVE)]
+        if wave == 2:  # a tenfold spike against the baseline stored before their eviction
+            batch += [(f"C0-{i}".encode(), reading(f"C0-{i}", t + 30_000, 20.0), None)
+                      for i in range(RETURNING)]
+        # event time moves on in every partition: the wave's windows close, its meters idle
+        batch += [(f"tick-{p}".encode(), reading(f"tick-{p}", t + GAP // 2 + MINUTE, 1.0), p)
+                  for p in range(6)]
+        messages += fault.produce(batch)
+        fault.wait_progress(120, at_least=len(messages))
+        port = svc.http_port()
+        deadline = time.monotonic() + 60
+        while scrape(port, "stream_meters_held") > 6:  # the ticks
+            assert time.monotonic() < deadline, "the idle wave was never evicted"
+            time.sleep(0.2)
+        evicted.append(scrape(port, "stream_meters_evicted_total"))
+        hwm.append(max(status_kb(pid, "VmHWM") for pid in svc.worker_pids()))
+    fault.inject("3 waves of 20,000 new meter ids")
+    fault.verify(messages, svc, invalid=[])
+    # every wave's meters (a meter read by both workers around a rebalance counts twice)
+    assert [e >= w for e, w in zip(evicted, [WAVE, 2 * WAVE, 3 * WAVE + RETURNING],
+                                   strict=True)] == [True] * 3, evicted
+    assert hwm[2] < 1.3 * hwm[0], f"peak RSS per worker after each wave: {hwm} kB"
+    got = collections.Counter(_key(a) for a in _alerts(fault.kafka, fault.topics.alerts))
+    want = collections.Counter((m, _iso(ts), k, s)
+                               for m, ts, k, s in detect(_valid(messages), min_samples=2))
+    assert got == want
+    assert sum(1 for m, *_ in want if m.startswith("C0-")) == RETURNING
+    assert svc.stop() == 0
