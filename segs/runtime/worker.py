@@ -462,7 +462,7 @@ class Worker:
         when they return. None (all) without eviction or a partition with no position."""
         after = self.s.meter_idle_evict_ms
         newest = [pos.stored_newest(self.s.allowed_lateness_ms) for pos in stored.values()]
-        if not after or len(stored) < len(parts) or NEVER in newest:
+        if not after or not newest or len(stored) < len(parts) or NEVER in newest:
             return None
         return min(newest) - after
 
