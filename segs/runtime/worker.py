@@ -50,7 +50,7 @@ from segs.intake.readings import Interner, Readings
 from segs.ops import metrics
 from segs.publish.regional import PassStats, Regional
 from segs.runtime.checkpointer import Checkpointer, Drained, Encodings, StopPublishing
-from segs.runtime.eviction import evict_idle, load_baselines, recall
+from segs.runtime.eviction import TRIM_AFTER, evict_idle, give_back_heap, load_baselines, recall
 from segs.runtime.kafka_clients import make_consumer
 from segs.runtime.outbox import Outbox
 from segs.runtime.partitions import PartitionBook
@@ -240,6 +240,8 @@ class Worker:
                                  recalled=self.s.anomaly_detection)
             if evicted:
                 metrics.METERS_EVICTED.inc(evicted)
+            if evicted >= TRIM_AFTER:
+                give_back_heap()
         metrics.METERS_HELD.set(self.meters.held())
 
     def _add_distinct(self, readings: Readings, now_ms: int) -> tuple[int, Readings]:

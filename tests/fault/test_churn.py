@@ -46,17 +46,18 @@ def test_three_waves_of_new_meters_hold_one_wave_and_stay_exact(fault: Fault) ->
         messages += fault.produce(batch)
         fault.wait_progress(120, at_least=len(messages))
         port = svc.http_port()
+        wanted = (wave + 1) * WAVE + (RETURNING if wave == 2 else 0)
         deadline = time.monotonic() + 60
-        while scrape(port, "stream_meters_held") > 6:  # the ticks
+        while (scrape(port, "stream_meters_evicted_total") < wanted
+               or scrape(port, "stream_meters_held") > 6):  # the ticks stay
             assert time.monotonic() < deadline, "the idle wave was never evicted"
             time.sleep(0.2)
         evicted.append(scrape(port, "stream_meters_evicted_total"))
         hwm.append(max(status_kb(pid, "VmHWM") for pid in svc.worker_pids()))
     fault.inject("3 waves of 20,000 new meter ids")
     fault.verify(messages, svc, invalid=[])
-    # every wave's meters (a meter read by both workers around a rebalance counts twice)
-    assert [e >= w for e, w in zip(evicted, [WAVE, 2 * WAVE, 3 * WAVE + RETURNING],
-                                   strict=True)] == [True] * 3, evicted
+    # a meter read by both workers around a rebalance, and a tick, may be evicted twice
+    assert evicted[-1] < 3 * WAVE + RETURNING + 100, evicted
     assert hwm[2] < 1.3 * hwm[0], f"peak RSS per worker after each wave: {hwm} kB"
     got = collections.Counter(_key(a) for a in _alerts(fault.kafka, fault.topics.alerts))
     want = collections.Counter((m, _iso(ts), k, s)
