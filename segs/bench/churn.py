@@ -142,13 +142,53 @@ def _check(db: str, meters: int, readings: int, waves: int) -> dict[str, Any]:
             "ok": rows == want_rows and counted == want_counted}
 
 
+def time_lookups(srv: Servers, n: int = 50_000, stored: int = 1_000_000) -> dict[str, float]:
+    """Seconds of one ``Sink.baselines_of`` of ``n`` meter ids: against an empty table,
+    all of them among ``stored`` rows, none of them among those rows (best of 3)."""
+    from segs.checkpoint.sink import Sink
+
+    out: dict[str, float] = {}
+    with fresh_database(srv.postgres_url) as db:
+        sink = Sink(db, consumer_group="g", topic="t", writers=1, regional=False)
+        sink.open()
+        try:
+            def best(names: list[str]) -> float:
+                times = []
+                for _ in range(3):
+                    t0 = time.perf_counter()
+                    sink.baselines_of(names)
+                    times.append(time.perf_counter() - t0)
+                return round(min(times), 3)
+
+            names = [f"MTR-{i:08d}" for i in range(n)]
+            out["empty"] = best(names)
+            with psycopg.connect(db) as conn:
+                conn.execute(
+                    "INSERT INTO meter_baselines (consumer_group, meter_id, source_partition, "
+                    "baseline, samples, last_outage_ms, last_spike_ms, last_drop_ms) "
+                    "SELECT 'g', 'MTR-' || lpad(i::text, 8, '0'), 0, 1, 1, 0, 0, 0 "
+                    "FROM generate_series(0, %s) i", (stored - 1,))
+                conn.execute("ANALYZE meter_baselines")
+            out["all_stored"] = best(names)
+            out["none_stored"] = best([f"NEW-{i:08d}" for i in range(n)])
+        finally:
+            sink.close()
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--meters", type=int, default=1_000_000, help="new meter ids per wave")
     ap.add_argument("--readings", type=int, default=2, help="readings per meter and wave")
     ap.add_argument("--waves", type=int, default=3)
     ap.add_argument("--json", type=Path, help="also write the result here")
+    ap.add_argument("--lookups", action="store_true",
+                    help="only time the baseline lookup of 50,000 returning meters")
     args = ap.parse_args(argv)
+    if args.lookups:
+        with servers() as srv:
+            print(json.dumps(time_lookups(srv)))
+        return 0
     with tempfile.TemporaryDirectory(prefix="segs-churn-") as tmp, servers() as srv:
         result = run(srv, args.meters, args.readings, args.waves, Path(tmp))
     print(json.dumps(result, indent=2))
