@@ -14,6 +14,7 @@ merged into their tables (see :mod:`segs.checkpoint.sink`).
 
 Collaborators: :mod:`~segs.runtime.partitions` (what is known of each assigned partition),
 :mod:`~segs.runtime.checkpointer` (the checkpoint cycle, its order and its failures),
+:mod:`~segs.runtime.eviction` (idle meters given back at a cut, read back when they return),
 :mod:`~segs.runtime.outbox` (what is produced to Kafka), :mod:`~segs.runtime.kafka_clients`.
 """
 
