@@ -93,7 +93,8 @@ def test_a_stalled_worker_does_not_write_for_partitions_it_lost(fault: Fault) ->
     fault.on_cleanup.append(lambda: os.kill(stalled, signal.SIGCONT))
     t_stop = time.time()
     try:
-        # the other worker takes the partitions over and stores a position for one of them
+        # the other worker takes the partitions over and stores a position for each of them:
+        # until it has, the stalled worker's compare-and-set would rightly pass for that one
         deadline = time.monotonic() + 60
         while not taken_over(fault.db_url, lost, ports, t_stop):
             assert time.monotonic() < deadline, "nobody took the stalled worker's partitions"
@@ -169,12 +170,14 @@ def assignments_after(svc: Service, pid: int, since: float) -> list[tuple[float,
 
 
 def taken_over(db_url: str, lost: set[int], ports: set[int], since: float) -> bool:
+    """Another connection stored a position for every partition in ``lost`` since then."""
     with psycopg.connect(db_url) as conn:
         row = conn.execute(
-            "SELECT count(*) FROM test_position_writes WHERE kafka_partition = ANY(%s) "
-            "AND NOT client_port = ANY(%s) AND at > to_timestamp(%s)",
+            "SELECT count(DISTINCT kafka_partition) FROM test_position_writes "
+            "WHERE kafka_partition = ANY(%s) AND NOT client_port = ANY(%s) "
+            "AND at > to_timestamp(%s)",
             (sorted(lost), sorted(ports), since)).fetchone()
-    return bool(row and row[0])
+    return bool(row and row[0] == len(lost))
 
 
 def pg_client_ports(pid: int, pg_port: int) -> set[int]:
