@@ -68,8 +68,8 @@ FULL = Plan("full", meters=100_000, readings=10_000_000,
             latency_flush_ms=5000, checkpoint_sizes=(1_000, 50_000, 100_000, 1_000_000),
             peer_instances=(1, 2), peer_target=1_000_000, latency_fractions=(0.5, 0.25),
             scaling_dense=(1_000_000, 10_000_000))
-QUICK = Plan("quick", meters=2_000, readings=200_000, scaling_meters=(1_000, 10_000),
-             scaling_readings=100_000, latency_meters=2_000, latency_duration_s=12,
+QUICK = Plan("quick", meters=2_000, readings=200_000, scaling_meters=(1_000,),
+             scaling_readings=100_000, latency_meters=2_000, latency_duration_s=8,
              latency_speedup=5.0, latency_flush_ms=1000, checkpoint_sizes=(1_000, 10_000),
              peer_instances=(1,), peer_target=100_000, scaling_dense=(1_000, 10_000))
 

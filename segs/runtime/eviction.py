@@ -10,7 +10,9 @@ Why that loses nothing: a cut is drained only when every earlier cut is stored
 (:meth:`segs.runtime.checkpointer.Checkpointer.cut`), so the stored baseline of a meter this
 cut does not name is its whole detector state; its windows are stored too, and later readings
 for them merge into their rows. When the meter returns, :func:`recall` reads its baseline
-back before any reading of it is checked, one query per batch for all returning meters.
+back before any reading of it is checked, one query per batch for all returning meters;
+with ``DEDUPLICATE`` its new cells start at its stored newest event time
+(:meth:`WindowEngine.seed`), so a re-send of a reading stored before it left is a duplicate.
 """
 
 from __future__ import annotations

@@ -22,10 +22,10 @@ from tests.reference import detect
 
 pytestmark = [pytest.mark.fault]
 
-WAVE = 20_000  # meters per wave
+WAVE = 5_000  # meters per wave
 MINUTE = 60_000
 GAP = 20 * MINUTE  # event time between waves; METER_IDLE_EVICT is half of it
-RETURNING = 1_000  # meters of wave 1 that come back in wave 3
+RETURNING = 500  # meters of wave 1 that come back in wave 3
 
 
 def test_three_waves_of_new_meters_hold_one_wave_and_stay_exact(fault: Fault) -> None:
@@ -54,7 +54,7 @@ def test_three_waves_of_new_meters_hold_one_wave_and_stay_exact(fault: Fault) ->
             time.sleep(0.2)
         evicted.append(scrape(port, "stream_meters_evicted_total"))
         hwm.append(max(status_kb(pid, "VmHWM") for pid in svc.worker_pids()))
-    fault.inject("3 waves of 20,000 new meter ids")
+    fault.inject("3 waves of 5,000 new meter ids")
     fault.verify(messages, svc, invalid=[])
     # a meter read by both workers around a rebalance, and a tick, may be evicted twice
     assert evicted[-1] < 3 * WAVE + RETURNING + 100, evicted

@@ -170,7 +170,7 @@ def test_poison_goes_to_the_dlq_and_partitions_keep_flowing(fault: Fault) -> Non
     produced: list[SimMessage] = []
     examples = [0]
 
-    @settings(max_examples=14, deadline=None, database=None,
+    @settings(max_examples=9, deadline=None, database=None,
               phases=(Phase.explicit, Phase.generate),
               suppress_health_check=list(HealthCheck))
     @given(batches())

@@ -113,7 +113,7 @@ class Memory:
                                        homes=self.homes)
 
 
-@settings(deadline=None, max_examples=150, suppress_health_check=[HealthCheck.too_slow])
+@settings(deadline=None, max_examples=80, suppress_health_check=[HealthCheck.too_slow])
 @given(rs=readings(), data=st.data(),
        after_ms=st.sampled_from([1, 60_000, 600_000, HOUR]),
        min_samples=st.integers(1, 3), cooldown_ms=st.sampled_from([0, 60_000, 300_000]))
@@ -135,7 +135,7 @@ def test_evictions_change_no_aggregate_and_no_alert(
     assert mem.meters.held() + len(mem.meters._free) == len(mem.meters)
 
 
-@settings(deadline=None, max_examples=100, suppress_health_check=[HealthCheck.too_slow])
+@settings(deadline=None, max_examples=60, suppress_health_check=[HealthCheck.too_slow])
 @given(rs=readings(), data=st.data(), after_ms=st.sampled_from([1, 60_000, 600_000]),
        resent=st.lists(st.integers(0, 79), max_size=20))
 def test_with_deduplicate_evictions_change_nothing_either(
