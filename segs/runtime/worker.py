@@ -432,7 +432,10 @@ class Worker:
         try:
             self._fit_decoder()
             stored = self.sink.load_positions(parts)
-            baselines = self.sink.stored_baselines(parts, self._recent(parts, stored))
+            lateness = self.s.allowed_lateness_ms
+            thresholds = {p: NEVER if p not in stored else stored[p].stored_newest(lateness)
+                          for p in parts}
+            baselines = self.sink.stored_baselines(parts, self._recent(thresholds))
         except DatabaseError as exc:
             metrics.DB_WRITE_ERRORS.labels("load_positions").inc()
             log.warning("cannot load positions (%s): partitions %s wait", exc, list(parts))
@@ -442,9 +445,6 @@ class Worker:
         committed = self._committed(unstored) if unstored else {}
         if committed is None:
             return None
-        lateness = self.s.allowed_lateness_ms
-        thresholds = {p: NEVER if p not in stored else stored[p].stored_newest(lateness)
-                      for p in parts}
         for p, newest in thresholds.items():
             self.windows.set_threshold(p, newest)
             self.written.stored_through(p, newest)
@@ -459,15 +459,15 @@ class Worker:
             tps.append(TopicPartition(self.topic, p, start))
         return tps, positions
 
-    def _recent(self, parts: Sequence[int], stored: dict[int, Position]) -> int | None:
+    def _recent(self, thresholds: dict[int, int]) -> int | None:
         """With eviction, baselines loaded on assign are those of meters read within
-        METER_IDLE_EVICT of the oldest stored newest event time; the others are looked up
-        when they return. None (all) without eviction or a partition with no position."""
+        METER_IDLE_EVICT of the oldest stored newest event time (``thresholds``); the
+        others are looked up when they return. None (all) without eviction, or when a
+        partition has no stored position."""
         after = self.s.meter_idle_evict_ms
-        newest = [pos.stored_newest(self.s.allowed_lateness_ms) for pos in stored.values()]
-        if not after or not newest or len(stored) < len(parts) or NEVER in newest:
+        if not after or not thresholds or NEVER in thresholds.values():
             return None
-        return min(newest) - after
+        return min(thresholds.values()) - after
 
     def _committed(self, parts: Sequence[int]) -> dict[int, int] | None:
         """The group's committed Kafka offsets of partitions without a stored position, with

@@ -518,15 +518,7 @@ class WindowEngine:
         ps = np.fromiter(partitions, np.int64, len(partitions))
         if ps.size == 0:
             return
-        cells = np.flatnonzero(np.isin(self._part, ps))
-        self._reset_pending(cells)
-        if self.deduplicate:
-            self._ids.forget(cells, release=True)
-            self._known[cells] = False
-        self._win[cells] = NEVER
-        self._open[cells] = False
-        self._region[cells] = -1
-        self._part[cells] = -1
+        self._clear(np.flatnonzero(np.isin(self._part, ps)))
         self._over = [o.take(~np.isin(o.partition, ps)) for o in self._over]
         self._over = [o for o in self._over if len(o)]
         self._waiting = [g.take(~np.isin(g.partition, ps)) for g in self._waiting]
@@ -581,11 +573,15 @@ class WindowEngine:
         takes as known a window up to the newest one the released cells held."""
         slots = slots[slots < self._capacity]
         cells = (slots[:, None] * self.ring + np.arange(self.ring)).ravel()
+        top = int(self._win[cells].max(initial=NEVER))
+        if self.deduplicate and floor and top != NEVER:
+            self._evicted_through = max(self._evicted_through, (top + 1) * self.size_ms - 1)
+        self._clear(cells)
+
+    def _clear(self, cells: NDArray[np.intp]) -> None:
+        """``cells`` as never used: no window, partial, identity or latest reading."""
         self._reset_pending(cells)
         if self.deduplicate:
-            top = int(self._win[cells].max(initial=NEVER))
-            if floor and top != NEVER:
-                self._evicted_through = max(self._evicted_through, (top + 1) * self.size_ms - 1)
             self._ids.forget(cells, release=True)
             self._known[cells] = False
         self._win[cells] = NEVER
