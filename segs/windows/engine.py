@@ -52,6 +52,9 @@ __all__ = ["Partials", "WindowEngine"]
 
 
 _MIN_CAPACITY = 1024
+# capacity grows by a quarter: copies stay amortised O(1) a meter, while the room held
+# empty, and the old and new arrays alive at once while growing, stay near the meters'
+_GROWTH = 4
 
 
 class _Unreported(NamedTuple):
@@ -72,9 +75,11 @@ class Added(NamedTuple):
 
 
 def default_ring(size_s: int, allowed_lateness_ms: int) -> int:
-    """Cells per meter: enough windows to cover the lateness plus three minutes, ≥ 2."""
+    """Cells per meter: the window being filled and those still open by the lateness, ≥ 2.
+    Between two checkpoints a meter's readings span one or two windows; a rarer older one
+    goes to overflow, exact but dearer, so more cells would be memory held for nothing."""
     size_ms = size_s * 1000
-    return max(2, -(-(allowed_lateness_ms + 180_000) // size_ms))
+    return max(2, -(-(allowed_lateness_ms + size_ms) // size_ms))
 
 
 class WindowEngine:
@@ -171,7 +176,7 @@ class WindowEngine:
 
     def _ensure_meters(self, n: int) -> None:
         if n > self._capacity:
-            self._alloc_cells(max(n, 2 * self._capacity, _MIN_CAPACITY))
+            self._alloc_cells(max(n, self._capacity + self._capacity // _GROWTH, _MIN_CAPACITY))
 
     def _ensure_partitions(self, n: int) -> None:
         old = self._wm.shape[0]
