@@ -139,7 +139,7 @@ class State:
                     max_future_skew_ms=s.max_future_skew_ms),
             WindowEngine(ONE_MINUTE.seconds, regions=regions,
                          allowed_lateness_ms=s.allowed_lateness_ms,
-                         idle_advance_ms=s.idle_advance_ms),
+                         idle_advance_ms=s.idle_advance_ms, deduplicate=s.deduplicate),
             AnomalyDetector(DetectorSettings(
                 spike_threshold=s.spike_threshold, drop_threshold=s.drop_threshold,
                 min_samples=s.min_samples, cooldown_ms=s.alert_cooldown_ms)),
@@ -188,10 +188,20 @@ def checkpoint(state: State, s: Settings, chunks: int | None = None) -> int:
     partials = state.windows.drain()
     payload = Payload(partials, state.detector.take_dirty(), {},
                       state.written.fresh(partials))
+    del partials
+    if s.deduplicate:  # as the worker: identities stored with the partials, readings undecided
+        payload.identities = state.windows.take_identities()
+        payload.undecided = state.windows.take_undecided()
     held = _nbytes(payload.partials) + _nbytes(payload.baselines) + sum(
         a.nbytes for a in payload.fresh.values())
-    for part in payload.split(s.checkpoint_writers):
-        job = part.commit_job(names, regions, rank)
+    if payload.identities is not None and payload.undecided is not None:
+        u = payload.undecided
+        held += payload.identities.nbytes() + sum(
+            getattr(u, f).nbytes for f in u.__dataclass_fields__)
+    parts = payload.split(s.checkpoint_writers)
+    del payload  # as in Worker.drain: only the parts are kept
+    jobs = [part.commit_job(names, regions, rank) for part in parts]  # as commit_all
+    for job in jobs:
         copies = [*job.partials.values(), *job.fresh.values(), job.baselines]
         for copy in copies:
             assert isinstance(copy, CopyData)
@@ -228,6 +238,8 @@ def components(state: State) -> dict[str, int]:
         "TextFields: list of fields": sys.getsizeof(state.meter_fields._fields),
         "WindowEngine: cell arrays": cells,
         "WindowEngine: overflow (_over, _over_open)": over,
+        "WindowEngine: identity slab, per-cell arrays": w._ids.nbytes()[1],
+        "WindowEngine: identity slab, arena": w._ids.nbytes()[0],
         "AnomalyDetector: per-slot arrays": _nbytes(state.detector),
         "WrittenWindows: per-slot arrays": sum(a.nbytes for a in state.written._latest.values()),
         "MeterPartitions: per-slot array": state.meter_partitions._home.nbytes,

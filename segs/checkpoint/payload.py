@@ -172,33 +172,41 @@ def _encode(p: Partials, identities: IdentityLog | None, fresh: dict[int, NDArra
     coarser size, each size as the rows that may be stored already and the fresh ones."""
     stored: dict[int, CopyData] = {}
     fresh_rows: dict[int, CopyData] = {}
+    blobs = [] if identities is None else [("identities", *identity_column(p, identities))]
     for size in BY_SECONDS:
         is_fresh = fresh.get(size)
-        # all of a coarse window's partials share its freshness: split, then roll up
-        split = [(stored, p)] if is_fresh is None else [
-            (stored, p.take(~is_fresh)), (fresh_rows, p.take(is_fresh))]
-        for into, part in split:
-            if len(part):
-                if size == p.size_s:
-                    blobs = [] if identities is None else [
-                        ("identities", *identity_column(part, identities))]
-                    into[size] = _partials_copy(part, meters, regions, blobs)
-                else:
-                    into[size] = _partials_copy(roll_up(part, size, region_rank), meters,
-                                                regions)
+        split = [(stored, None)] if is_fresh is None else [
+            (stored, ~is_fresh), (fresh_rows, is_fresh)]
+        for into, mask in split:
+            if mask is not None and not mask.any():
+                continue
+            if size == p.size_s:  # the rows of p, gathered as they are sent
+                rows = None if mask is None or mask.all() else np.flatnonzero(mask)
+                into[size] = _partials_copy(p, meters, regions, blobs, rows)
+            else:  # all of a coarse window's partials share its freshness: split, roll up
+                part = p if mask is None else _rows(p, mask)
+                into[size] = _partials_copy(roll_up(part, size, region_rank), meters, regions)
     windows = np.unique(p.window_start_ms).tolist()  # for the regional roll-up
     return Encoded(stored, fresh_rows, windows)
 
 
+def _rows(p: Partials, mask: NDArray[np.bool_]) -> Partials:
+    """The partials ``mask`` selects; ``p`` itself, not a copy, when it selects them all
+    (a checkpoint of only new windows, or only stored ones, would hold them twice)."""
+    return p if mask.all() else p.take(mask)
+
+
 def _partials_copy(p: Partials, meters: list[bytes], regions: list[bytes],
-                   blobs: Sequence[BytesColumn] = ()) -> CopyData:
+                   blobs: Sequence[BytesColumn] = (),
+                   rows: NDArray[np.intp] | None = None) -> CopyData:
     return copy_data(
         [("window_start_ms", p.window_start_ms), ("sample_count", p.count),
          ("power_sum", p.power_sum), ("power_max", p.power_max), ("power_min", p.power_min),
          ("energy_sum", p.energy_sum), ("last_ts_ms", p.last_ts_ms),
          ("source_partition", p.partition), ("voltage_sum", p.voltage_sum),
          ("voltage_count", p.voltage_count)],
-        [("meter_id", p.meter, meters), ("region", p.region, regions)], blobs=blobs)
+        [("meter_id", p.meter, meters), ("region", p.region, regions)], blobs=blobs,
+        rows=rows)
 
 
 class MeterPartitions:

@@ -81,12 +81,14 @@ BytesColumn = tuple[str, bytes, NDArray[np.int64]]
 
 def copy_data(fixed: Sequence[FixedColumn], texts: Sequence[TextColumn],
               rows_per_chunk: int = CHUNK_ROWS,
-              blobs: Sequence[BytesColumn] = ()) -> CopyData:
+              blobs: Sequence[BytesColumn] = (),
+              rows: NDArray[np.intp] | None = None) -> CopyData:
     """Binary COPY data of ``len(fixed[0])`` rows: the ``fixed`` columns (int4, int8 or
     float8 arrays, in column order), then the ``texts`` columns, each given as slots and the
     encoded fields by slot from :meth:`TextFields.fields`, then the ``blobs`` (bytea).
     Encoded lazily, a chunk of ``rows_per_chunk`` rows at a time, so memory stays small for
-    a million rows."""
+    a million rows. ``rows``: only those rows of the columns, in that order, gathered chunk
+    by chunk (no copy of the columns is held while the data waits to be sent)."""
     layout: list[tuple[str, str]] = [("n", ">i2")]
     for j, (name, col) in enumerate(fixed):
         if col.dtype.kind not in "if" or col.dtype.itemsize not in (4, 8):
@@ -96,30 +98,35 @@ def copy_data(fixed: Sequence[FixedColumn], texts: Sequence[TextColumn],
                + tuple(name for name, _, _ in blobs))
     return CopyData(columns, _chunks(np.dtype(layout), [col for _, col in fixed],
                                      [(slots, fields) for _, slots, fields in texts],
-                                     rows_per_chunk, [(data, b) for _, data, b in blobs]))
+                                     rows_per_chunk, [(data, b) for _, data, b in blobs], rows))
 
 
 def _chunks(layout: np.dtype[np.void], fixed: Sequence[NDArray[np.generic]],
             texts: Sequence[tuple[NDArray[np.integer], list[bytes]]],
             rows_per_chunk: int,
-            blobs: Sequence[tuple[bytes, NDArray[np.int64]]] = ()) -> Iterator[bytes]:
+            blobs: Sequence[tuple[bytes, NDArray[np.int64]]] = (),
+            rows: NDArray[np.intp] | None = None) -> Iterator[bytes]:
     yield HEADER
-    n = len(fixed[0])
+    n = len(fixed[0]) if rows is None else len(rows)
     step = 1 + len(texts) + 2 * len(blobs)
     for start in range(0, n, rows_per_chunk):
         stop = min(n, start + rows_per_chunk)
+        at: slice | NDArray[np.intp] = slice(start, stop) if rows is None else rows[start:stop]
         rec = np.empty(stop - start, layout)
         rec["n"] = len(fixed) + len(texts) + len(blobs)
         for j, col in enumerate(fixed):
             rec[f"len{j}"] = col.dtype.itemsize
-            rec[f"val{j}"] = col[start:stop]
+            rec[f"val{j}"] = col[at]
         raw, width = rec.tobytes(), layout.itemsize
         pieces: list[bytes] = [b""] * (len(rec) * step)
         pieces[0::step] = [raw[i:i + width] for i in range(0, len(raw), width)]
         for k, (slots, fields) in enumerate(texts, 1):
-            pieces[k::step] = list(map(fields.__getitem__, slots[start:stop].tolist()))
+            pieces[k::step] = list(map(fields.__getitem__, slots[at].tolist()))
         for k, (data, bounds) in enumerate(blobs, 1 + len(texts)):
-            lo, hi = bounds[start:stop], bounds[start + 1:stop + 1]
+            if rows is None:
+                lo, hi = bounds[start:stop], bounds[start + 1:stop + 1]
+            else:
+                lo, hi = bounds[at], bounds[rows[start:stop] + 1]
             lengths = (hi - lo).astype(">i4").tobytes()
             pieces[k::step] = [lengths[i:i + 4] for i in range(0, len(lengths), 4)]
             pieces[k + 1::step] = [data[a:b] for a, b in zip(lo.tolist(), hi.tolist(),
