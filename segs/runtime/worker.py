@@ -78,6 +78,7 @@ class Worker:
         self.report = report
         self.topic = settings.topic_input
         self.stop_requested = False
+        self._stop_by: float | None = None  # monotonic deadline of the shutdown under way
         self.meters = Interner()
         self.regions = Interner()
         self.meter_fields = TextFields(self.meters.names, self.meters.take_reused)  # for COPY
@@ -377,8 +378,12 @@ class Worker:
         parts = [tp.partition for tp in partitions]
         log.info("revoking partitions %s", parts)
         cp = self.checkpointer
-        if any(map(self.book.is_positioned, parts)) and not cp.checkpoint_until(
-                time.monotonic() + self.s.shutdown_timeout_s / 2):
+        # the revoke of the shutdown's own close() keeps within the shutdown's deadline: the
+        # supervisor kills a worker that outlasts SHUTDOWN_TIMEOUT
+        deadline = time.monotonic() + self.s.shutdown_timeout_s / 2
+        if self._stop_by is not None:
+            deadline = min(deadline, self._stop_by)
+        if any(map(self.book.is_positioned, parts)) and not cp.checkpoint_until(deadline):
             log.warning("could not checkpoint before revoke: rewinding to stored positions")
             cp.rewind()
         self._forget(parts)
@@ -510,7 +515,7 @@ class Worker:
     def _shutdown(self) -> int:
         """Final checkpoint, then close the clients; 0 when everything was stored."""
         self.report(WorkerState.STOPPING)
-        deadline = time.monotonic() + self.s.shutdown_timeout_s * 0.8
+        deadline = self._stop_by = time.monotonic() + self.s.shutdown_timeout_s * 0.8
         cp = self.checkpointer
         if cp.in_flight is not None:
             cp.settle()  # a failure here is retried by the final checkpoint below
