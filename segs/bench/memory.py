@@ -198,7 +198,7 @@ def checkpoint(state: State, s: Settings, chunks: int | None = None) -> int:
         u = payload.undecided
         held += payload.identities.nbytes() + sum(
             getattr(u, f).nbytes for f in u.__dataclass_fields__)
-    parts = payload.split(s.checkpoint_writers)
+    parts = payload.split(s.checkpoint_writers, consume=True)
     del payload  # as in Worker.drain: only the parts are kept
     jobs = [part.commit_job(names, regions, rank) for part in parts]  # as commit_all
     for job in jobs:

@@ -22,6 +22,7 @@ restart). Which way a row goes changes the time, never the result.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -109,12 +110,14 @@ class Payload:
         return CommitJob({}, baselines, self.positions, {}, [],
                          Deferred(names, starts.tolist(), finish), self.newest_ms)
 
-    def split(self, parts: int) -> list[Payload]:
+    def split(self, parts: int, *, consume: bool = False) -> list[Payload]:
         """This payload as at most ``parts`` payloads over disjoint sets of partitions,
         balanced by partial count (largest partition first into the lightest part).
 
         Only exact when no partial or baseline mixes partitions of two parts; the caller
-        checks that with :class:`MeterPartitions`. Empty parts are left out.
+        checks that with :class:`MeterPartitions`. Empty parts are left out. ``consume``:
+        the caller drops this payload, whose partials are emptied column by column as the
+        parts take them, so that a checkpoint never holds its partials twice.
         """
         pp, bp = self.partials.partition, self.baselines.partition
         ids, counts = np.unique(pp, return_counts=True)
@@ -130,14 +133,15 @@ class Payload:
             lightest = loads.index(min(loads))
             groups[lightest].append(p)
             loads[lightest] += weight[p] + 1
+        groups = [g for g in groups if g]
+        masks = [np.isin(pp, np.array(g, np.int32)) for g in groups]
+        del pp
+        partials = _take_apart(self.partials, masks, consume)
         out = []
-        for group in groups:
-            if not group:
-                continue
+        for group, rows, part_partials in zip(groups, masks, partials, strict=True):
             keep = np.array(group, np.int32)
-            rows = np.isin(pp, keep)
             out.append(Payload(
-                self.partials.take(rows),
+                part_partials,
                 self.baselines.take(np.isin(bp, keep)),
                 {p: pos for p, pos in self.positions.items() if p in group},
                 {size: is_fresh[rows] for size, is_fresh in self.fresh.items()},
@@ -148,6 +152,22 @@ class Payload:
                 {p: t for p, t in self.newest_ms.items() if p in group},
             ))
         return out
+
+
+def _take_apart(whole: Partials, masks: list[NDArray[np.bool_]], consume: bool) -> list[Partials]:
+    """The rows of ``whole`` each mask selects, column by column; with ``consume`` each
+    column of ``whole`` is emptied once taken."""
+    picked: list[dict[str, NDArray[np.generic]]] = [{} for _ in masks]
+    for f in dataclasses.fields(whole):
+        column = getattr(whole, f.name)
+        if not isinstance(column, np.ndarray):
+            continue
+        for out, mask in zip(picked, masks, strict=True):
+            out[f.name] = column[mask]
+        if consume:
+            setattr(whole, f.name, np.empty(0, column.dtype))  # not a view: frees it
+        del column
+    return [dataclasses.replace(whole, **columns) for columns in picked]  # type: ignore[arg-type]
 
 
 def baseline_state(rows: Sequence[BaselineRow], slot: Callable[[str], int]) -> BaselineState:

@@ -327,7 +327,7 @@ class Worker:
         if self.meter_partitions.take_mixed():
             log.debug("a meter's readings came from two partitions: one checkpoint transaction")
             parts = 1
-        return Drained(payload.split(parts), wms)
+        return Drained(payload.split(parts, consume=True), wms)
 
     def discard(self) -> None:
         """The rewind: what is not stored is read again, its messages produced again."""

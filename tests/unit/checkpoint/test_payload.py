@@ -83,6 +83,15 @@ def test_split_is_a_partition_of_the_payload(partial_parts: list[int],
         assert (p.partials.count == p.partials.meter.astype(np.int64) + 1).all()
         assert (p.fresh[60] == (p.partials.meter % 2 == 1)).all()
         assert (p.fresh[900] == (p.partials.meter % 3 == 0)).all()
+    # consumed (the worker's way): the same pieces, and the whole gave its partials away
+    again = _payload(partial_parts, baseline_parts, positions)
+    taken = again.split(parts, consume=True)
+    assert [_partial_keys(p) for p in taken] == [_partial_keys(p) for p in pieces]
+    for p, q in zip(taken, pieces, strict=True):
+        assert (p.partials.count == q.partials.count).all()
+        assert _baseline_keys(p) == _baseline_keys(q) and p.positions == q.positions
+    if not (len(taken) == 1 and taken[0] is again):  # split, not handed back whole
+        assert len(again.partials) == 0
 
 
 def test_split_balances_partials_over_pieces() -> None:
