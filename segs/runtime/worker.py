@@ -187,6 +187,7 @@ class Worker:
         metrics.BATCH_SIZE.observe(len(msgs))
         now_ms = _now_ms()
         readings, rejects = self.decoder.decode(values, part_arr, off_arr, kafka_ts)
+        metrics.METERS_HELD.set(self.meters.held())  # new meters now, evictions at checkpoints
         if not self._recall(readings):
             return
         if rejects:
@@ -244,7 +245,6 @@ class Worker:
                 metrics.METERS_EVICTED.inc(evicted)
             if evicted >= TRIM_AFTER:
                 give_back_heap()
-        metrics.METERS_HELD.set(self.meters.held())
 
     def _add_distinct(self, readings: Readings, now_ms: int) -> tuple[int, Readings]:
         """Window a batch counting each identity once; returns the late readings and the
@@ -336,6 +336,7 @@ class Worker:
         self.book.rewind()
 
     def gauges(self) -> None:
+        metrics.METERS_HELD.set(self.meters.held())
         metrics.WINDOWED_READINGS.set(self.windows.pending_readings())
         metrics.WINDOW_BUCKETS.set(self.windows.pending_windows())
 
