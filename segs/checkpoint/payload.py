@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 from numpy.typing import NDArray
@@ -116,8 +117,8 @@ class Payload:
 
         Only exact when no partial or baseline mixes partitions of two parts; the caller
         checks that with :class:`MeterPartitions`. Empty parts are left out. ``consume``:
-        the caller drops this payload, whose partials are emptied column by column as the
-        parts take them, so that a checkpoint never holds its partials twice.
+        the caller drops this payload, whose partials and baselines are emptied column by
+        column as the parts take them, so that a checkpoint never holds them twice.
         """
         pp, bp = self.partials.partition, self.baselines.partition
         ids, counts = np.unique(pp, return_counts=True)
@@ -137,12 +138,15 @@ class Payload:
         masks = [np.isin(pp, np.array(g, np.int32)) for g in groups]
         del pp
         partials = _take_apart(self.partials, masks, consume)
+        baselines = _take_apart(self.baselines, [np.isin(bp, g) for g in groups], consume)
+        del bp
         out = []
-        for group, rows, part_partials in zip(groups, masks, partials, strict=True):
+        for group, rows, part_partials, part_baselines in zip(
+                groups, masks, partials, baselines, strict=True):
             keep = np.array(group, np.int32)
             out.append(Payload(
                 part_partials,
-                self.baselines.take(np.isin(bp, keep)),
+                part_baselines,
                 {p: pos for p, pos in self.positions.items() if p in group},
                 {size: is_fresh[rows] for size, is_fresh in self.fresh.items()},
                 None if self.identities is None
@@ -154,7 +158,11 @@ class Payload:
         return out
 
 
-def _take_apart(whole: Partials, masks: list[NDArray[np.bool_]], consume: bool) -> list[Partials]:
+_Columns = TypeVar("_Columns", Partials, BaselineState)
+
+
+def _take_apart(whole: _Columns, masks: list[NDArray[np.bool_]],
+                consume: bool) -> list[_Columns]:
     """The rows of ``whole`` each mask selects, column by column; with ``consume`` each
     column of ``whole`` is emptied once taken."""
     picked: list[dict[str, NDArray[np.generic]]] = [{} for _ in masks]

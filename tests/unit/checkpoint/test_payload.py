@@ -91,7 +91,7 @@ def test_split_is_a_partition_of_the_payload(partial_parts: list[int],
         assert (p.partials.count == q.partials.count).all()
         assert _baseline_keys(p) == _baseline_keys(q) and p.positions == q.positions
     if not (len(taken) == 1 and taken[0] is again):  # split, not handed back whole
-        assert len(again.partials) == 0
+        assert len(again.partials) == 0 and len(again.baselines) == 0
 
 
 def test_split_balances_partials_over_pieces() -> None:
