@@ -22,10 +22,8 @@ restart). Which way a row goes changes the time, never the result.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
 
 import numpy as np
 from numpy.typing import NDArray
@@ -34,7 +32,7 @@ from segs.checkpoint.dedup import decide, identity_column, undecided_windows
 from segs.checkpoint.pgcopy import BytesColumn, CopyData, copy_data
 from segs.checkpoint.sink import BaselineRow, CommitJob, Deferred, Encoded, Positions
 from segs.detection.detector import BaselineState
-from segs.intake.readings import Readings, grown
+from segs.intake.readings import Readings, grown, room, take_apart
 from segs.times import NEVER
 from segs.windows.identities import IdentityLog
 from segs.windows.partials import Partials, roll_up
@@ -137,8 +135,8 @@ class Payload:
         groups = [g for g in groups if g]
         masks = [np.isin(pp, np.array(g, np.int32)) for g in groups]
         del pp
-        partials = _take_apart(self.partials, masks, consume)
-        baselines = _take_apart(self.baselines, [np.isin(bp, g) for g in groups], consume)
+        partials = take_apart(self.partials, list(masks), consume=consume)
+        baselines = take_apart(self.baselines, [np.isin(bp, g) for g in groups], consume=consume)
         del bp
         out = []
         for group, rows, part_partials, part_baselines in zip(
@@ -156,26 +154,6 @@ class Payload:
                 {p: t for p, t in self.newest_ms.items() if p in group},
             ))
         return out
-
-
-_Columns = TypeVar("_Columns", Partials, BaselineState)
-
-
-def _take_apart(whole: _Columns, masks: list[NDArray[np.bool_]],
-                consume: bool) -> list[_Columns]:
-    """The rows of ``whole`` each mask selects, column by column; with ``consume`` each
-    column of ``whole`` is emptied once taken."""
-    picked: list[dict[str, NDArray[np.generic]]] = [{} for _ in masks]
-    for f in dataclasses.fields(whole):
-        column = getattr(whole, f.name)
-        if not isinstance(column, np.ndarray):
-            continue
-        for out, mask in zip(picked, masks, strict=True):
-            out[f.name] = column[mask]
-        if consume:
-            setattr(whole, f.name, np.empty(0, column.dtype))  # not a view: frees it
-        del column
-    return [dataclasses.replace(whole, **columns) for columns in picked]  # type: ignore[arg-type]
 
 
 def baseline_state(rows: Sequence[BaselineRow], slot: Callable[[str], int]) -> BaselineState:
@@ -250,7 +228,7 @@ class MeterPartitions:
             return
         top = int(meter.max()) + 1
         if top > self._home.shape[0]:
-            self._home = grown(self._home, max(top, 2 * self._home.shape[0]), -1)
+            self._home = grown(self._home, room(top, self._home.shape[0]), -1)
         before = self._home[meter]
         if not self._mixed and bool(((before >= 0) & (before != partition)).any()):
             self._mixed = True
@@ -310,7 +288,7 @@ class WrittenWindows:
         out: dict[int, NDArray[np.bool_]] = {}
         for size, latest in self._latest.items():
             if len(meter) and int(meter.max()) >= latest.shape[0]:
-                latest = grown(latest, max(int(meter.max()) + 1, 2 * latest.shape[0]), NEVER)
+                latest = grown(latest, room(int(meter.max()) + 1, latest.shape[0]), NEVER)
                 self._latest[size] = latest
             window = partials.window_start_ms // (size * 1000)
             out[size] = window > latest[meter]

@@ -111,7 +111,13 @@ def _chunks(layout: np.dtype[np.void], fixed: Sequence[NDArray[np.generic]],
     step = 1 + len(texts) + 2 * len(blobs)
     for start in range(0, n, rows_per_chunk):
         stop = min(n, start + rows_per_chunk)
-        at: slice | NDArray[np.intp] = slice(start, stop) if rows is None else rows[start:stop]
+        at: slice | NDArray[np.intp]
+        after: slice | NDArray[np.intp]  # row i's end bound, for the blobs
+        if rows is None:
+            at, after = slice(start, stop), slice(start + 1, stop + 1)
+        else:
+            at = rows[start:stop]
+            after = at + 1
         rec = np.empty(stop - start, layout)
         rec["n"] = len(fixed) + len(texts) + len(blobs)
         for j, col in enumerate(fixed):
@@ -123,10 +129,7 @@ def _chunks(layout: np.dtype[np.void], fixed: Sequence[NDArray[np.generic]],
         for k, (slots, fields) in enumerate(texts, 1):
             pieces[k::step] = list(map(fields.__getitem__, slots[at].tolist()))
         for k, (data, bounds) in enumerate(blobs, 1 + len(texts)):
-            if rows is None:
-                lo, hi = bounds[start:stop], bounds[start + 1:stop + 1]
-            else:
-                lo, hi = bounds[at], bounds[rows[start:stop] + 1]
+            lo, hi = bounds[at], bounds[after]
             lengths = (hi - lo).astype(">i4").tobytes()
             pieces[k::step] = [lengths[i:i + 4] for i in range(0, len(lengths), 4)]
             pieces[k + 1::step] = [data[a:b] for a, b in zip(lo.tolist(), hi.tolist(),

@@ -54,7 +54,7 @@ from typing import Final
 import numpy as np
 from numpy.typing import NDArray
 
-from segs.intake.readings import Readings, take_rows
+from segs.intake.readings import Readings, room, take_rows
 from segs.times import NEVER
 
 KINDS: Final = ("outage", "spike", "drop")
@@ -489,14 +489,11 @@ class AnomalyDetector:
         )
 
     def _reserve(self, size: int) -> None:
-        """Grow every per-slot array (doubling) so slots ``0 .. size-1`` exist."""
+        """Grow every per-slot array (:func:`room`) so slots ``0 .. size-1`` exist."""
         cap = self._samples.shape[0]
         if size <= cap:
             return
-        new = cap
-        while new < size:
-            new *= 2
-        extra = new - cap
+        extra = room(size, cap) - cap
         self._baseline = np.concatenate([self._baseline, np.zeros(extra, np.float64)])
         self._samples = np.concatenate([self._samples, np.zeros(extra, np.int64)])
         self._last = np.concatenate(

@@ -22,9 +22,32 @@ _C = TypeVar("_C")
 def take_rows(columns: _C, index: NDArray[np.intp] | NDArray[np.bool_]) -> _C:
     """A columns dataclass (one numpy array per field, scalars kept) with the rows selected
     by an index array or boolean mask, order kept."""
-    picked = {f.name: value[index] for f in dataclasses.fields(columns)  # type: ignore[arg-type]
-              if isinstance(value := getattr(columns, f.name), np.ndarray)}
-    return dataclasses.replace(columns, **picked)  # type: ignore[type-var]
+    return take_apart(columns, [index])[0]
+
+
+def take_apart(columns: _C, indexes: list[NDArray[np.intp] | NDArray[np.bool_]], *,
+               consume: bool = False) -> list[_C]:
+    """:func:`take_rows` for each of ``indexes``, column by column. ``consume``: each column
+    of ``columns`` is emptied once every index has its rows, so the whole and its parts are
+    never all held (for a caller that drops ``columns``)."""
+    picked: list[dict[str, NDArray[np.generic]]] = [{} for _ in indexes]
+    for f in dataclasses.fields(columns):  # type: ignore[arg-type]
+        column = getattr(columns, f.name)
+        if not isinstance(column, np.ndarray):
+            continue
+        for out, index in zip(picked, indexes, strict=True):
+            out[f.name] = column[index]
+        if consume:
+            setattr(columns, f.name, np.empty(0, column.dtype))  # not a view: frees it
+        del column
+    return [dataclasses.replace(columns, **cols) for cols in picked]  # type: ignore[type-var]
+
+
+def room(n: int, capacity: int) -> int:
+    """The capacity a per-slot array grows to for ``n`` slots: by a quarter at least, so
+    copies stay amortised O(1) a slot while the room held empty, and the old and new arrays
+    alive at once while growing, stay near the slots in use."""
+    return max(n, capacity + capacity // 4)
 
 
 def grown(old: NDArray[_T] | None, n: int, fill: float,

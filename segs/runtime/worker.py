@@ -187,7 +187,7 @@ class Worker:
         metrics.BATCH_SIZE.observe(len(msgs))
         now_ms = _now_ms()
         readings, rejects = self.decoder.decode(values, part_arr, off_arr, kafka_ts)
-        metrics.METERS_HELD.set(self.meters.held())  # new meters now, evictions at checkpoints
+        metrics.METERS_HELD.set(self.meters.held())  # new meters here, evictions at a cut
         if not self._recall(readings):
             return
         if rejects:
@@ -243,6 +243,7 @@ class Worker:
                                  recalled=self.s.anomaly_detection)
             if evicted:
                 metrics.METERS_EVICTED.inc(evicted)
+                metrics.METERS_HELD.set(self.meters.held())
             if evicted >= TRIM_AFTER:
                 give_back_heap()
 
@@ -336,7 +337,6 @@ class Worker:
         self.book.rewind()
 
     def gauges(self) -> None:
-        metrics.METERS_HELD.set(self.meters.held())
         metrics.WINDOWED_READINGS.set(self.windows.pending_readings())
         metrics.WINDOW_BUCKETS.set(self.windows.pending_windows())
 

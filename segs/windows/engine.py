@@ -42,7 +42,7 @@ from typing import NamedTuple
 import numpy as np
 from numpy.typing import NDArray
 
-from segs.intake.readings import Interner, Readings, grown
+from segs.intake.readings import Interner, Readings, grown, room
 from segs.times import NEVER
 from segs.windows.identities import IdentityLog
 from segs.windows.partials import Partials, combine, of_readings, region_ranks
@@ -52,9 +52,6 @@ __all__ = ["Partials", "WindowEngine"]
 
 
 _MIN_CAPACITY = 1024
-# capacity grows by a quarter: copies stay amortised O(1) a meter, while the room held
-# empty, and the old and new arrays alive at once while growing, stay near the meters'
-_GROWTH = 4
 
 
 class _Unreported(NamedTuple):
@@ -176,7 +173,7 @@ class WindowEngine:
 
     def _ensure_meters(self, n: int) -> None:
         if n > self._capacity:
-            self._alloc_cells(max(n, self._capacity + self._capacity // _GROWTH, _MIN_CAPACITY))
+            self._alloc_cells(max(room(n, self._capacity), _MIN_CAPACITY))
 
     def _ensure_partitions(self, n: int) -> None:
         old = self._wm.shape[0]
