@@ -128,7 +128,7 @@ def expected(messages: Iterable[SimMessage], now_ms: int, *, deduplicate: bool =
 
 
 def stored(db_url: str, size: int) -> dict[tuple[str, int], tuple[Any, ...]]:
-    with psycopg.connect(db_url) as conn:
+    with psycopg.connect(db_url, autocommit=True) as conn:  # one read: no transaction held
         rows = conn.execute(
             f"SELECT meter_id, (extract(epoch FROM window_start) * 1000)::int8, sample_count, "
             f"avg_power, max_power, min_power, total_energy, region, "
@@ -191,7 +191,7 @@ def read_topic(bootstrap: str, topic: str, timeout_s: float = 30) -> list[Any]:
 
 def stored_regional(db_url: str) -> dict[tuple[str, int], tuple[Any, ...]]:
     """(region, window start ms) → (meter_count, total, avg, max, min, load, published)."""
-    with psycopg.connect(db_url) as conn:
+    with psycopg.connect(db_url, autocommit=True) as conn:  # one read: no transaction held
         rows = conn.execute(
             "SELECT region, (extract(epoch FROM window_start) * 1000)::int8, meter_count,"
             " total_consumption, avg_consumption, max_consumption, min_consumption,"
@@ -201,7 +201,7 @@ def stored_regional(db_url: str) -> dict[tuple[str, int], tuple[Any, ...]]:
 
 def regional_of_stored(db_url: str, caps: dict[str, float]) -> dict[tuple[str, int], RefRegional]:
     """The reference regional figures of the aggregates_1m rows stored now (bit-exact)."""
-    with psycopg.connect(db_url) as conn:
+    with psycopg.connect(db_url, autocommit=True) as conn:  # one read: no transaction held
         rows = conn.execute(
             "SELECT meter_id, (extract(epoch FROM window_start) * 1000)::int8, sample_count,"
             " power_sum, max_power, region FROM aggregates_1m").fetchall()
