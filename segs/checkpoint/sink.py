@@ -33,11 +33,17 @@ the worker cuts a checkpoint along partitions (:mod:`segs.checkpoint.payload`) s
 transaction is a complete checkpoint of its own partitions, and PostgreSQL runs them on
 separate cores.
 
+The transaction first locks the positions of its partitions and reads their publishing
+cursors (schema/V011): a row written after its partition's cursor is flagged ``published``
+at once, meaning the cursor will publish it; one written behind it (a late reading), or for
+a partition the commit does not cover, is flagged ``published = false`` for the catch-up.
+
 Publishing closed windows is a second, separate step (:meth:`Sink.claim_closed`), chunk by
-chunk and never inside a transaction: a chunk of closed, unpublished rows is read, the caller
-delivers it to Kafka, and only then are exactly those rows marked ``published`` — each only if
-it is the version that was read. A crash in between publishes them again (at-least-once),
-never zero times.
+chunk and never inside a transaction: a chunk of closed rows is read, the caller delivers it
+to Kafka, and only then is it recorded — the cursor moved past it, or the caught-up rows
+marked ``published``, each only if still the version that was read. A crash in between
+publishes them again (at-least-once), never zero times. A row the cursor publishes is written
+once; the catch-up writes its rows a second time.
 """
 
 from __future__ import annotations
@@ -162,7 +168,7 @@ def merge_set(numeric: Numeric, identities: bool = False) -> str:
     source_partition = CASE WHEN {_NEWER} THEN EXCLUDED.source_partition
                             ELSE a.source_partition END,
     last_reading_at = GREATEST(a.last_reading_at, EXCLUDED.last_reading_at),
-{kept}    published = false,
+{kept}    published = EXCLUDED.published AND a.source_partition = EXCLUDED.source_partition,
     updated_at = now()
 """
 
@@ -171,12 +177,17 @@ MERGE_SET = merge_set({})  # on every table segs-stream made: all columns double
 
 # A partial of the temporary table ``source`` as the aggregate row it becomes, each value named
 # by its column: what an insert writes, and what a merge calls EXCLUDED.
+# published: the row comes after its partition's publishing cursor (segs_cursors, filled by
+# Sink.commit for the partitions it owns), so the cursor publishes it; otherwise the catch-up
+# claim must (Sink.claim_closed).
 _ROW = """SELECT meter_id, region, {start} AS window_start, {end} AS window_end,
     power_sum / sample_count AS avg_power, power_max AS max_power, power_min AS min_power,
     energy_sum AS total_energy, sample_count, power_sum, {last} AS last_reading_at,
-    source_partition, false AS published, {originals}, sample_count AS reading_count,
+    source_partition, COALESCE(ROW({end_ms}, p.meter_id) > ROW(c.end_ms, c.meter), false)
+        AS published, {originals}, sample_count AS reading_count,
     sample_count AS "count", voltage_sum, voltage_count{identities}
-FROM {source} AS p"""
+FROM {source} AS p
+LEFT JOIN segs_cursors AS c ON c.size_s = {size} AND c.part = p.source_partition"""
 _INSERT = """
 INSERT INTO {table} AS a (meter_id, region, window_start, window_end, avg_power, max_power,
     min_power, total_energy, sample_count, power_sum, last_reading_at, source_partition,
@@ -222,8 +233,9 @@ def _row(size: int, source: str, numeric: Numeric) -> str:
     originals = ", ".join(f"{fitted(c, insert, numeric)} AS {c}"
                           for c, (insert, _) in ORIGINAL_FIGURES.items())
     return _ROW.format(
-        source=source, start=_TS.format("window_start_ms"),
+        source=source, start=_TS.format("window_start_ms"), size=size,
         end=_TS.format(f"(window_start_ms + {size * 1000})"), last=_TS.format("last_ts_ms"),
+        end_ms=f"p.window_start_ms + {size * 1000}",
         originals=originals, identities=", identities" if size in IDENTITY_SIZES else "")
 
 
@@ -338,6 +350,83 @@ SELECT count(*) FILTER (WHERE published) FROM marked
 _CLAIM_SQL = {size: (sql.SQL(_CLAIM_READ).format(table=sql.Identifier(table)),
                      sql.SQL(_CLAIM_MARK).format(table=sql.Identifier(table)))
               for size, table in TABLES.items()}
+
+# The publishing cursor of each window size: columns of stream_positions (schema/V011)
+CURSOR_COLUMNS = {size.seconds: (f"published_{size.granularity}_ms",
+                                 f"published_{size.granularity}_meter") for size in SIZES}
+_BEFORE_ALL = -(2**63)  # a cursor's window end before every row: nothing published yet
+# A commit's partitions: their positions locked first, so that a claim moving one of their
+# cursors waits for the commit and then finds the position changed (Sink.claim_closed), and
+# their cursors read for the published flag of the rows written (_ROW).
+_LOCK_POSITIONS = sql.SQL("""
+SELECT kafka_partition, {columns} FROM stream_positions
+WHERE consumer_group = %s AND topic = %s AND kafka_partition = ANY(%s)
+ORDER BY kafka_partition FOR UPDATE
+""").format(columns=sql.SQL(", ").join(
+    sql.Identifier(c) for size in SIZES for c in CURSOR_COLUMNS[size.seconds]))
+_FILL_CURSORS = b"""
+INSERT INTO segs_cursors (size_s, part, end_ms, meter)
+SELECT * FROM unnest(%s::int4[], %s::int4[], %s::int8[], %s::text[])
+"""
+# One chunk of the rows after the cursor: per partition (w.p) its position's version and
+# cursor, and at most %s rows of windows ending by its watermark (w.wm), in the order of the
+# index of V011 (source_partition, window_end, meter_id); a partition with no row left has
+# one row of NULLs, a partition with no position none.
+_CURSOR_READ = """
+SELECT w.p, s.version, s.end_ms, s.meter, c.end_ms, c.version, c.meter_id, c.region,
+    c.start_ms, c.avg_power, c.max_power, c.min_power, c.total_energy, c.sample_count
+FROM unnest(%s::int4[], %s::int8[]) AS w(p, wm)
+JOIN LATERAL (
+    SELECT xmin::text AS version, {end} AS end_ms, {meter} AS meter FROM stream_positions
+    WHERE consumer_group = %s AND topic = %s AND kafka_partition = w.p) AS s ON true
+LEFT JOIN LATERAL (
+    SELECT a.xmin::text AS version, (extract(epoch FROM a.window_end) * 1000)::int8 AS end_ms,
+        a.window_end, a.meter_id, a.region,
+        (extract(epoch FROM a.window_start) * 1000)::int8 AS start_ms, a.avg_power,
+        a.max_power, a.min_power, a.total_energy, a.sample_count
+    FROM {table} AS a
+    WHERE a.published AND a.source_partition = w.p
+      AND a.window_end <= ('epoch'::timestamptz + w.wm * interval '1 millisecond')
+      AND (a.window_end, a.meter_id)
+          > (COALESCE('epoch'::timestamptz + s.end_ms * interval '1 millisecond',
+                      '-infinity'), COALESCE(s.meter, ''))
+    ORDER BY a.window_end, a.meter_id
+    LIMIT %s) AS c ON true
+ORDER BY w.p, c.window_end, c.meter_id
+"""
+# After delivery, first: a partition's cursor moves on only if its position is the version
+# read (no commit of the partition since, nor a claim by another worker).
+_CURSOR_MOVE = """
+UPDATE stream_positions SET {end} = %s, {meter} = %s
+WHERE consumer_group = %s AND topic = %s AND kafka_partition = %s AND xmin::text = %s
+"""
+# Then: a row of a chunk's key ranges (per partition, after the cursor read up to the last
+# row read) at a version the read did not see was written since, and goes to the catch-up
+# claim. Every version the read saw is a transaction committed before its snapshot, and
+# every write since is by one that was not, so the versions seen are all it needs.
+_CURSOR_CHECK = """
+UPDATE {table} AS a SET published = false
+FROM unnest(%s::int4[], %s::int8[], %s::text[], %s::int8[], %s::text[])
+    AS k(p, after_ms, after_meter, last_ms, last_meter)
+WHERE a.source_partition = k.p AND a.published
+  AND (a.window_end, a.meter_id)
+      > (COALESCE('epoch'::timestamptz + k.after_ms * interval '1 millisecond', '-infinity'),
+         COALESCE(k.after_meter, ''))
+  AND a.window_end <= 'epoch'::timestamptz + k.last_ms * interval '1 millisecond'
+  AND (a.window_end, a.meter_id)
+      <= ('epoch'::timestamptz + k.last_ms * interval '1 millisecond', k.last_meter)
+  AND a.xmin::text <> ALL(%s::text[])
+"""
+# Set first in every claim transaction. A chunk is each partition's next rows in index order
+# (LIMIT): on a chunk no ANALYZE has seen yet (each new day's), the planner expects a few
+# rows and takes a bitmap scan of all the partition's rows after the keyset, sorted, for
+# every chunk, so a claim read its rows over and over (20 times slower at 200,000 rows).
+_IN_INDEX_ORDER = b"SET LOCAL enable_bitmapscan = off"
+_CURSOR_SQL = {
+    size: tuple(sql.SQL(q).format(table=sql.Identifier(TABLES[size]),
+                                  end=sql.Identifier(end), meter=sql.Identifier(meter))
+                for q in (_CURSOR_READ, _CURSOR_MOVE, _CURSOR_CHECK))
+    for size, (end, meter) in CURSOR_COLUMNS.items()}
 
 
 @dataclass(frozen=True, slots=True)
@@ -606,6 +695,8 @@ class Sink:
                 # of the chunk instead. No other statement here joins.
                 cur.execute(b"SET LOCAL enable_hashjoin = off")
                 cur.execute(b"SET LOCAL enable_mergejoin = off")
+                if positions:
+                    self._fill_cursors(cur, positions)
                 duplicates = 0
                 if deferred is not None:
                     partials, fresh, windows, duplicates = deferred.finish(
@@ -661,6 +752,25 @@ class Sink:
         except (DatabaseError, FencedError) as exc:
             return exc
 
+    def _fill_cursors(self, cur: psycopg.Cursor[Any], positions: Positions) -> None:
+        """Lock the positions of the commit's partitions and put their publishing cursors
+        in ``segs_cursors``; a partition with no position yet has published nothing. One
+        whose position is gone is left out: its compare-and-set fences the commit off."""
+        stored = {row[0]: row[1:] for row in cur.execute(
+            _LOCK_POSITIONS, (self.group, self.topic, sorted(positions))).fetchall()}
+        sizes, parts, ends, meters = [], [], [], []
+        for partition, (previous, *_) in sorted(positions.items()):
+            cursors = stored.get(partition)
+            if cursors is None and previous is not None:
+                continue
+            for i, size in enumerate(SIZES):
+                end, meter = (None, None) if cursors is None else cursors[2 * i:2 * i + 2]
+                sizes.append(size.seconds)
+                parts.append(partition)
+                ends.append(_BEFORE_ALL if end is None else end)
+                meters.append(meter or "")
+        cur.execute(_FILL_CURSORS, (sizes, parts, ends, meters))
+
     def _write_positions(self, cur: psycopg.Cursor[Any], positions: Positions,
                          newest_ms: Mapping[int, int]) -> None:
         for partition, (prev, nxt, wm) in sorted(positions.items()):
@@ -691,50 +801,131 @@ class Sink:
     def claim_closed(self, watermarks: dict[int, int],
                      deliver: Callable[[int, list[ClosedRow]], None], *,
                      stop: Callable[[], bool] = lambda: False) -> dict[int, int]:
-        """Deliver closed, unpublished rows in chunks and mark each chunk published after it.
+        """Deliver the closed rows not yet published, in chunks, and record each chunk as
+        published after it.
 
         ``watermarks`` maps partition → watermark ms: rows of that source partition whose
         window ended by it are closed. ``deliver(size_s, rows)`` is called with chunks of at
         most :data:`_CLAIM_CHUNK` rows and must have handed them to Kafka durably (produce
         + flush) before it returns. Each chunk is read in a short transaction of its own,
         delivered with no transaction open (none can outlast the server's idle timeout or
-        hold locks that merges wait on), then marked in a second short one; a chunk marked
-        stays marked whatever happens to the next. If ``deliver`` raises, its chunk stays
-        pending and the error propagates. ``stop()`` is asked before every chunk: when it
-        says so the claim ends there, and the next one takes up what is left. Window sizes
-        take turns chunk by chunk, partitions share each chunk, and each partition is read
-        in key order (keyset pagination), so a claim reads each row at most once. Returns
-        size → rows delivered.
+        hold locks that merges wait on), then recorded in a second short one; a chunk
+        recorded stays so whatever happens to the next. If ``deliver`` raises, its chunk
+        stays pending and the error propagates. ``stop()`` is asked before every chunk:
+        when it says so the claim ends there, and the next one takes up what is left.
+        Window sizes take turns chunk by chunk, partitions share each chunk. Returns size →
+        rows delivered.
 
-        A row is marked only if it is still the version that was read, compared by
-        ``xmin`` (the transaction that wrote that version): every write of a row, a merge by
-        any worker or another claim's mark, makes a new version with a new ``xmin``, while
-        VACUUM, freezing and row locks keep it. ``updated_at`` would not do (two writers can
-        share a transaction start time), nor would the values: a row changed since the read
-        is also written once more, keeping ``published = false``, which only a new version
-        can signal to other claims. That write is needed because the message just flushed
-        carries older values than the row and may have landed after a newer message of it
-        from another producer (after a rebalance, or for a meter whose readings came on two
-        partitions); every claim of the row still in flight now fails its check too, so the
-        row is published again by a claim that reads it after all those messages are on
-        the topic, and the newest value is the last one there.
+        Two paths, each reading a partition's rows in key order (window end, meter id):
+
+        * **The cursor.** The rows a partition's owner writes after its publishing cursor
+          (schema/V011) are published through it and need no second write: a chunk read
+          after the cursor is delivered, then the cursor moves to its last row (to the
+          next window end after the watermark once read to the end) — only if the
+          position is still the version read. Every commit of the partition locks and
+          changes its position first, so a row it wrote meanwhile keeps the cursor where
+          it was, and is delivered again by the next claim. A row of the chunk at a
+          version the read did not see (written meanwhile by a worker that does not own
+          the partition, or by one that does while this one is fenced off) is flagged
+          ``published = false`` for the catch-up path: a message just flushed carries
+          older values than the row and may have landed after a newer one.
+        * **The catch-up.** A row flagged ``published = false`` (written behind the cursor:
+          a late reading; or by a worker that does not own its partition) is read, then
+          marked ``published`` only if it is still the version that was read, compared by
+          ``xmin`` (the transaction that wrote that version): every write of a row, a
+          merge by any worker or another claim's mark, makes a new version with a new
+          ``xmin``, while VACUUM, freezing and row locks keep it. ``updated_at`` would not
+          do (two writers can share a transaction start time), nor would the values: a row
+          changed since the read is also written once more, keeping ``published = false``,
+          which only a new version can signal to other claims, so every claim of the row
+          still in flight fails its check too, and the row is published again by a claim
+          that reads it after all those messages are on the topic: the newest value is
+          the last one there.
         """
         if not watermarks:
             return {}
         done = dict.fromkeys(TABLES, 0)
-        # per window size: partition → (watermark ms, keyset position or None)
+        # per window size: partition → watermark ms, for the cursor path; and partition →
+        # (watermark ms, keyset position or None), for the catch-up path
+        cursor: dict[int, dict[int, int]] = {
+            size: {p: watermarks[p] for p in sorted(watermarks)} for size in TABLES}
         todo: dict[int, dict[int, tuple[int, _Keyset | None]]] = {
             size: {p: (watermarks[p], None) for p in sorted(watermarks)} for size in TABLES}
         try:
-            while any(todo.values()):
-                for size, parts in todo.items():
-                    if parts and not stop():
-                        done[size] += self._claim_chunk(size, parts, deliver)
+            while any(cursor.values()) or any(todo.values()):
+                for size in TABLES:
+                    if cursor[size] and not stop():
+                        done[size] += self._cursor_chunk(size, cursor[size], deliver)
+                    elif todo[size] and not stop():  # after the cursor: behind it, mostly
+                        done[size] += self._claim_chunk(size, todo[size], deliver)
                 if stop():
                     break
         except (psycopg.Error, psycopg_pool_error()) as exc:
             raise DatabaseError(_one_line(exc)) from exc
         return done
+
+    def _cursor_chunk(self, size: int, parts: dict[int, int],
+                      deliver: Callable[[int, list[ClosedRow]], None]) -> int:
+        """Read, deliver and record one chunk of ``size``'s rows after the cursors of
+        ``parts``; drops each partition read to its end, or whose cursor could not move.
+        Returns the rows delivered."""
+        read, move, check = _CURSOR_SQL[size]
+        order = sorted(parts)
+        per_part = max(1, _CLAIM_CHUNK // len(order))
+        with self._pool.connection() as conn:  # commits (ends the read) on leaving
+            conn.execute(_IN_INDEX_ORDER)
+            got = conn.execute(read, (order, [parts[p] for p in order], self.group,
+                                      self.topic, per_part)).fetchall()
+        stored: dict[int, tuple[str, int | None, str | None]] = {}  # p → version, cursor
+        last: dict[int, tuple[int, str]] = {}  # p → key of its last row read
+        counts: dict[int, int] = {}
+        closed: list[ClosedRow] = []
+        versions: set[str] = set()  # of the rows as read
+        for p, position, after_ms, after_meter, end_ms, version, *figures in got:
+            stored[p] = (position, after_ms, after_meter)
+            if end_ms is None:  # no row left
+                continue
+            row = ClosedRow._make(figures)
+            counts[p] = counts.get(p, 0) + 1
+            last[p] = (end_ms, row.meter_id)
+            closed.append(row)
+            versions.add(version)
+        if closed:
+            deliver(size, closed)
+        moves: list[tuple[int, int, str]] = []  # p → the cursor's new key
+        for p in order:
+            if p not in stored:  # no position: nothing it owns was written
+                del parts[p]
+                continue
+            if counts.get(p, 0) == per_part:
+                moves.append((p, *last[p]))
+                continue
+            # read to its end: the cursor goes to the first window end after the
+            # watermark, before every row of that window (window ends are multiples of
+            # the size), unless it is there or further already
+            past = (parts.pop(p) // (size * 1000) + 1) * size * 1000
+            after = stored[p][1]
+            if after is None or past > after:
+                moves.append((p, past, ""))
+        if not moves and not closed:
+            return 0
+        with self._pool.connection() as conn, conn.transaction():
+            conn.execute(_IN_INDEX_ORDER)
+            for p, end_ms, meter in moves:
+                moved = conn.execute(move, (end_ms, meter, self.group, self.topic, p,
+                                            stored[p][0]))
+                if moved.rowcount != 1:  # changed since the read: read again next time
+                    parts.pop(p, None)
+            if closed:
+                ranged = sorted(last)
+                changed = conn.execute(check, (
+                    ranged, [stored[p][1] for p in ranged], [stored[p][2] for p in ranged],
+                    [last[p][0] for p in ranged], [last[p][1] for p in ranged],
+                    sorted(versions))).rowcount
+                if changed > 0:
+                    log.debug("%d closed %d s windows changed while delivered: they are "
+                              "published again", changed, size)
+        return len(closed)
 
     def _claim_chunk(self, size: int, parts: dict[int, tuple[int, _Keyset | None]],
                      deliver: Callable[[int, list[ClosedRow]], None]) -> int:
@@ -746,6 +937,7 @@ class Sink:
         per_part = max(1, _CLAIM_CHUNK // len(order))
         after = [parts[p][1] for p in order]
         with self._pool.connection() as conn:  # commits (ends the read) on leaving
+            conn.execute(_IN_INDEX_ORDER)
             got = conn.execute(read, (
                 order, [parts[p][0] for p in order], [a and a[0] for a in after],
                 [a and a[1] for a in after], per_part)).fetchall()
@@ -958,6 +1150,8 @@ def _create_temp_tables(conn: psycopg.Connection[Any]) -> None:
         (name, PARTIAL_COLUMNS, _PARTIAL_TYPES)
         for size in SIZES for name in (size.partials_table, size.fresh_table)]
     tables.append(("segs_baselines", BASELINE_COLUMNS, _BASELINE_TYPES))
+    tables.append(("segs_cursors", ("size_s", "part", "end_ms", "meter"),
+                   ("int4", "int4", "int8", "text")))
     with conn.transaction():
         for name, columns, types in tables:
             spec = ", ".join(f"{c} {t}" + (f" DEFAULT {_PARTIAL_DEFAULTS[c]}"

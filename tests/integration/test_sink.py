@@ -26,7 +26,7 @@ from segs.checkpoint import sink as sink_module
 from segs.checkpoint.migrate import migrate
 from segs.checkpoint.payload import Payload
 from segs.checkpoint.pgcopy import TextFields
-from segs.checkpoint.sink import CommitStats, Position, Sink
+from segs.checkpoint.sink import ClosedRow, CommitStats, Position, Sink
 from segs.detection.detector import BaselineState
 from segs.errors import DatabaseError, FencedError
 from segs.intake.readings import Interner
@@ -184,9 +184,7 @@ def test_stored_rows_are_updated_through_the_primary_key_of_a_chunk_without_stat
             target = "aggregates_1m"
         conn.execute(b"SET enable_hashjoin = off")
         conn.execute(b"SET enable_mergejoin = off")
-        columns = ", ".join(f"{c} {t}" for c, t in zip(
-            sink_module.PARTIAL_COLUMNS, sink_module._PARTIAL_TYPES, strict=True))
-        conn.execute(f"CREATE TEMP TABLE segs_partials_1m ({columns})".encode())
+        sink_module._create_temp_tables(conn)
         conn.execute(b"INSERT INTO segs_partials_1m SELECT 'p' || i, 'r', 60000, 1, 1, 1, 1, "
                      b"1, 60001, 0, 0, 0 FROM generate_series(0, 999) i")
         update = sink._sql.update[60].format(target=target, within="").encode()
@@ -302,6 +300,112 @@ def test_claim_closed_keeps_each_delivered_chunk_and_stops_between_chunks(
     assert sink.claim_closed({0: 60_000}, lambda s, g: calls.append(len(g))) == {
         60: 1, 900: 0}
     assert calls == [2, 2, 2, 1]  # the first chunk stayed marked after the failure
+
+
+def _versions(url: str) -> dict[tuple[str, int], tuple[str, bool]]:
+    """(meter, window start ms) → (xmin, published) of every aggregates_1m row."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        return {(m, int(t)): (v, p) for m, t, v, p in conn.execute(
+            "SELECT meter_id, (extract(epoch FROM window_start) * 1000)::int8, xmin::text, "
+            "published FROM aggregates_1m").fetchall()}
+
+
+def _cursor(url: str, partition: int = 0) -> tuple[int | None, str | None]:
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute("SELECT published_1m_ms, published_1m_meter FROM stream_positions "
+                           "WHERE kafka_partition = %s", (partition,)).fetchone()
+    assert row is not None
+    return row[0], row[1]
+
+
+def test_the_owners_rows_are_published_through_the_cursor_without_a_second_write(
+        db_url: str, sink: Sink) -> None:
+    rows = [(f"m{i}", "r", w * 60_000, 1, 2.0, 2.0, 2.0, 0.5, w * 60_000 + 1, 0)
+            for i in range(3) for w in range(3)]
+    sink.commit({60: rows}, [], {0: (None, 10, 120_000)})
+    written = _versions(db_url)
+    assert all(published for _, published in written.values())  # all after the cursor
+    seen: list[ClosedRow] = []
+    assert sink.claim_closed({0: 120_000}, lambda s, g: seen.extend(g)) == {60: 6, 900: 0}
+    assert sorted((r.meter_id, r.window_start_ms) for r in seen) == sorted(
+        (f"m{i}", w * 60_000) for i in range(3) for w in range(2))
+    assert _versions(db_url) == written  # delivered, and not written again
+    assert _cursor(db_url) == (180_000, "")  # past the watermark, before the next window
+    assert sink.claim_closed({0: 120_000}, lambda s, g: seen.extend(g)) == {60: 0, 900: 0}
+    # a late reading for a published window: behind the cursor, so caught up, once
+    sink.commit({60: [("m1", "r", 0, 1, 9.0, 9.0, 9.0, 0.5, 2, 0)]}, [], {0: (10, 11, 120_000)})
+    assert _versions(db_url)[("m1", 0)][1] is False
+    seen.clear()
+    assert sink.claim_closed({0: 180_000}, lambda s, g: seen.extend(g)) == {60: 4, 900: 0}
+    assert sorted((r.meter_id, r.window_start_ms, r.sample_count) for r in seen) == [
+        ("m0", 120_000, 1), ("m1", 0, 2), ("m1", 120_000, 1), ("m2", 120_000, 1)]
+    assert all(published for _, published in _versions(db_url).values())
+    assert sink.claim_closed({0: 180_000}, lambda s, g: seen.extend(g)) == {60: 0, 900: 0}
+
+
+def test_the_cursor_moves_in_chunks_and_stays_when_its_partition_is_written_meanwhile(
+        db_url: str, sink: Sink, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("segs.checkpoint.sink._CLAIM_CHUNK", 2)
+    rows = [(f"m{i}", "r", 0, 1, 2.0, 2.0, 2.0, 0.5, 1, 0) for i in range(5)]
+    sink.commit({60: rows}, [], {0: (None, 10, 60_000)})
+    calls: list[list[tuple[str, int]]] = []
+
+    def deliver(size: int, got: list[ClosedRow]) -> None:
+        calls.append([(r.meter_id, r.sample_count) for r in got])
+        if calls == [[("m0", 1), ("m1", 1)], [("m2", 1), ("m3", 1)]]:
+            # the owner merges a reading of m3 (in this chunk) meanwhile
+            sink.commit({60: [("m3", "r", 0, 1, 9.0, 9.0, 9.0, 0.5, 2, 0)]}, [],
+                        {0: (10, 11, 60_000)})
+
+    assert sink.claim_closed({0: 60_000}, deliver) == {60: 5, 900: 0}
+    # the cursor stayed after the first chunk; m3 changed after the read is caught up
+    assert calls == [[("m0", 1), ("m1", 1)], [("m2", 1), ("m3", 1)], [("m3", 2)]]
+    assert _cursor(db_url) == (60_000, "m1")
+    calls.clear()  # the next claim delivers again what came after the cursor
+    assert sink.claim_closed({0: 60_000}, deliver) == {60: 3, 900: 0}
+    assert calls == [[("m2", 1), ("m3", 2)], [("m4", 1)]]
+    assert _cursor(db_url) == (120_000, "")
+
+
+def test_a_stale_delivery_through_the_cursor_is_published_again(
+        db_url: str, sink: Sink) -> None:
+    """A fenced worker's delivery of an older version lands after the new owner's newer
+    one: the row is caught up, so the newest value is the last one on the topic."""
+    sink.commit({60: [("m", "r", 0, 1, 2.0, 2.0, 2.0, 0.5, 1_000, 0)]}, [],
+                {0: (None, 10, 60_000)})
+    other = Sink(db_url, consumer_group="g", topic="t")
+    other.open()
+    topic: list[int] = []  # sample counts in the order they reach the topic
+
+    def slow(size: int, got: list[Any]) -> None:
+        if not topic:  # the new owner merges, claims and delivers first
+            other.commit({60: [("m", "r", 0, 1, 3.0, 3.0, 3.0, 0.5, 2_000, 0)]}, [],
+                         {0: (10, 20, 60_000)})
+            assert other.claim_closed({0: 60_000},
+                                      lambda s, g: topic.extend(r[7] for r in g))
+        topic.extend(r[7] for r in got)
+
+    try:
+        sink.claim_closed({0: 60_000}, slow)  # the older value lands last, then the newer
+    finally:
+        other.close()
+    assert topic == [2, 1, 2]
+    assert sink.claim_closed({0: 60_000}, lambda s, g: topic.extend(r[7] for r in g)) == {
+        60: 0, 900: 0}
+
+
+def test_a_row_moved_to_another_partition_is_caught_up(db_url: str, sink: Sink) -> None:
+    """A meter whose readings come on two partitions: the row follows the newest reading's
+    partition, and a write that moves it is caught up by the partition it moved to."""
+    sink.commit({60: [("m", "r", 0, 1, 2.0, 2.0, 2.0, 0.5, 1_000, 0)]}, [],
+                {0: (None, 10, 0)})
+    sink.commit({60: [("m", "r", 0, 1, 2.0, 2.0, 2.0, 0.5, 2_000, 1)]}, [],
+                {1: (None, 10, 0)})
+    assert _versions(db_url)[("m", 0)][1] is False
+    seen: list[Any] = []
+    assert sink.claim_closed({0: 60_000, 1: 60_000}, lambda s, g: seen.extend(g)) == {
+        60: 1, 900: 0}
+    assert seen[0].sample_count == 2
 
 
 def test_commit_all_writes_each_partition_group_on_its_own(db_url: str, sink: Sink) -> None:
