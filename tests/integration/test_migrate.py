@@ -72,3 +72,21 @@ def test_aggregate_tables_keep_no_missing_values(db_url: str) -> None:
             " AND attrelid IN ('aggregates_1m'::regclass, 'aggregates_15m'::regclass)"
         ).fetchall()
     assert missing == []
+
+
+def test_positions_stored_before_the_cursor_start_it_after_their_watermark(
+        db_url: str) -> None:
+    """schema/V011 on a database with positions: each partition's publishing cursors begin
+    at the first window end after its watermark, before every row of that window, so the
+    rows closed by then are never sent again and those still open are sent once closed."""
+    migrate(db_url)
+    [v011] = [sql for v, sql in migration_files() if v.startswith("V011")]
+    with psycopg.connect(db_url) as conn:
+        conn.execute("INSERT INTO stream_positions (consumer_group, topic, kafka_partition, "
+                     "next_offset, watermark_ms) VALUES ('g', 't', 0, 5, 1845000), "
+                     "('g', 't', 1, 5, NULL)")
+        conn.execute(v011.encode())  # as it runs on such a database, once
+        rows = conn.execute(
+            "SELECT kafka_partition, published_1m_ms, published_1m_meter, published_15m_ms, "
+            "published_15m_meter FROM stream_positions ORDER BY 1").fetchall()
+    assert rows == [(0, 1_860_000, "", 2_700_000, ""), (1, None, None, None, None)]
