@@ -177,17 +177,15 @@ MERGE_SET = merge_set({})  # on every table segs-stream made: all columns double
 
 # A partial of the temporary table ``source`` as the aggregate row it becomes, each value named
 # by its column: what an insert writes, and what a merge calls EXCLUDED.
-# published: the row comes after its partition's publishing cursor (segs_cursors, filled by
-# Sink.commit for the partitions it owns), so the cursor publishes it; otherwise the catch-up
-# claim must (Sink.claim_closed).
+# {published}: a placeholder each commit fills with published_flags(): the row comes after
+# its partition's publishing cursor, so the cursor publishes it; otherwise the catch-up claim
+# must (Sink.claim_closed).
 _ROW = """SELECT meter_id, region, {start} AS window_start, {end} AS window_end,
     power_sum / sample_count AS avg_power, power_max AS max_power, power_min AS min_power,
     energy_sum AS total_energy, sample_count, power_sum, {last} AS last_reading_at,
-    source_partition, COALESCE(ROW({end_ms}, p.meter_id) > ROW(c.end_ms, c.meter), false)
-        AS published, {originals}, sample_count AS reading_count,
+    source_partition, {published} AS published, {originals}, sample_count AS reading_count,
     sample_count AS "count", voltage_sum, voltage_count{identities}
-FROM {source} AS p
-LEFT JOIN segs_cursors AS c ON c.size_s = {size} AND c.part = p.source_partition"""
+FROM {source} AS p"""
 _INSERT = """
 INSERT INTO {table} AS a (meter_id, region, window_start, window_end, avg_power, max_power,
     min_power, total_energy, sample_count, power_sum, last_reading_at, source_partition,
@@ -222,8 +220,10 @@ WHERE {{within}}NOT EXISTS (SELECT FROM {{target}} AS s
 class Statements(NamedTuple):
     """The checkpoint's statements for the tables at hand (:func:`_statements`)."""
 
-    merge: dict[str, bytes]  # temporary table → the upsert of its partials
-    insert_fresh: dict[int, bytes]  # window size → the plain insert of its fresh partials
+    # each a template of the placeholders of published_flags() (and, for the last two, of
+    # the table or chunk {target} and the condition {within} that keeps the others out)
+    merge: dict[str, str]  # temporary table → the upsert of its partials
+    insert_fresh: dict[int, str]  # window size → the plain insert of its fresh partials
     update: dict[int, str]  # window size → the update of stored rows (a _UPDATE template)
     insert_missing: dict[int, str]  # window size → the insert of stored partials with no row
 
@@ -233,9 +233,8 @@ def _row(size: int, source: str, numeric: Numeric) -> str:
     originals = ", ".join(f"{fitted(c, insert, numeric)} AS {c}"
                           for c, (insert, _) in ORIGINAL_FIGURES.items())
     return _ROW.format(
-        source=source, start=_TS.format("window_start_ms"), size=size,
+        source=source, start=_TS.format("window_start_ms"), published=f"{{published_{size}}}",
         end=_TS.format(f"(window_start_ms + {size * 1000})"), last=_TS.format("last_ts_ms"),
-        end_ms=f"p.window_start_ms + {size * 1000}",
         originals=originals, identities=", identities" if size in IDENTITY_SIZES else "")
 
 
@@ -253,8 +252,8 @@ def _statements(numeric: Mapping[str, Numeric]) -> Statements:
         cols, keeps = numeric.get(size.table, {}), size.seconds in IDENTITY_SIZES
         for source in (size.partials_table, size.fresh_table):
             merges[source] = _MERGE.format(
-                insert=_insert(size, source, cols), merge_set=merge_set(cols, keeps)).encode()
-        inserts[size.seconds] = _insert(size, size.fresh_table, cols).encode()
+                insert=_insert(size, source, cols), merge_set=merge_set(cols, keeps))
+        inserts[size.seconds] = _insert(size, size.fresh_table, cols)
         updates[size.seconds] = _UPDATE.format(
             merge_set=merge_set(cols, keeps), row=_row(size.seconds, size.partials_table, cols))
         missing[size.seconds] = _INSERT_MISSING.format(
@@ -354,7 +353,47 @@ _CLAIM_SQL = {size: (sql.SQL(_CLAIM_READ).format(table=sql.Identifier(table)),
 # The publishing cursor of each window size: columns of stream_positions (schema/V011)
 CURSOR_COLUMNS = {size.seconds: (f"published_{size.granularity}_ms",
                                  f"published_{size.granularity}_meter") for size in SIZES}
-_BEFORE_ALL = -(2**63)  # a cursor's window end before every row: nothing published yet
+
+
+class Cursor(NamedTuple):
+    """A partition's publishing cursor of one window size: every row it publishes in key
+    order (window end, meter id) comes after this key; ``end_ms`` None: none yet."""
+
+    end_ms: int | None
+    meter: str
+
+
+class Flags(NamedTuple):
+    """The published flag of a row written now, per window size: SQL for the statements'
+    ``{published_<size>}`` placeholders, and the parameters it takes."""
+
+    sql: dict[str, str]
+    params: dict[int, list[Any]]
+
+    def statement(self, template: str, size: int, **parts: str) -> tuple[bytes, list[Any] | None]:
+        """``template`` (of window size ``size``) filled in, and its parameters."""
+        return template.format(**self.sql, **parts).encode(), self.params[size] or None
+
+
+def published_flags(cursors: Mapping[int, Mapping[int, Cursor]]) -> Flags:
+    """The published flags of rows written now from the cursors of the commit's partitions
+    (size → partition → cursor): after the cursor of its partition, or for the catch-up.
+    The cursors are parameters, so the statements' text stays the same from commit to
+    commit (psycopg prepares them); the partitions are not, and change only on rebalance."""
+    flags, params = {}, {}
+    for size in SIZES:
+        cases, values = [], []
+        for partition, (end_ms, meter) in sorted(cursors.get(size.seconds, {}).items()):
+            if end_ms is None:
+                cases.append(f"WHEN {int(partition)} THEN true")
+            else:
+                cases.append(f"WHEN {int(partition)} THEN ROW(p.window_start_ms + {size.ms}, "
+                             "p.meter_id) > ROW(%s::int8, %s::text)")
+                values += [end_ms, meter]
+        flags[f"published_{size.seconds}"] = (
+            f"CASE p.source_partition {' '.join(cases)} ELSE false END" if cases else "false")
+        params[size.seconds] = values
+    return Flags(flags, params)
 # A commit's partitions: their positions locked first, so that a claim moving one of their
 # cursors waits for the commit and then finds the position changed (Sink.claim_closed), and
 # their cursors read for the published flag of the rows written (_ROW).
@@ -364,10 +403,6 @@ WHERE consumer_group = %s AND topic = %s AND kafka_partition = ANY(%s)
 ORDER BY kafka_partition FOR UPDATE
 """).format(columns=sql.SQL(", ").join(
     sql.Identifier(c) for size in SIZES for c in CURSOR_COLUMNS[size.seconds]))
-_FILL_CURSORS = b"""
-INSERT INTO segs_cursors (size_s, part, end_ms, meter)
-SELECT * FROM unnest(%s::int4[], %s::int4[], %s::int8[], %s::text[])
-"""
 # One chunk of the rows after the cursor: per partition (w.p) its position's version and
 # cursor, and at most %s rows of windows ending by its watermark (w.wm), in the order of the
 # index of V011 (source_partition, window_end, meter_id); a partition with no row left has
@@ -695,8 +730,7 @@ class Sink:
                 # of the chunk instead. No other statement here joins.
                 cur.execute(b"SET LOCAL enable_hashjoin = off")
                 cur.execute(b"SET LOCAL enable_mergejoin = off")
-                if positions:
-                    self._fill_cursors(cur, positions)
+                flags = self._published_flags(cur, positions)
                 duplicates = 0
                 if deferred is not None:
                     partials, fresh, windows, duplicates = deferred.finish(
@@ -707,13 +741,14 @@ class Sink:
                     if _copy(cur, size.fresh_table, (fresh or {}).get(size.seconds, ()),
                              PARTIAL_COLUMNS, _PARTIAL_TYPES):
                         inserted, written = _insert_fresh(
-                            conn, cur, statements.insert_fresh[size.seconds],
-                            statements.merge[size.fresh_table])
+                            conn, cur,
+                            flags.statement(statements.insert_fresh[size.seconds], size.seconds),
+                            flags.statement(statements.merge[size.fresh_table], size.seconds))
                     n = _copy(cur, size.partials_table, partials.get(size.seconds, ()),
                               PARTIAL_COLUMNS, _PARTIAL_TYPES)
                     if n:
                         more_inserted, more_written = _merge_stored(
-                            conn, cur, size, n, size.table in hyper, statements)
+                            conn, cur, size, n, size.table in hyper, statements, flags)
                         inserted, written = inserted + more_inserted, written + more_written
                     rows[size.table], new_rows[size.table] = int(written), int(inserted)
                 n_base = _copy(cur, "segs_baselines", baselines, BASELINE_COLUMNS,
@@ -752,24 +787,23 @@ class Sink:
         except (DatabaseError, FencedError) as exc:
             return exc
 
-    def _fill_cursors(self, cur: psycopg.Cursor[Any], positions: Positions) -> None:
-        """Lock the positions of the commit's partitions and put their publishing cursors
-        in ``segs_cursors``; a partition with no position yet has published nothing. One
-        whose position is gone is left out: its compare-and-set fences the commit off."""
-        stored = {row[0]: row[1:] for row in cur.execute(
-            _LOCK_POSITIONS, (self.group, self.topic, sorted(positions))).fetchall()}
-        sizes, parts, ends, meters = [], [], [], []
-        for partition, (previous, *_) in sorted(positions.items()):
-            cursors = stored.get(partition)
-            if cursors is None and previous is not None:
-                continue
-            for i, size in enumerate(SIZES):
-                end, meter = (None, None) if cursors is None else cursors[2 * i:2 * i + 2]
-                sizes.append(size.seconds)
-                parts.append(partition)
-                ends.append(_BEFORE_ALL if end is None else end)
-                meters.append(meter or "")
-        cur.execute(_FILL_CURSORS, (sizes, parts, ends, meters))
+    def _published_flags(self, cur: psycopg.Cursor[Any], positions: Positions) -> Flags:
+        """Lock the positions of the commit's partitions and read their publishing cursors,
+        as the statements' published flags (:func:`published_flags`). A partition with no
+        position yet has published nothing; one whose position is gone is left out: its
+        compare-and-set fences the commit off."""
+        cursors: dict[int, dict[int, Cursor]] = {size.seconds: {} for size in SIZES}
+        if positions:
+            stored = {row[0]: row[1:] for row in cur.execute(
+                _LOCK_POSITIONS, (self.group, self.topic, sorted(positions))).fetchall()}
+            for partition, (previous, *_) in sorted(positions.items()):
+                columns = stored.get(partition)
+                if columns is None and previous is not None:
+                    continue
+                for i, size in enumerate(SIZES):
+                    end, meter = (None, None) if columns is None else columns[2 * i:2 * i + 2]
+                    cursors[size.seconds][partition] = Cursor(end, meter or "")
+        return published_flags(cursors)
 
     def _write_positions(self, cur: psycopg.Cursor[Any], positions: Positions,
                          newest_ms: Mapping[int, int]) -> None:
@@ -1029,19 +1063,22 @@ def _literal_ts(ms: int) -> str:
     return f"'{datetime.fromtimestamp(ms / 1000, UTC).isoformat()}'::timestamptz"
 
 
-def _insert_fresh(conn: psycopg.Connection[Any], cur: psycopg.Cursor[Any], insert: bytes,
-                  merge: bytes) -> tuple[int, int]:
+Statement = tuple[bytes, list[Any] | None]  # SQL and its parameters
+
+
+def _insert_fresh(conn: psycopg.Connection[Any], cur: psycopg.Cursor[Any], insert: Statement,
+                  merge: Statement) -> tuple[int, int]:
     """Insert the fresh partials of a window size plainly (``insert``), or merge them
     (``merge``) if one of them is stored already; returns (rows inserted, rows written)."""
     try:
         with conn.transaction():  # a savepoint
-            cur.execute(insert)
+            cur.execute(*insert)
             inserted = max(cur.rowcount, 0)
             return inserted, inserted
     except psycopg.errors.UniqueViolation:
         # written by another worker, or by this one before a restart: merge them all
         log.debug("fresh partials were stored already: merged instead")
-        cur.execute(merge)
+        cur.execute(*merge)
         inserted, written = cur.fetchone() or (0, 0)
         return int(inserted), int(written)
 
@@ -1065,9 +1102,10 @@ class _NotAllStored(Exception):
 
 
 def _merge_stored(conn: psycopg.Connection[Any], cur: psycopg.Cursor[Any], size: WindowSize,
-                  n: int, hypertable: bool, statements: Statements) -> tuple[int, int]:
-    """Merge the ``n`` partials of ``size.partials_table`` into rows the worker wrote before;
-    returns (rows inserted, rows written).
+                  n: int, hypertable: bool, statements: Statements,
+                  flags: Flags) -> tuple[int, int]:
+    """Merge the ``n`` partials of ``size.partials_table`` into rows the worker wrote before
+    (``flags``: :func:`published_flags`); returns (rows inserted, rows written).
 
     By an UPDATE of each table or chunk that holds them, in a savepoint: a partial matches at
     most one row and a row at most one partial, so the updates' row counts add up to ``n``
@@ -1091,14 +1129,16 @@ def _merge_stored(conn: psycopg.Connection[Any], cur: psycopg.Cursor[Any], size:
         try:
             with conn.transaction():  # a savepoint
                 for target, within in targets:
-                    cur.execute(statements.update[size.seconds].format(
-                        target=target, within=within and f" WHERE {within}").encode())
+                    cur.execute(*flags.statement(
+                        statements.update[size.seconds], size.seconds, target=target,
+                        within=within and f" WHERE {within}"))
                     found += max(cur.rowcount, 0)
                 if found == n:
                     return 0, n
                 for target, within in targets:  # a partial in no chunk's range is left out
-                    cur.execute(statements.insert_missing[size.seconds].format(
-                        target=target, within=within and f"{within} AND ").encode())
+                    cur.execute(*flags.statement(
+                        statements.insert_missing[size.seconds], size.seconds, target=target,
+                        within=within and f"{within} AND "))
                     inserted += max(cur.rowcount, 0)
                 if found + inserted == n:
                     return inserted, n
@@ -1107,7 +1147,7 @@ def _merge_stored(conn: psycopg.Connection[Any], cur: psycopg.Cursor[Any], size:
                 psycopg.errors.UniqueViolation):  # a missing row inserted meanwhile
             log.debug("%d of %d %s partials found no row to update, and not all of them "
                       "could be inserted: upserted instead", n - found, n, size.table)
-    cur.execute(statements.merge[size.partials_table])
+    cur.execute(*flags.statement(statements.merge[size.partials_table], size.seconds))
     inserted, written = cur.fetchone() or (0, 0)
     return int(inserted), int(written)
 
@@ -1150,8 +1190,6 @@ def _create_temp_tables(conn: psycopg.Connection[Any]) -> None:
         (name, PARTIAL_COLUMNS, _PARTIAL_TYPES)
         for size in SIZES for name in (size.partials_table, size.fresh_table)]
     tables.append(("segs_baselines", BASELINE_COLUMNS, _BASELINE_TYPES))
-    tables.append(("segs_cursors", ("size_s", "part", "end_ms", "meter"),
-                   ("int4", "int4", "int8", "text")))
     with conn.transaction():
         for name, columns, types in tables:
             spec = ", ".join(f"{c} {t}" + (f" DEFAULT {_PARTIAL_DEFAULTS[c]}"

@@ -187,8 +187,10 @@ def test_stored_rows_are_updated_through_the_primary_key_of_a_chunk_without_stat
         sink_module._create_temp_tables(conn)
         conn.execute(b"INSERT INTO segs_partials_1m SELECT 'p' || i, 'r', 60000, 1, 1, 1, 1, "
                      b"1, 60001, 0, 0, 0 FROM generate_series(0, 999) i")
-        update = sink._sql.update[60].format(target=target, within="").encode()
-        missing = sink._sql.insert_missing[60].format(target=target, within="").encode()
+        flags = sink_module.published_flags({})
+        update, _ = flags.statement(sink._sql.update[60], 60, target=target, within="")
+        missing, _ = flags.statement(sink._sql.insert_missing[60], 60, target=target,
+                                     within="")
         plans = ["\n".join(r[0] for r in conn.execute(b"EXPLAIN " + statement))
                  for statement in (update, missing)]
     for plan in plans:  # the update, and the insert of partials it found no row for
@@ -345,25 +347,26 @@ def test_the_owners_rows_are_published_through_the_cursor_without_a_second_write
 
 def test_the_cursor_moves_in_chunks_and_stays_when_its_partition_is_written_meanwhile(
         db_url: str, sink: Sink, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Meter ids with a quote: the cursor's meter id is written into the commit's SQL."""
     monkeypatch.setattr("segs.checkpoint.sink._CLAIM_CHUNK", 2)
-    rows = [(f"m{i}", "r", 0, 1, 2.0, 2.0, 2.0, 0.5, 1, 0) for i in range(5)]
+    rows = [(f"o'm{i}", "r", 0, 1, 2.0, 2.0, 2.0, 0.5, 1, 0) for i in range(5)]
     sink.commit({60: rows}, [], {0: (None, 10, 60_000)})
     calls: list[list[tuple[str, int]]] = []
 
     def deliver(size: int, got: list[ClosedRow]) -> None:
         calls.append([(r.meter_id, r.sample_count) for r in got])
-        if calls == [[("m0", 1), ("m1", 1)], [("m2", 1), ("m3", 1)]]:
+        if calls == [[("o'm0", 1), ("o'm1", 1)], [("o'm2", 1), ("o'm3", 1)]]:
             # the owner merges a reading of m3 (in this chunk) meanwhile
-            sink.commit({60: [("m3", "r", 0, 1, 9.0, 9.0, 9.0, 0.5, 2, 0)]}, [],
+            sink.commit({60: [("o'm3", "r", 0, 1, 9.0, 9.0, 9.0, 0.5, 2, 0)]}, [],
                         {0: (10, 11, 60_000)})
 
     assert sink.claim_closed({0: 60_000}, deliver) == {60: 5, 900: 0}
     # the cursor stayed after the first chunk; m3 changed after the read is caught up
-    assert calls == [[("m0", 1), ("m1", 1)], [("m2", 1), ("m3", 1)], [("m3", 2)]]
-    assert _cursor(db_url) == (60_000, "m1")
+    assert calls == [[("o'm0", 1), ("o'm1", 1)], [("o'm2", 1), ("o'm3", 1)], [("o'm3", 2)]]
+    assert _cursor(db_url) == (60_000, "o'm1")
     calls.clear()  # the next claim delivers again what came after the cursor
     assert sink.claim_closed({0: 60_000}, deliver) == {60: 3, 900: 0}
-    assert calls == [[("m2", 1), ("m3", 2)], [("m4", 1)]]
+    assert calls == [[("o'm2", 1), ("o'm3", 2)], [("o'm4", 1)]]
     assert _cursor(db_url) == (120_000, "")
 
 
