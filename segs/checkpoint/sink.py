@@ -435,22 +435,15 @@ _CURSOR_MOVE = """
 UPDATE stream_positions SET {end} = %s, {meter} = %s
 WHERE consumer_group = %s AND topic = %s AND kafka_partition = %s AND xmin::text = %s
 """
-# Then: a row of a chunk's key ranges (per partition, after the cursor read up to the last
-# row read) at a version the read did not see was written since, and goes to the catch-up
-# claim. Every version the read saw is a transaction committed before its snapshot, and
-# every write since is by one that was not, so the versions seen are all it needs.
+# Then: a row of the chunk at a version other than the one read was written since and goes
+# to the catch-up claim; found by its key, wherever it is now (a write may have moved it to
+# another partition, whose catch-up may even have published it meanwhile).
 _CURSOR_CHECK = """
 UPDATE {table} AS a SET published = false
-FROM unnest(%s::int4[], %s::int8[], %s::text[], %s::int8[], %s::text[])
-    AS k(p, after_ms, after_meter, last_ms, last_meter)
-WHERE a.source_partition = k.p AND a.published
-  AND (a.window_end, a.meter_id)
-      > (COALESCE('epoch'::timestamptz + k.after_ms * interval '1 millisecond', '-infinity'),
-         COALESCE(k.after_meter, ''))
-  AND a.window_end <= 'epoch'::timestamptz + k.last_ms * interval '1 millisecond'
-  AND (a.window_end, a.meter_id)
-      <= ('epoch'::timestamptz + k.last_ms * interval '1 millisecond', k.last_meter)
-  AND a.xmin::text <> ALL(%s::text[])
+FROM unnest(%s::text[], %s::int8[], %s::text[]) AS k(meter_id, start_ms, version)
+WHERE a.meter_id = k.meter_id
+  AND a.window_start = ('epoch'::timestamptz + k.start_ms * interval '1 millisecond')
+  AND a.published AND a.xmin::text <> k.version
 """
 # Set first in every claim transaction. A chunk is each partition's next rows in index order
 # (LIMIT): on a chunk no ANALYZE has seen yet (each new day's), the planner expects a few
@@ -914,7 +907,7 @@ class Sink:
         last: dict[int, tuple[int, str]] = {}  # p → key of its last row read
         counts: dict[int, int] = {}
         closed: list[ClosedRow] = []
-        versions: set[str] = set()  # of the rows as read
+        versions: list[str] = []  # of each row as read
         for p, position, after_ms, after_meter, end_ms, version, *figures in got:
             stored[p] = (position, after_ms, after_meter)
             if end_ms is None:  # no row left
@@ -923,7 +916,7 @@ class Sink:
             counts[p] = counts.get(p, 0) + 1
             last[p] = (end_ms, row.meter_id)
             closed.append(row)
-            versions.add(version)
+            versions.append(version)
         if closed:
             deliver(size, closed)
         moves: list[tuple[int, int, str]] = []  # p → the cursor's new key
@@ -951,11 +944,9 @@ class Sink:
                 if moved.rowcount != 1:  # changed since the read: read again next time
                     parts.pop(p, None)
             if closed:
-                ranged = sorted(last)
-                changed = conn.execute(check, (
-                    ranged, [stored[p][1] for p in ranged], [stored[p][2] for p in ranged],
-                    [last[p][0] for p in ranged], [last[p][1] for p in ranged],
-                    sorted(versions))).rowcount
+                changed = conn.execute(check, ([r.meter_id for r in closed],
+                                               [r.window_start_ms for r in closed],
+                                               versions)).rowcount
                 if changed > 0:
                     log.debug("%d closed %d s windows changed while delivered: they are "
                               "published again", changed, size)

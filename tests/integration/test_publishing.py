@@ -16,7 +16,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from segs.checkpoint.migrate import migrate
@@ -113,6 +113,10 @@ class World:
 @settings(max_examples=150, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ops=st.lists(st.one_of(writes, claims, ticks), max_size=24))
+# found by CI: a row read through partition 0's cursor moves to partition 1 during the
+# delivery and is caught up there before the older message lands
+@example(ops=[("write", "a", 0, "x", 0, False), ("tick",), ("write", "a", 0, "x", 0, True),
+              ("claim", "a", [("write", "a", 1, "x", 0, False), ("claim",)])])
 def test_the_last_message_of_every_closed_window_is_its_stored_row(
         migrated: str, ops: list[tuple[Any, ...]]) -> None:
     world = World(migrated)
