@@ -408,7 +408,7 @@ ORDER BY kafka_partition FOR UPDATE
 # index of V011 (source_partition, window_end, meter_id); a partition with no row left has
 # one row of NULLs, a partition with no position none.
 _CURSOR_READ = """
-SELECT w.p, s.version, s.end_ms, s.meter, c.end_ms, c.version, c.meter_id, c.region,
+SELECT w.p, s.version, s.end_ms, c.end_ms, c.version, c.meter_id, c.region,
     c.start_ms, c.avg_power, c.max_power, c.min_power, c.total_energy, c.sample_count
 FROM unnest(%s::int4[], %s::int8[]) AS w(p, wm)
 JOIN LATERAL (
@@ -445,7 +445,7 @@ WHERE a.meter_id = k.meter_id
   AND a.window_start = ('epoch'::timestamptz + k.start_ms * interval '1 millisecond')
   AND a.published AND a.xmin::text <> k.version
 """
-# Set first in every claim transaction. A chunk is each partition's next rows in index order
+# Set first in every claim read. A chunk is each partition's next rows in index order
 # (LIMIT): on a chunk no ANALYZE has seen yet (each new day's), the planner expects a few
 # rows and takes a bitmap scan of all the partition's rows after the keyset, sorted, for
 # every chunk, so a claim read its rows over and over (20 times slower at 200,000 rows).
@@ -903,13 +903,13 @@ class Sink:
             conn.execute(_IN_INDEX_ORDER)
             got = conn.execute(read, (order, [parts[p] for p in order], self.group,
                                       self.topic, per_part)).fetchall()
-        stored: dict[int, tuple[str, int | None, str | None]] = {}  # p → version, cursor
+        stored: dict[int, tuple[str, int | None]] = {}  # p → position's version, cursor end
         last: dict[int, tuple[int, str]] = {}  # p → key of its last row read
         counts: dict[int, int] = {}
         closed: list[ClosedRow] = []
         versions: list[str] = []  # of each row as read
-        for p, position, after_ms, after_meter, end_ms, version, *figures in got:
-            stored[p] = (position, after_ms, after_meter)
+        for p, position, after_ms, end_ms, version, *figures in got:
+            stored[p] = (position, after_ms)
             if end_ms is None:  # no row left
                 continue
             row = ClosedRow._make(figures)
@@ -937,7 +937,6 @@ class Sink:
         if not moves and not closed:
             return 0
         with self._pool.connection() as conn, conn.transaction():
-            conn.execute(_IN_INDEX_ORDER)
             for p, end_ms, meter in moves:
                 moved = conn.execute(move, (end_ms, meter, self.group, self.topic, p,
                                             stored[p][0]))
