@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 # named like the package may shadow it; in this flat layout that folder is the package.
 INSTALL := PYTHONWARNINGS=ignore::UserWarning $(BIN)/python -m pip install -q -e
 
-$(STAMP): pyproject.toml setup.py segs/intake/_fastscan.c
+$(STAMP): pyproject.toml setup.py segs/intake/_fastscan.c segs/intake/_names.c segs/intake/_names.h
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@$(BIN)/python -m pip install -q --upgrade pip
 	@$(INSTALL) ".[dev]"

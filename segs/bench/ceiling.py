@@ -15,7 +15,7 @@ import numpy as np
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, TopicPartition
 
 from segs.intake.decode import Decoder
-from segs.intake.readings import Interner
+from segs.intake.readings import Interner, meter_interner
 from segs.runtime.kafka_clients import PREFETCH
 
 BATCH = 100_000  # twice the service's default BATCH_SIZE
@@ -31,7 +31,7 @@ def read_topic(bootstrap: str, topic: str, ends: dict[int, int], *, decode: bool
         "bootstrap.servers": bootstrap, "group.id": "segs-bench-ceiling",
         "enable.auto.commit": False, **fetch,
     })
-    decoder = Decoder(Interner(), Interner())
+    decoder = Decoder(meter_interner(), Interner())
     consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in ends])
     todo = {p: end for p, end in ends.items() if end > 0}
     total = sum(todo.values())

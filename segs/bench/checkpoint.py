@@ -26,6 +26,7 @@ from __future__ import annotations
 import os
 import statistics
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -118,7 +119,7 @@ def run_checkpoint_dedup(srv: Servers, sizes: list[int]) -> list[dict[str, Any]]
     return results
 
 
-def _run(srv: Servers, n: int, writers: int, meters: list[bytes], regions: list[bytes],
+def _run(srv: Servers, n: int, writers: int, meters: Sequence[bytes], regions: Sequence[bytes],
          rank: NDArray[np.int64], deduplicate: bool = False) -> dict[str, Any]:
     """One checkpoint of ``n`` new partials, then one merging into them and one replaying
     them, in a fresh database."""

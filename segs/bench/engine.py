@@ -31,7 +31,7 @@ from rich.console import Console
 from rich.table import Table
 
 from segs.intake.decode import NATIVE, Decoder
-from segs.intake.readings import Interner, Readings
+from segs.intake.readings import Interner, Readings, meter_interner
 from segs.tools.simulator import SimulatorOptions, generate
 from segs.windows.engine import WindowEngine
 
@@ -84,7 +84,7 @@ def bench_decode(rounds: int, batch: int) -> dict[str, float]:
     rng = random.Random(1)
     values: list[bytes | None] = [message(i % 100_000, T0 + i * 10, rng) for i in range(batch)]
     now = T0 + batch * 10
-    r, rej = Decoder(Interner(), Interner()).decode(
+    r, rej = Decoder(meter_interner(), Interner()).decode(
         values, np.zeros(batch, np.int32), np.arange(batch, dtype=np.int64), now)
     assert len(r) == batch and not rej
     opts = SimulatorOptions(meters=100_000, count=4 * batch, seed=1, invalid_fraction=0.01,
@@ -101,14 +101,15 @@ def bench_decode(rounds: int, batch: int) -> dict[str, float]:
         obj["metadata"]["firmware"] += "-build.4471"
         spaced.append(json.dumps(obj).encode())
     return {
-        "decode_msgs_per_s": best_rate(Decoder(Interner(), Interner()), [values], now, rounds),
-        "decode_spaced_msgs_per_s": best_rate(Decoder(Interner(), Interner()), [spaced], now,
+        "decode_msgs_per_s": best_rate(Decoder(meter_interner(), Interner()), [values], now,
+                                       rounds),
+        "decode_spaced_msgs_per_s": best_rate(Decoder(meter_interner(), Interner()), [spaced], now,
                                               rounds),
         "spaced_message_bytes": mean_bytes(spaced),
         "decode_python_msgs_per_s": best_rate(
             Decoder(Interner(), Interner(), native=False), [values], now, max(2, rounds // 4)),
         "decode_simulator_msgs_per_s": best_rate(
-            Decoder(Interner(), Interner()), sim_batches, sim_now, max(2, rounds // 4)),
+            Decoder(meter_interner(), Interner()), sim_batches, sim_now, max(2, rounds // 4)),
         "message_bytes": mean_bytes(values),
         "native": float(NATIVE),
     }

@@ -55,7 +55,7 @@ from segs.config import Settings, load_settings
 from segs.detection.detector import AnomalyDetector, DetectorSettings
 from segs.intake import readings as readings_module
 from segs.intake.decode import Decoder
-from segs.intake.readings import Interner
+from segs.intake.readings import CompactInterner, Interner, meter_interner
 from segs.runtime.kafka_clients import PREFETCH, producer_config
 from segs.tools import procfs
 from segs.tools.simulator import SimulatorOptions, generate
@@ -132,9 +132,9 @@ class State:
 
     @classmethod
     def new(cls, s: Settings) -> State:
-        meters, regions = Interner(), Interner()
+        meters, regions = meter_interner(), Interner()
         return cls(
-            meters, regions, TextFields(meters.names), TextFields(regions.names),
+            meters, regions, TextFields.of(meters), TextFields(regions.names),
             Decoder(meters, regions, max_message_bytes=s.max_message_bytes,
                     max_future_skew_ms=s.max_future_skew_ms),
             WindowEngine(ONE_MINUTE.seconds, regions=regions,
@@ -228,14 +228,16 @@ def components(state: State) -> dict[str, int]:
     over = sum(_nbytes(p) for p in w._over) + sum(
         a.nbytes for u in w._over_open for a in u)
     cells = sum(a.nbytes for a in vars(w).values() if isinstance(a, np.ndarray))
-    return {
+    names: dict[str, int] = {"Interner: NameArena arrays": m.nbytes()} if isinstance(
+        m, CompactInterner) else {
         "Interner: dict meter id → slot": sys.getsizeof(m.slots),
         "Interner: slot int objects": sum(sys.getsizeof(v) for v in m.slots.values() if v > 256),
         "Interner: meter id str objects": sum(map(sys.getsizeof, m.names)),
         "Interner: list of names": sys.getsizeof(m.names),
         "TextFields: encoded COPY fields (bytes)": sum(
             map(sys.getsizeof, state.meter_fields._fields)),
-        "TextFields: list of fields": sys.getsizeof(state.meter_fields._fields),
+        "TextFields: list of fields": sys.getsizeof(state.meter_fields._fields)}
+    return names | {
         "WindowEngine: cell arrays": cells,
         "WindowEngine: overflow (_over, _over_open)": over,
         "WindowEngine: identity slab, per-cell arrays": w._ids.nbytes()[1],

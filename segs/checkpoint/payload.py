@@ -72,7 +72,7 @@ class Payload:
             held.append(self.undecided.meter)
         return np.concatenate(held)
 
-    def commit_job(self, meters: list[bytes], regions: list[bytes],
+    def commit_job(self, meters: Sequence[bytes], regions: Sequence[bytes],
             region_rank: NDArray[np.int64]) -> CommitJob:
         """The arguments of :meth:`segs.checkpoint.sink.Sink.commit` for this payload: the 1-minute
         partials and their roll-up into every coarser window size the sink stores, each
@@ -172,7 +172,7 @@ def baseline_state(rows: Sequence[BaselineRow], slot: Callable[[str], int]) -> B
 
 
 def _encode(p: Partials, identities: IdentityLog | None, fresh: dict[int, NDArray[np.bool_]],
-            meters: list[bytes], regions: list[bytes],
+            meters: Sequence[bytes], regions: Sequence[bytes],
             region_rank: NDArray[np.int64]) -> Encoded:
     """1-minute partials (with their identities, when given) and their roll-up into every
     coarser size, each size as the rows that may be stored already and the fresh ones."""
@@ -202,7 +202,7 @@ def _rows(p: Partials, mask: NDArray[np.bool_]) -> Partials:
     return p if mask.all() else p.take(mask)
 
 
-def _partials_copy(p: Partials, meters: list[bytes], regions: list[bytes],
+def _partials_copy(p: Partials, meters: Sequence[bytes], regions: Sequence[bytes],
                    blobs: Sequence[BytesColumn] = (),
                    rows: NDArray[np.intp] | None = None) -> CopyData:
     return copy_data(

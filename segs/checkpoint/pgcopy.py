@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
+from segs.intake.readings import CompactInterner, Interner
+
 HEADER = b"PGCOPY\n\xff\r\n\x00" + bytes(8)  # signature, flags 0, no header extension
 TRAILER = b"\xff\xff"
 CHUNK_ROWS = 16_384  # rows encoded at a time: about 2 MB of data for checkpoint rows
@@ -28,17 +30,30 @@ CHUNK_ROWS = 16_384  # rows encoded at a time: about 2 MB of data for checkpoint
 class TextFields:
     """The strings of an interner's name list, each kept encoded as one binary COPY field:
     4-byte big-endian length, then UTF-8. ``reused`` (:meth:`Interner.take_reused`) names
-    the slots whose name changed since it was last asked; without it names only append."""
+    the slots whose name changed since it was last asked; without it names only append.
+    ``encoded``: fields already kept by the interner (``CompactInterner.fields``, made
+    when read), returned as they are; nothing is cached here then."""
 
-    def __init__(self, names: list[str],
-                 reused: Callable[[], list[int]] | None = None) -> None:
+    def __init__(self, names: Sequence[str], reused: Callable[[], list[int]] | None = None,
+                 *, encoded: Sequence[bytes] | None = None) -> None:
         self._names = names
         self._reused = reused
+        self._encoded = encoded
         self._fields: list[bytes] = []
 
-    def fields(self) -> list[bytes]:
+    @classmethod
+    def of(cls, interner: Interner) -> TextFields:
+        """The fields of ``interner``'s names: its own when it keeps them (compact), else
+        cached here."""
+        if isinstance(interner, CompactInterner):
+            return cls(interner.names, encoded=interner.fields)
+        return cls(interner.names, interner.take_reused)
+
+    def fields(self) -> Sequence[bytes]:
         """Encoded fields by slot, encoding only names added or changed since the last call.
         A field of a slot in no payload may change later: a cut reads only its own slots."""
+        if self._encoded is not None:
+            return self._encoded
         fields, names = self._fields, self._names
         if self._reused is not None:
             for s in self._reused():
@@ -74,7 +89,7 @@ class CopyData:
 
 
 FixedColumn = tuple[str, NDArray[np.generic]]  # (name, int4/int8/float8 values)
-TextColumn = tuple[str, NDArray[np.integer], list[bytes]]  # (name, slots, fields by slot)
+TextColumn = tuple[str, NDArray[np.integer], Sequence[bytes]]  # (name, slots, fields by slot)
 # (name, every row's bytes one after the other, row i's bytes at bounds[i]:bounds[i + 1])
 BytesColumn = tuple[str, bytes, NDArray[np.int64]]
 
@@ -102,7 +117,7 @@ def copy_data(fixed: Sequence[FixedColumn], texts: Sequence[TextColumn],
 
 
 def _chunks(layout: np.dtype[np.void], fixed: Sequence[NDArray[np.generic]],
-            texts: Sequence[tuple[NDArray[np.integer], list[bytes]]],
+            texts: Sequence[tuple[NDArray[np.integer], Sequence[bytes]]],
             rows_per_chunk: int,
             blobs: Sequence[tuple[bytes, NDArray[np.int64]]] = (),
             rows: NDArray[np.intp] | None = None) -> Iterator[bytes]:

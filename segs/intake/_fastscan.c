@@ -17,6 +17,8 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <math.h>
+
+#include "_names.h"
 #include <stdint.h>
 #include <string.h>
 
@@ -388,8 +390,15 @@ static int scan_one(ptr p, Py_ssize_t len, int64_t min_ts, int64_t max_ts, Readi
                : -1;
 }
 
-/* The slot of an interned name, or -1 (and a new str in *name) if it has none yet. */
+/* The slot of an interned name, or -1 (and a new str in *name) if it has none yet. slots
+ * is a dict of str -> int or a NameArena. */
 static int lookup(PyObject *slots, ptr s, Py_ssize_t n, PyObject **name, long *slot) {
+    if (Py_IS_TYPE(slots, &NameArena_Type)) {
+        *slot = (long)arena_find((NameArena *)slots, (const char *)s, n);
+        if (*slot >= 0) return 0;
+        *name = PyUnicode_DecodeASCII((const char *)s, n, NULL);
+        return *name ? 0 : -1;
+    }
     PyObject *key = PyUnicode_DecodeASCII((const char *)s, n, NULL);
     if (!key) return -1;
     PyObject *v = PyDict_GetItemWithError(slots, key);
@@ -424,7 +433,8 @@ PyDoc_STRVAR(scan_readings_doc,
 "scan_readings(values, max_bytes, min_ts_ms, max_ts_ms, meter_slots, region_slots,\n"
 "              accepted, meter, region, ts_ms, power, energy, voltage) -> list\n\n"
 "Fill the arrays for every value accepted (accepted[i] = 1; 0 = declined, the Python\n"
-"decoder decides). Names without a slot in the dicts get -1; the returned list holds\n"
+"decoder decides). meter_slots is a dict or a NameArena, region_slots a dict. Names\n"
+"without a slot get -1; the returned list holds\n"
 "(index, meter name or None, region name or None) for those.");
 
 static PyObject *scan_readings(PyObject *self, PyObject *args) {
@@ -432,10 +442,21 @@ static PyObject *scan_readings(PyObject *self, PyObject *args) {
     Py_ssize_t max_bytes;
     long long min_ts, max_ts;
     Py_buffer acc, mtr, reg, ts, pw, en, vo;
-    if (!PyArg_ParseTuple(args, "OnLLO!O!w*w*w*w*w*w*w*", &values, &max_bytes, &min_ts,
-                          &max_ts, &PyDict_Type, &meter_slots, &PyDict_Type, &region_slots,
+    if (!PyArg_ParseTuple(args, "OnLLOO!w*w*w*w*w*w*w*", &values, &max_bytes, &min_ts,
+                          &max_ts, &meter_slots, &PyDict_Type, &region_slots,
                           &acc, &mtr, &reg, &ts, &pw, &en, &vo))
         return NULL;
+    if (!PyDict_Check(meter_slots) && !Py_IS_TYPE(meter_slots, &NameArena_Type)) {
+        PyErr_SetString(PyExc_TypeError, "meter_slots must be a dict or a NameArena");
+        PyBuffer_Release(&acc);
+        PyBuffer_Release(&mtr);
+        PyBuffer_Release(&reg);
+        PyBuffer_Release(&ts);
+        PyBuffer_Release(&pw);
+        PyBuffer_Release(&en);
+        PyBuffer_Release(&vo);
+        return NULL;
+    }
     PyObject *result = NULL, *batch = NULL, *fresh = NULL;
     /* A tuple of its own: the dict lookups below may run Python code (a str subclass's
      * __eq__), which must not be able to free the values scanned. */
@@ -522,9 +543,14 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "segs.intake._fastscan",
-    .m_doc = "Native fast path of the reading decoder (see segs/intake/decode.py).",
+    .m_doc = "Native fast path of the reading decoder (see segs/intake/decode.py) and the\n"
+             "compact meter-id interner NameArena (see segs/intake/_names.h).",
     .m_size = -1,
     .m_methods = methods,
 };
 
-PyMODINIT_FUNC PyInit__fastscan(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__fastscan(void) {
+    PyObject *m = PyModule_Create(&module);
+    if (m && arena_add_types(m) < 0) Py_CLEAR(m);
+    return m;
+}

@@ -49,7 +49,6 @@ import json
 import math
 import re
 from collections.abc import Callable, Sequence
-from itertools import repeat
 from operator import attrgetter
 from typing import Annotated, Any, NamedTuple, NoReturn, TypeVar
 
@@ -419,8 +418,8 @@ def native_scan(values: Sequence[bytes | None], max_bytes: int, min_ts_ms: int,
     cols = _Columns(np.empty(n, np.int32), np.empty(n, np.int32), np.empty(n, np.int64),
                     np.empty(n, np.float64), np.empty(n, np.float64), np.empty(n, np.float64))
     meter, region = cols.meter, cols.region
-    fresh = _scan_readings(values, max_bytes, min_ts_ms, max_ts_ms, meters.slots,
-                           regions.slots, accepted, *cols)
+    fresh = _scan_readings(values, max_bytes, min_ts_ms, max_ts_ms, meters.index,
+                           regions.index, accepted, *cols)
     for i, meter_id, region_name in fresh:  # names seen for the first time (ASCII)
         if ((meter_id is not None and len(meter_id) > meter_id_max)
                 or (region_name is not None and len(region_name) > region_max)):
@@ -631,8 +630,7 @@ class Decoder:
                 longest: int) -> tuple[NDArray[np.int32], bool]:
         """Slots of a string field (-1 where the name cannot be stored: bad text, or longer
         than ``longest``), and whether any is -1."""
-        slots = np.fromiter(map(interner.slots.get, map(field, msgs), repeat(-1)), np.int32,
-                            len(msgs))
+        slots = np.fromiter(map(interner.get, map(field, msgs)), np.int32, len(msgs))
         missing = np.flatnonzero(slots < 0)
         if missing.size == 0:
             return slots, False

@@ -9,11 +9,17 @@ hot path only ever touches integers and floats.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
 import numpy as np
 from numpy.typing import DTypeLike, NDArray
+
+try:
+    from segs.intake._fastscan import NameArena as _NameArena
+except ImportError:  # built without a C compiler: meter ids in a dict, same results
+    _NameArena = None  # type: ignore[assignment,misc]
 
 _T = TypeVar("_T", bound=np.generic)
 _C = TypeVar("_C")
@@ -64,19 +70,37 @@ class Interner:
 
     :meth:`release` gives slots back; :meth:`slot` hands them out again before new ones, so
     the slots in use stay as few as the names held at once. A released slot's name is ``""``
-    until it is taken again; the slots taken again are listed for :meth:`take_reused`."""
+    until it is taken again; the slots taken again are listed for :meth:`take_reused`.
+    :func:`meter_interner` gives the compact kind for meter ids, which has this interface."""
 
-    __slots__ = ("_free", "_reused", "names", "slots")
+    __slots__ = ("_free", "_names", "_reused", "slots")
 
     def __init__(self) -> None:
         self.slots: dict[str, int] = {}
-        self.names: list[str] = []
+        self._names: list[str] = []
         self._free: list[int] = []  # released slots, the lowest last
         self._reused: list[int] = []
 
+    @property
+    def names(self) -> Sequence[str]:
+        """By slot: the name, ``""`` for a released slot."""
+        return self._names
+
+    @property
+    def index(self) -> object:
+        """What the native scanner looks names up in: ``slots`` here."""
+        return self.slots
+
     def __len__(self) -> int:
         """Slots ever allocated (in use or released): the bound of every slot."""
-        return len(self.names)
+        return len(self._names)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.slots
+
+    def get(self, name: str) -> int:
+        """The slot of ``name``, or -1."""
+        return self.slots.get(name, -1)
 
     def slot(self, name: str) -> int:
         """The slot of ``name``, allocating one on first sight (a released one first)."""
@@ -84,17 +108,17 @@ class Interner:
         if s is None:
             if self._free:
                 s = self._free.pop()
-                self.names[s] = name
+                self._names[s] = name
                 self._reused.append(s)
             else:
-                s = len(self.names)
-                self.names.append(name)
+                s = len(self._names)
+                self._names.append(name)
             self.slots[name] = s
         return s
 
     def release(self, slots: NDArray[np.integer]) -> None:
         """Forget the names of ``slots`` (in use, distinct); their slots are free again."""
-        names, table = self.names, self.slots
+        names, table = self._names, self.slots
         for s in slots.tolist():
             del table[names[s]]
             names[s] = ""
@@ -103,11 +127,11 @@ class Interner:
 
     def held(self) -> int:
         """Names held: slots in use."""
-        return len(self.names) - len(self._free)
+        return len(self._names) - len(self._free)
 
     def in_use(self) -> NDArray[np.bool_]:
         """By slot: whether a name holds it."""
-        used = np.ones(len(self.names), np.bool_)
+        used = np.ones(len(self._names), np.bool_)
         used[self._free] = False
         return used
 
@@ -115,6 +139,68 @@ class Interner:
         """Slots given to a new name since the last call."""
         out, self._reused = self._reused, []
         return out
+
+
+class CompactInterner(Interner):
+    """An :class:`Interner` whose names live in the native ``NameArena``
+    (``segs/intake/_names.h``): their bytes in one buffer and the slots in flat arrays,
+    about 40 bytes a name besides its own bytes instead of about 140 in a dict of ``str``.
+    Its :attr:`fields` are the names as binary COPY fields, made when read."""
+
+    __slots__ = ("_arena",)
+
+    def __init__(self) -> None:  # the base's attributes stay unset: every method is here
+        if _NameArena is None:
+            raise RuntimeError("the native extension segs.intake._fastscan is not built")
+        self._arena = _NameArena()
+
+    @property
+    def names(self) -> Sequence[str]:
+        return self._arena.names
+
+    @property
+    def fields(self) -> Sequence[bytes]:
+        """By slot: the name as a binary COPY field (4-byte big-endian length, UTF-8)."""
+        return self._arena.fields
+
+    @property
+    def index(self) -> object:
+        return self._arena
+
+    def __len__(self) -> int:
+        return len(self._arena)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._arena
+
+    def get(self, name: str) -> int:
+        return self._arena.get(name)
+
+    def slot(self, name: str) -> int:
+        return self._arena.slot(name)
+
+    def release(self, slots: NDArray[np.integer]) -> None:
+        self._arena.release(slots.tolist())
+
+    def held(self) -> int:
+        return self._arena.held()
+
+    def in_use(self) -> NDArray[np.bool_]:
+        used = np.ones(len(self._arena), np.bool_)
+        used[self._arena.free_slots()] = False
+        return used
+
+    def take_reused(self) -> list[int]:
+        return self._arena.take_reused()
+
+    def nbytes(self) -> int:
+        """Bytes of the arena's arrays (their capacity)."""
+        return self._arena.nbytes()
+
+
+def meter_interner() -> Interner:
+    """The interner for meter ids: compact where the native extension is built."""
+    return CompactInterner() if _NameArena is not None else Interner()
 
 
 @dataclass(slots=True)

@@ -69,8 +69,8 @@ class Encodings(NamedTuple):
     """The names a checkpoint encodes, as of its cut. Safe to read later: a slot changes
     name only after its meter was evicted, and an evicted meter is in no cut."""
 
-    names: list[bytes]  # encoded meter names by slot
-    regions: list[bytes]  # encoded region names by slot
+    names: Sequence[bytes]  # encoded meter names by slot
+    regions: Sequence[bytes]  # encoded region names by slot
     rank: NDArray[np.int64]  # order of the region names (segs.windows.partials.region_ranks)
 
 

@@ -47,7 +47,7 @@ from segs.config import Settings
 from segs.detection.detector import AnomalyDetector, DetectorSettings
 from segs.errors import DatabaseError, SegsError
 from segs.intake.decode import Decoder
-from segs.intake.readings import Interner, Readings
+from segs.intake.readings import Interner, Readings, meter_interner
 from segs.ops import metrics
 from segs.publish.regional import PassStats, Regional
 from segs.runtime.checkpointer import Checkpointer, Drained, Encodings, StopPublishing
@@ -79,9 +79,9 @@ class Worker:
         self.topic = settings.topic_input
         self.stop_requested = False
         self._stop_by: float | None = None  # monotonic deadline of the shutdown under way
-        self.meters = Interner()
+        self.meters = meter_interner()
         self.regions = Interner()
-        self.meter_fields = TextFields(self.meters.names, self.meters.take_reused)  # for COPY
+        self.meter_fields = TextFields.of(self.meters)  # for COPY
         self.region_fields = TextFields(self.regions.names)
         self.decoder = Decoder(self.meters, self.regions,
                                max_message_bytes=settings.max_message_bytes,

@@ -34,8 +34,9 @@ def test_both_runs_report_every_component() -> None:
     parts = plain["components"]
     assert set(parts) == set(memory.components(memory.State.new(
         memory.load_settings(env={}, env_file=None))))
-    for name in ("Interner: meter id str objects", "WindowEngine: cell arrays",
-                 "TextFields: encoded COPY fields (bytes)"):
+    names = (("Interner: NameArena arrays",) if "Interner: NameArena arrays" in parts else
+             ("Interner: meter id str objects", "TextFields: encoded COPY fields (bytes)"))
+    for name in ("WindowEngine: cell arrays", *names):
         assert parts[name] >= METERS * 8, name
     assert plain["rss_end"]["VmHWM"] >= plain["rss_end"]["VmRSS"] > 0
     assert traced["by_file"]["segs/windows/engine.py"] > 0  # numpy buffers are traced

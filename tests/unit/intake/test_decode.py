@@ -24,7 +24,7 @@ from segs.intake.decode import (
     native_scan,
     parse_timestamp_ms,
 )
-from segs.intake.readings import Interner
+from segs.intake.readings import Interner, meter_interner
 from tests.reference import parse_reading, timestamp_ms
 
 NOW = 1_795_759_217_123  # 2026-11-27T06:00:17.123Z
@@ -121,26 +121,28 @@ def valid_readings(draw: st.DrawFn) -> tuple[bytes, dict[str, Any]]:
 
 def decode(values: list[bytes | None], kafka_ts: list[int] | int = NOW,
            limits: tuple[int | None, int | None] = (None, None)) -> tuple[Decoder, Any, Any]:
-    """Decode with the native path (when built) and with the Python paths alone; both must
-    give the same readings and rejects. Returns the first. ``limits``: the longest meter id
-    and region the database stores."""
+    """Decode with the native path (when built) and with the Python paths alone, meter ids
+    in the compact interner (when built) and in the dict one; all must give the same
+    readings and rejects. Returns the first. ``limits``: the longest meter id and region the
+    database stores."""
     kts = np.array(kafka_ts, np.int64) if isinstance(kafka_ts, list) else kafka_ts
     results = []
-    for native in (True, False):
-        dec = Decoder(Interner(), Interner(), max_future_skew_ms=SKEW, native=native,
+    for native, meters in ((True, meter_interner()), (True, Interner()), (False, Interner())):
+        dec = Decoder(meters, Interner(), max_future_skew_ms=SKEW, native=native,
                       meter_id_max=limits[0], region_max=limits[1])
         n = len(values)
         parts = np.arange(n, dtype=np.int32) % 3
         offs = np.arange(n, dtype=np.int64) + 100
         readings, rejects = dec.decode(values, parts, offs, kts)
         results.append((dec, readings, rejects))
-    (d1, r1, j1), (d2, r2, j2) = results
-    assert j1 == j2
-    assert rows(d1, r1) == rows(d2, r2) or all(
-        same(a, b) for a, b in zip(rows(d1, r1), rows(d2, r2), strict=True))
-    for field in ("ts_ms", "power", "energy", "voltage", "partition", "offset"):
-        a, b = getattr(r1, field), getattr(r2, field)
-        assert a.dtype == b.dtype and a.tobytes() == b.tobytes(), field  # bit for bit: -0.0
+    d1, r1, j1 = results[0]
+    for d2, r2, j2 in results[1:]:
+        assert j1 == j2
+        assert rows(d1, r1) == rows(d2, r2) or all(
+            same(a, b) for a, b in zip(rows(d1, r1), rows(d2, r2), strict=True))
+        for field in ("ts_ms", "power", "energy", "voltage", "partition", "offset"):
+            a, b = getattr(r1, field), getattr(r2, field)
+            assert a.dtype == b.dtype and a.tobytes() == b.tobytes(), field  # bit: -0.0
     return results[0]
 
 

@@ -14,7 +14,7 @@ from segs.checkpoint.payload import MeterPartitions, WrittenWindows
 from segs.checkpoint.pgcopy import TextFields
 from segs.checkpoint.sink import BaselineRow
 from segs.detection.detector import KINDS, SEVERITIES, AnomalyDetector, DetectorSettings
-from segs.intake.readings import Interner
+from segs.intake.readings import Interner, meter_interner
 from segs.runtime.eviction import evict_idle, recall
 from segs.windows.engine import WindowEngine
 from segs.windows.partials import PartialRow, merge, region_ranks
@@ -44,8 +44,8 @@ class Memory:
     def __init__(self, after_ms: int, detector: DetectorSettings, *,
                  deduplicate: bool = False) -> None:
         self.after_ms = after_ms  # 0: never evict
-        self.meters, self.regions = Interner(), Interner()
-        self.fields = TextFields(self.meters.names, self.meters.take_reused)
+        self.meters, self.regions = meter_interner(), Interner()
+        self.fields = TextFields.of(self.meters)
         self.windows = WindowEngine(60, regions=self.regions, deduplicate=deduplicate)
         self.detector = AnomalyDetector(detector)
         self.written, self.homes = WrittenWindows(), MeterPartitions()
@@ -132,7 +132,7 @@ def test_evictions_change_no_aggregate_and_no_alert(
         mem.cut()
     assert_matches(mem.rows, rs, 60)
     assert mem.alerts == detect(shuffled, min_samples=min_samples, cooldown_ms=cooldown_ms)
-    assert mem.meters.held() + len(mem.meters._free) == len(mem.meters)
+    assert mem.meters.held() == int(mem.meters.in_use().sum()) <= len(mem.meters)
 
 
 @settings(deadline=None, max_examples=60, suppress_health_check=[HealthCheck.too_slow])
@@ -172,9 +172,9 @@ def test_an_idle_meter_is_evicted_and_its_slot_taken_by_the_next_new_meter() -> 
     assert mem.evicted == 0  # its baseline is in the cut: not stored yet
     mem.batch([{**reading, "meter_id": "busy", "ts_ms": BASE + 2 * HOUR}], BASE)
     mem.cut()
-    assert mem.evicted == 1 and "old" not in mem.meters.slots
+    assert mem.evicted == 1 and "old" not in mem.meters
     mem.batch([{**reading, "meter_id": "new", "ts_ms": BASE + 2 * HOUR}], BASE)
-    assert mem.meters.slots["new"] == 0  # the released slot
+    assert mem.meters.get("new") == 0  # the released slot
     lookups = mem.lookups
     mem.batch([{**reading, "meter_id": "old", "ts_ms": BASE + 3 * HOUR, "power": 9.0}], BASE)
     assert mem.lookups == lookups + 1
