@@ -12,7 +12,7 @@
  * -1 with MemoryError set. */
 static int grow(void *p, Py_ssize_t *cap, Py_ssize_t need, size_t item) {
     void **at = p;
-    if (need <= *cap) return 0;
+    if (need <= *cap && *at) return 0; /* allocated even for 0 items: never a NULL buffer */
     Py_ssize_t c = *cap + *cap / 4;
     if (c < need) c = need;
     if (c < MIN_SLOTS) c = MIN_SLOTS;
