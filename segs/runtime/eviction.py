@@ -17,8 +17,6 @@ with ``DEDUPLICATE`` its new cells start at its stored newest event time
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -34,14 +32,6 @@ from segs.windows.engine import WindowEngine
 
 Lookup = Callable[[list[str]], Sequence[BaselineRow]]  # meter ids → their stored baselines
 TRIM_AFTER = 10_000  # meters evicted at once after which the freed heap goes back to the OS
-
-
-def give_back_heap() -> None:
-    """glibc's ``malloc_trim(0)``: free heap pages back to the kernel (no-op elsewhere).
-    After a large eviction the freed names and dict entries would otherwise stay resident,
-    and the next wave's transients land on top of them."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None).malloc_trim(0)
 
 
 def evict_idle(after_ms: int, named: NDArray[np.int32], *, meters: Interner, fields: TextFields,

@@ -51,7 +51,8 @@ from segs.intake.readings import Interner, Readings, meter_interner
 from segs.ops import metrics
 from segs.publish.regional import PassStats, Regional
 from segs.runtime.checkpointer import Checkpointer, Drained, Encodings, StopPublishing
-from segs.runtime.eviction import TRIM_AFTER, evict_idle, give_back_heap, load_baselines, recall
+from segs.runtime.eviction import TRIM_AFTER, evict_idle, load_baselines, recall
+from segs.runtime.heap import give_back_heap, limit_arenas
 from segs.runtime.kafka_clients import make_consumer
 from segs.runtime.outbox import Outbox
 from segs.runtime.partitions import PartitionBook
@@ -545,6 +546,7 @@ def worker_main(settings: Settings, worker_id: int, status: _Status) -> None:
     """Entry point of a spawned worker process."""
     from segs.ops.logs import setup_logging
 
+    limit_arenas()  # before any thread starts
     setup_logging(settings.log_level, json_lines=_json_logs(settings))
 
     def report(state: WorkerState) -> None:
