@@ -49,6 +49,7 @@ import json
 import math
 import re
 from collections.abc import Callable, Sequence
+from itertools import repeat
 from operator import attrgetter
 from typing import Annotated, Any, NamedTuple, NoReturn, TypeVar
 
@@ -630,7 +631,8 @@ class Decoder:
                 longest: int) -> tuple[NDArray[np.int32], bool]:
         """Slots of a string field (-1 where the name cannot be stored: bad text, or longer
         than ``longest``), and whether any is -1."""
-        slots = np.fromiter(map(interner.get, map(field, msgs)), np.int32, len(msgs))
+        slots = np.fromiter(map(interner.index.get, map(field, msgs), repeat(-1)), np.int32,
+                            len(msgs))
         missing = np.flatnonzero(slots < 0)
         if missing.size == 0:
             return slots, False
