@@ -46,13 +46,15 @@ class TextFields:
         """The fields of ``interner``'s names: its own when it keeps them (compact), else
         cached here."""
         if isinstance(interner, CompactInterner):
-            return cls(interner.names, encoded=interner.fields)
+            return cls(interner.names, interner.take_reused, encoded=interner.fields)
         return cls(interner.names, interner.take_reused)
 
     def fields(self) -> Sequence[bytes]:
         """Encoded fields by slot, encoding only names added or changed since the last call.
         A field of a slot in no payload may change later: a cut reads only its own slots."""
         if self._encoded is not None:
+            if self._reused is not None:
+                self._reused()  # taken all the same: the interner keeps them until asked
             return self._encoded
         fields, names = self._fields, self._names
         if self._reused is not None:

@@ -26,7 +26,13 @@ static int grow(void *p, Py_ssize_t *cap, Py_ssize_t need, size_t item) {
     return 0;
 }
 
-static inline Py_hash_t hash_of(const char *p, Py_ssize_t n) { return _Py_HashBytes(p, n); }
+static inline Py_hash_t hash_of(const char *p, Py_ssize_t n) {
+#if PY_VERSION_HEX >= 0x030E0000
+    return Py_HashBuffer(p, n); /* 3.14 made the keyed bytes hash public */
+#else
+    return _Py_HashBytes(p, n);
+#endif
+}
 
 Py_ssize_t arena_find(NameArena *a, const char *p, Py_ssize_t n) {
     Py_hash_t h = hash_of(p, n);
@@ -176,6 +182,10 @@ static PyObject *NameArena_slot(NameArena *a, PyObject *name) {
         if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "a name must be valid UTF-8");
         return NULL;
     }
+    if (n > INT32_MAX) { /* a COPY field's length is an int32 */
+        PyErr_SetString(PyExc_ValueError, "a name must be shorter than 2**31 bytes");
+        return NULL;
+    }
     Py_ssize_t s = arena_find(a, p, n);
     if (s < 0 && (s = arena_add(a, p, n)) < 0) return NULL;
     return PyLong_FromSsize_t(s);
@@ -210,38 +220,58 @@ static int cmp_desc(const void *x, const void *y) {
     return (a < b) - (a > b);
 }
 
+static int cmp_asc(const void *x, const void *y) {
+    int32_t a = *(const int32_t *)x, b = *(const int32_t *)y;
+    return (a > b) - (a < b);
+}
+
+/* All or nothing: every slot is converted first (which may run Python code), then checked
+ * (in range, in use, distinct) and released with no Python code in between. */
 static PyObject *NameArena_release(NameArena *a, PyObject *slots) {
-    PyObject *seq = PySequence_Fast(slots, "release() takes a sequence of slots");
+    PyObject *seq = PySequence_Tuple(slots); /* our own: __index__ cannot change it */
     if (!seq) return NULL;
-    Py_ssize_t k = PySequence_Fast_GET_SIZE(seq);
-    PyObject **items = PySequence_Fast_ITEMS(seq);
-    if (grow(&a->free_, &a->free_cap, a->n_free + k, sizeof(int32_t))) goto fail;
-    for (Py_ssize_t j = 0; j < k; j++) { /* checked first: a bad slot changes nothing */
-        Py_ssize_t s = PyNumber_AsSsize_t(items[j], PyExc_OverflowError);
+    Py_ssize_t k = PyTuple_GET_SIZE(seq);
+    int32_t *want = PyMem_Malloc((size_t)(k ? k : 1) * sizeof(int32_t));
+    if (!want) {
+        Py_DECREF(seq);
+        return PyErr_NoMemory();
+    }
+    for (Py_ssize_t j = 0; j < k; j++) {
+        Py_ssize_t s = PyNumber_AsSsize_t(PyTuple_GET_ITEM(seq, j), PyExc_OverflowError);
         if (s == -1 && PyErr_Occurred()) goto fail;
-        if (s < 0 || s >= a->n || a->len[s] < 0) {
+        if (s < 0 || s > INT32_MAX) {
             PyErr_Format(PyExc_ValueError, "slot %zd holds no name", s);
             goto fail;
         }
+        want[j] = (int32_t)s;
     }
+    qsort(want, (size_t)k, sizeof(int32_t), cmp_asc);
     for (Py_ssize_t j = 0; j < k; j++) {
-        Py_ssize_t s = PyNumber_AsSsize_t(items[j], NULL);
-        if (a->len[s] < 0) {
-            PyErr_Format(PyExc_ValueError, "slot %zd released twice", s);
+        if (want[j] >= a->n || a->len[want[j]] < 0) {
+            PyErr_Format(PyExc_ValueError, "slot %d holds no name", want[j]);
             goto fail;
         }
+        if (j && want[j] == want[j - 1]) {
+            PyErr_Format(PyExc_ValueError, "slot %d given twice", want[j]);
+            goto fail;
+        }
+    }
+    if (grow(&a->free_, &a->free_cap, a->n_free + k, sizeof(int32_t))) goto fail;
+    for (Py_ssize_t j = 0; j < k; j++) {
+        int32_t s = want[j];
         table_remove(a, s);
         a->dead += a->len[s];
         a->len[s] = -1;
-        a->free_[a->n_free++] = (int32_t)s;
+        a->free_[a->n_free++] = s;
     }
+    PyMem_Free(want);
     Py_DECREF(seq);
     qsort(a->free_, (size_t)a->n_free, sizeof(int32_t), cmp_desc);
     if (a->dead > MIN_DEAD && a->dead > a->buf_len - a->dead) compact(a);
     Py_RETURN_NONE;
 fail:
+    PyMem_Free(want);
     Py_DECREF(seq);
-    if (a->n_free) qsort(a->free_, (size_t)a->n_free, sizeof(int32_t), cmp_desc);
     return NULL;
 }
 

@@ -79,3 +79,43 @@ def test_bad_names_and_slots_are_refused() -> None:
     with pytest.raises(IndexError):
         got.names[3]
     assert got.held() == 1 and got.names[0] == "a" and got.fields[0] == b"\x00\x00\x00\x01a"
+
+
+def test_a_release_is_all_or_nothing() -> None:
+    got = CompactInterner()
+    for n in "abc":
+        got.slot(n)
+    with pytest.raises(ValueError, match="given twice"):
+        got.release(np.array([0, 1, 1]))
+    with pytest.raises(ValueError, match="holds no name"):
+        got.release(np.array([2, 7]))
+    assert got.held() == 3 and list(got.names) == ["a", "b", "c"]
+
+
+def test_slots_that_run_python_code_cannot_corrupt_the_arena() -> None:
+    """``release`` converts every slot before it checks any: an ``__index__`` that changes
+    its answer, or the arena, is judged by what it returned."""
+    arena = CompactInterner()._arena
+
+    class Shifty:
+        calls = 0
+
+        def __index__(self) -> int:
+            Shifty.calls += 1
+            if Shifty.calls == 1:
+                arena.release([0])  # the slot this one names is gone before the check
+            return 0
+
+    arena.slot("x")
+    with pytest.raises(ValueError, match="holds no name"):
+        arena.release([Shifty()])
+    assert arena.held() == 0 and arena.free_slots() == [0]
+
+
+def test_reused_slots_are_taken_by_the_fields_so_they_do_not_pile_up() -> None:
+    got = CompactInterner()
+    fields = TextFields.of(got)
+    for i in range(1_000):
+        got.release(np.array([got.slot(f"m{i}")]))
+        assert fields.fields()[0] == b"\x00\x00\x00\x00"
+    assert got.take_reused() == []
