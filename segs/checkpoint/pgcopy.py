@@ -68,6 +68,8 @@ class TextFields:
     def release(self, slots: NDArray[np.integer]) -> None:
         """Drop the encoded names of released slots (their memory; the slot stays)."""
         fields = self._fields
+        if not fields:  # nothing cached (the interner keeps its own fields)
+            return
         for s in slots.tolist():
             if s < len(fields):
                 fields[s] = _EMPTY

@@ -446,18 +446,11 @@ static PyObject *scan_readings(PyObject *self, PyObject *args) {
                           &max_ts, &meter_slots, &PyDict_Type, &region_slots,
                           &acc, &mtr, &reg, &ts, &pw, &en, &vo))
         return NULL;
+    PyObject *result = NULL, *batch = NULL, *fresh = NULL;
     if (!PyDict_Check(meter_slots) && !Py_IS_TYPE(meter_slots, &NameArena_Type)) {
         PyErr_SetString(PyExc_TypeError, "meter_slots must be a dict or a NameArena");
-        PyBuffer_Release(&acc);
-        PyBuffer_Release(&mtr);
-        PyBuffer_Release(&reg);
-        PyBuffer_Release(&ts);
-        PyBuffer_Release(&pw);
-        PyBuffer_Release(&en);
-        PyBuffer_Release(&vo);
-        return NULL;
+        goto done;
     }
-    PyObject *result = NULL, *batch = NULL, *fresh = NULL;
     /* A tuple of its own: the dict lookups below may run Python code (a str subclass's
      * __eq__), which must not be able to free the values scanned. */
     batch = PySequence_Tuple(values);

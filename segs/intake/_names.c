@@ -34,14 +34,17 @@ static inline Py_hash_t hash_of(const char *p, Py_ssize_t n) {
 #endif
 }
 
-Py_ssize_t arena_find(NameArena *a, const char *p, Py_ssize_t n) {
-    Py_hash_t h = hash_of(p, n);
+static Py_ssize_t find_hashed(NameArena *a, const char *p, Py_ssize_t n, Py_hash_t h) {
     for (size_t i = (size_t)h & a->mask;; i = (i + 1) & a->mask) {
         int32_t s = a->table[i];
         if (s < 0) return -1;
         if (a->hash[s] == h && a->len[s] == n && memcmp(a->buf + a->off[s], p, (size_t)n) == 0)
             return s;
     }
+}
+
+Py_ssize_t arena_find(NameArena *a, const char *p, Py_ssize_t n) {
+    return find_hashed(a, p, n, hash_of(p, n));
 }
 
 static int table_resize(NameArena *a, size_t size) {
@@ -64,8 +67,8 @@ static int table_resize(NameArena *a, size_t size) {
     return 0;
 }
 
-/* Stores a name not in the table; returns its slot, or -1 with an exception set. */
-static Py_ssize_t arena_add(NameArena *a, const char *p, Py_ssize_t n) {
+/* Stores a name not in the table, of hash h; returns its slot, or -1 with an exception set. */
+static Py_ssize_t arena_add(NameArena *a, const char *p, Py_ssize_t n, Py_hash_t h) {
     if ((size_t)(a->live + 1) * 2 > a->mask + 1 && table_resize(a, (a->mask + 1) * 2)) return -1;
     if (grow(&a->buf, &a->buf_cap, a->buf_len + n, 1)) return -1;
     Py_ssize_t s;
@@ -89,7 +92,7 @@ static Py_ssize_t arena_add(NameArena *a, const char *p, Py_ssize_t n) {
     memcpy(a->buf + a->buf_len, p, (size_t)n);
     a->off[s] = a->buf_len;
     a->len[s] = (int32_t)n;
-    a->hash[s] = hash_of(p, n);
+    a->hash[s] = h;
     a->buf_len += n;
     size_t i = (size_t)a->hash[s] & a->mask;
     while (a->table[i] >= 0) i = (i + 1) & a->mask;
@@ -186,8 +189,9 @@ static PyObject *NameArena_slot(NameArena *a, PyObject *name) {
         PyErr_SetString(PyExc_ValueError, "a name must be shorter than 2**31 bytes");
         return NULL;
     }
-    Py_ssize_t s = arena_find(a, p, n);
-    if (s < 0 && (s = arena_add(a, p, n)) < 0) return NULL;
+    Py_hash_t h = hash_of(p, n);
+    Py_ssize_t s = find_hashed(a, p, n, h);
+    if (s < 0 && (s = arena_add(a, p, n, h)) < 0) return NULL;
     return PyLong_FromSsize_t(s);
 }
 
