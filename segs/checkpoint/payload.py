@@ -106,7 +106,8 @@ class Payload:
             return enc._replace(duplicates=d.duplicates)
 
         names = [meters[m][4:].decode() for m in slots.tolist()]  # fields: length, UTF-8
-        return CommitJob({}, baselines, self.positions, {}, [],
+        windows = np.union1d(self.partials.window_start_ms, starts).tolist()  # may cover
+        return CommitJob({}, baselines, self.positions, {}, windows,
                          Deferred(names, starts.tolist(), finish), self.newest_ms)
 
     def split(self, parts: int, *, consume: bool = False) -> list[Payload]:

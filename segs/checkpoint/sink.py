@@ -555,7 +555,9 @@ class CommitJob(NamedTuple):
     baselines: Rows
     positions: Positions
     fresh: PartialsBySize  # rows of windows this worker never wrote: inserted
-    window_starts_ms: Sequence[int]  # the 1-minute windows of its partials (regional)
+    # the 1-minute windows of its partials (regional); with ``deferred``, those they may
+    # cover (the hypertable chunks made ahead: Sink.commit_all)
+    window_starts_ms: Sequence[int]
     deferred: Deferred | None = None  # partials, fresh and windows are made in the transaction
     newest_ms: Mapping[int, int] = {}  # partition → newest event time stored (of positions)
 
@@ -578,6 +580,7 @@ class Sink:
         self._types_lock = threading.Lock()
         self._sql = _STATEMENTS
         self._hypertables: frozenset[str] = frozenset()  # learnt with _types
+        self._chunks: dict[str, list[tuple[int, int]]] = {}  # table → chunks known to exist
         self._pool = ConnectionPool(
             url, min_size=1, max_size=writers + 1, open=False, timeout=5.0, reconnect_timeout=0,
             check=ConnectionPool.check_connection, configure=_create_temp_tables,
@@ -764,6 +767,7 @@ class Sink:
         fails on its own; the result list holds, per job, its stats or the
         :class:`~segs.errors.DatabaseError` / :class:`~segs.errors.FencedError` it raised.
         """
+        self._make_chunks({start for job in jobs for start in job.window_starts_ms})
         if len(jobs) <= 1 or self.writers <= 1:
             return [self._try_commit(job) for job in jobs]
         if self._threads is None:
@@ -773,6 +777,47 @@ class Sink:
             self._threads.submit(self._try_commit, job) for job in jobs[1:]]
         first = self._try_commit(jobs[0])  # this thread writes one of them itself
         return [first, *(f.result() for f in others)]
+
+    def _make_chunks(self, window_starts_ms: set[int]) -> None:
+        """Make the hypertable chunks that rows of these 1-minute windows go into and that do
+        not exist yet, each table's in a short transaction of its own (:data:`_PLACEHOLDER`),
+        before the checkpoint's transactions write into them side by side.
+
+        Best effort: a chunk left out (database away, chunk dropped since) is made by the
+        checkpoint that needs it, which then holds up the others until it commits."""
+        if not window_starts_ms:
+            return
+        try:
+            self.stored_types()  # learns which tables are hypertables
+        except DatabaseError:
+            return
+        for size in SIZES:
+            if size.table not in self._hypertables:
+                continue
+            known = self._chunks.setdefault(size.table, [])
+            wanted = sorted(start for start in {s - s % size.ms for s in window_starts_ms}
+                            if not _within(start, known))
+            if not wanted:
+                continue
+            try:
+                with self._pool.connection() as conn, conn.transaction(), \
+                        conn.cursor() as cur:
+                    missing = [s for s in wanted
+                               if not _within(s, _chunk_ranges(cur, size.table, wanted))]
+                    if missing:
+                        _copy(cur, size.fresh_table, [_placeholder(s) for s in missing],
+                              PARTIAL_COLUMNS, _PARTIAL_TYPES)
+                        cur.execute(*published_flags({}).statement(
+                            self._sql.insert_fresh[size.seconds], size.seconds))
+                        cur.execute(_PLACEHOLDER.format(table=size.table).encode(),
+                                    (missing,))
+                        log.debug("made %d chunk(s) of %s ahead of the checkpoint",
+                                  len(missing), size.table)
+                    ranges = _chunk_ranges(cur, size.table, wanted)
+            except (psycopg.Error, psycopg_pool_error()) as exc:
+                log.debug("chunks of %s not made ahead: %s", size.table, _one_line(exc))
+                continue
+            known[:] = sorted({*known, *ranges})[-_KNOWN_CHUNKS:]
 
     def _try_commit(self, job: CommitJob) -> CommitStats | SegsError:
         try:
@@ -1085,6 +1130,37 @@ WHERE to_regclass(quote_ident(hypertable_schema) || '.' || quote_ident(hypertabl
     AND range_start <= 'epoch'::timestamptz + %s * interval '1 ms'
 ORDER BY range_start
 """
+
+
+# The placeholder rows that made TimescaleDB create chunks (Sink._make_chunks), deleted in the
+# transaction that inserted them, so no one else ever sees them. A transaction that creates a
+# chunk holds a lock on the hypertable until it ends, and every other one writing into that
+# chunk waits for it: made inside checkpoints, a new day's chunk would run the first
+# checkpoint of the day of every worker and writer one after the other. Meter ids are never
+# empty (1–64 characters), so the placeholders' key is no meter's.
+_PLACEHOLDER = """
+DELETE FROM {table}
+WHERE meter_id = '' AND window_start = ANY(SELECT 'epoch'::timestamptz + ms * interval '1 ms'
+                                           FROM unnest(%s::int8[]) AS ms)
+"""
+_KNOWN_CHUNKS = 64  # chunk ranges a sink remembers per table: days (1-minute) or weeks
+
+
+def _placeholder(window_start_ms: int) -> tuple[Any, ...]:
+    """A placeholder partial (:data:`_PLACEHOLDER`) of the window starting then."""
+    return ("", "", window_start_ms, 1, 0.0, 0.0, 0.0, 0.0, window_start_ms, 0, 0.0, 0, None)
+
+
+def _chunk_ranges(cur: psycopg.Cursor[Any], table: str,
+                  starts_ms: Sequence[int]) -> list[tuple[int, int]]:
+    """The (start, end) ms of the chunks of ``table`` from the first to the last of
+    ``starts_ms``."""
+    return [(int(lo), int(hi)) for _, _, lo, hi in
+            cur.execute(_CHUNKS, (table, starts_ms[0], starts_ms[-1])).fetchall()]
+
+
+def _within(ms: int, ranges: Iterable[tuple[int, int]]) -> bool:
+    return any(lo <= ms < hi for lo, hi in ranges)
 
 
 class _NotAllStored(Exception):

@@ -26,7 +26,7 @@ from segs.checkpoint import sink as sink_module
 from segs.checkpoint.migrate import migrate
 from segs.checkpoint.payload import Payload
 from segs.checkpoint.pgcopy import TextFields
-from segs.checkpoint.sink import ClosedRow, CommitStats, Position, Sink
+from segs.checkpoint.sink import ClosedRow, CommitJob, CommitStats, Position, Sink
 from segs.detection.detector import BaselineState
 from segs.errors import DatabaseError, FencedError
 from segs.intake.readings import Interner
@@ -416,8 +416,11 @@ def test_commit_all_writes_each_partition_group_on_its_own(db_url: str, sink: Si
         return [(meter, "r", i * 60_000, 1, 2.0, 2.0, 2.0, 0.5, i * 60_000 + 1, partition)
                 for i in range(1_000)]
 
-    done = sink.commit_all([({60: rows("a", 0)}, [], {0: (None, 1_000, None)}),
-                            ({60: rows("b", 1)}, [], {1: (None, 1_000, None)})])
+    def job(partials: list[tuple[object, ...]], positions: Any) -> CommitJob:
+        return CommitJob({60: partials}, [], positions, {}, [])
+
+    done = sink.commit_all([job(rows("a", 0), {0: (None, 1_000, None)}),
+                            job(rows("b", 1), {1: (None, 1_000, None)})])
     assert [type(r) for r in done] == [CommitStats, CommitStats]
     assert [r.rows["aggregates_1m"] for r in done if isinstance(r, CommitStats)] == [1_000] * 2
     # partition 1 moved on elsewhere: its job is fenced, partition 0's still commits
@@ -427,8 +430,8 @@ def test_commit_all_writes_each_partition_group_on_its_own(db_url: str, sink: Si
         other.commit({}, [], {1: (1_000, 1_500, None)})
     finally:
         other.close()
-    done = sink.commit_all([({60: rows("a", 0)}, [], {0: (1_000, 2_000, None)}),
-                            ({60: rows("b", 1)}, [], {1: (1_000, 2_000, None)})])
+    done = sink.commit_all([job(rows("a", 0), {0: (1_000, 2_000, None)}),
+                            job(rows("b", 1), {1: (1_000, 2_000, None)})])
     assert isinstance(done[0], CommitStats)
     assert isinstance(done[1], FencedError)
     assert sink.load_positions([0, 1]) == {0: Position(2_000, None), 1: Position(1_500, None)}
@@ -439,10 +442,41 @@ def test_commit_all_writes_each_partition_group_on_its_own(db_url: str, sink: Si
     assert counts == {"a": 2_000, "b": 1_000}
     # a failure that is not a fence comes back as a DatabaseError, in its place
     bad = [("c", "r", 0, 0, 0.0, 0.0, 0.0, 0.0, 0, 2)]  # sample_count 0: division by zero
-    done = sink.commit_all([({60: rows("a", 0)}, [], {0: (2_000, 3_000, None)}),
-                            ({60: bad}, [], {2: (None, 1, None)})])
+    done = sink.commit_all([job(rows("a", 0), {0: (2_000, 3_000, None)}),
+                            job(bad, {2: (None, 1, None)})])
     assert isinstance(done[0], CommitStats)
     assert isinstance(done[1], DatabaseError)
+
+
+def test_chunks_are_made_ahead_so_side_by_side_checkpoints_never_wait_for_each_other(
+        db_url: str, sink: Sink) -> None:
+    """A transaction that makes a TimescaleDB chunk holds a lock on the hypertable until it
+    ends, and every other one writing into that chunk waits for it. commit_all makes the
+    chunks of its windows first, each in a short transaction, so that a checkpoint held open
+    in a new day's chunk holds no one else up; the placeholder rows are never seen."""
+    day = 3 * _DAY
+    sink.stored_types()
+    if not sink._hypertables:
+        pytest.skip("TimescaleDB is not installed: plain tables have no chunks")
+    sink.commit_all([CommitJob({}, [], {}, {}, [day + 60_000])])  # no rows: chunks only
+    with psycopg.connect(db_url) as conn:
+        for table in ("aggregates_1m", "aggregates_15m"):
+            assert conn.execute(sink_module._CHUNKS, (table, day, day)).fetchall(), table
+            assert conn.execute(f"SELECT count(*) FROM {table}").fetchone() == (0,)
+    with psycopg.connect(db_url) as held:  # a checkpoint holding its transaction open
+        held.execute("INSERT INTO aggregates_1m (meter_id, region, window_start, window_end, "
+                     "avg_power, max_power, min_power, total_energy, sample_count, power_sum, "
+                     "last_reading_at, source_partition) VALUES ('h', 'r', "
+                     "'epoch'::timestamptz + %s * interval '1 ms', now(), 1, 1, 1, 1, 1, 1, "
+                     "now(), 0)", (day,))
+        with psycopg.connect(db_url, autocommit=True) as other:
+            other.execute("SET lock_timeout = '5s'")  # no wait: the chunk exists
+            other.execute("INSERT INTO aggregates_1m (meter_id, region, window_start, "
+                          "window_end, avg_power, max_power, min_power, total_energy, "
+                          "sample_count, power_sum, last_reading_at, source_partition) VALUES "
+                          "('o', 'r', 'epoch'::timestamptz + %s * interval '1 ms', now(), 1, "
+                          "1, 1, 1, 1, 1, now(), 0)", (day + 60_000,))
+        held.rollback()
 
 
 def test_an_encoded_payload_lands_as_its_rows(db_url: str, sink: Sink) -> None:
