@@ -198,6 +198,27 @@ def test_stored_rows_are_updated_through_the_primary_key_of_a_chunk_without_stat
         assert "aggregates_1m_window_start" not in plan and "Seq Scan on _hyper" not in plan, plan
 
 
+def test_a_claims_marks_and_checks_probe_the_primary_key_of_a_chunk_without_statistics(
+        db_url: str, sink: Sink) -> None:
+    """After delivery, a claim finds the rows it read by their keys: the catch-up's marks
+    and the cursor's check probe the primary key once per row, never read and sort a chunk
+    (which the planner prefers on a chunk no ANALYZE has seen, for a list of 10,000 keys)."""
+    rows = [(f"q{m:05d}", "r", 60_000, 1, 1.0, 1.0, 1.0, 1.0, 60_001, 0) for m in range(20_000)]
+    sink.commit({60: rows}, [], {})
+    keys = ([f"q{m:05d}" for m in range(10_000)], [60_000] * 10_000, ["1"] * 10_000)
+    with psycopg.connect(db_url) as conn:
+        plans = []
+        for statement in (sink_module._CLAIM_SQL[60][1], sink_module._CURSOR_SQL[60][2]):
+            with conn.transaction():
+                for setting in sink_module._BY_KEY:
+                    conn.execute(setting)
+                plans.append("\n".join(r[0] for r in conn.execute(
+                    psycopg.sql.SQL("EXPLAIN ") + statement, keys)))
+    for plan in plans:
+        assert "Nested Loop" in plan and "_pkey" in plan, plan
+        assert "Sort" not in plan and "Seq Scan" not in plan, plan
+
+
 def test_positions_are_compare_and_set(db_url: str, sink: Sink) -> None:
     sink.commit({}, [], {0: (None, 10, None)})
     other = Sink(db_url, consumer_group="g", topic="t")
