@@ -804,10 +804,12 @@ class Sink:
             if not wanted:
                 continue
             try:
-                with self._pool.connection() as conn, conn.transaction(), \
+                with self._pool.connection(timeout=_AHEAD_S) as conn, conn.transaction(), \
                         conn.cursor() as cur:
-                    missing = [s for s in wanted
-                               if not _within(s, _chunk_ranges(cur, size.table, wanted))]
+                    # not worth a wait: a chunk another transaction is making is made
+                    cur.execute(f"SET LOCAL lock_timeout = '{_AHEAD_S}s'".encode())
+                    existing = _chunk_ranges(cur, size.table, wanted)
+                    missing = [s for s in wanted if not _within(s, existing)]
                     if missing:
                         _copy(cur, size.fresh_table, [_placeholder(s) for s in missing],
                               PARTIAL_COLUMNS, _PARTIAL_TYPES)
@@ -815,13 +817,16 @@ class Sink:
                             self._sql.insert_fresh[size.seconds], size.seconds))
                         cur.execute(_PLACEHOLDER.format(table=size.table).encode(),
                                     (missing,))
+                        if cur.rowcount != len(missing):  # never commit a placeholder
+                            raise psycopg.DataError(
+                                f"{cur.rowcount} of {len(missing)} placeholders deleted")
                         log.debug("made %d chunk(s) of %s ahead of the checkpoint",
                                   len(missing), size.table)
-                    ranges = _chunk_ranges(cur, size.table, wanted)
+                        existing = _chunk_ranges(cur, size.table, wanted)
             except (psycopg.Error, psycopg_pool_error()) as exc:
                 log.debug("chunks of %s not made ahead: %s", size.table, _one_line(exc))
-                continue
-            known[:] = sorted({*known, *ranges})[-_KNOWN_CHUNKS:]
+                return  # the checkpoint makes them (and finds the database away, if it is)
+            known[:] = sorted({*known, *existing})[-_KNOWN_CHUNKS:]
 
     def _try_commit(self, job: CommitJob) -> CommitStats | SegsError:
         try:
@@ -1152,6 +1157,7 @@ WHERE meter_id = '' AND window_start = ANY(SELECT 'epoch'::timestamptz + ms * in
                                            FROM unnest(%s::int8[]) AS ms)
 """
 _KNOWN_CHUNKS = 64  # chunk ranges a sink remembers per table: days (1-minute) or weeks
+_AHEAD_S = 1.0  # the longest a checkpoint waits to make its chunks ahead (connection, lock)
 
 
 def _placeholder(window_start_ms: int) -> tuple[Any, ...]:
