@@ -325,6 +325,38 @@ def test_claim_closed_keeps_each_delivered_chunk_and_stops_between_chunks(
     assert calls == [2, 2, 2, 1]  # the first chunk stayed marked after the failure
 
 
+def test_a_claim_finds_its_delivered_rows_by_key_on_either_path(
+        db_url: str, sink: Sink, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The claim itself turns hash and merge joins off (sink._BY_KEY) in the transactions
+    that find its delivered rows by key: the cursor's check and the catch-up's marks."""
+    owned = [(f"k{i}", "r", 0, 1, 1.0, 1.0, 1.0, 0.5, 1, 0) for i in range(3)]
+    others = [(f"o{i}", "r", 0, 1, 1.0, 1.0, 1.0, 0.5, 1, 1) for i in range(3)]
+    sink.commit({60: owned}, [], {0: (None, 1, 120_000)})  # through partition 0's cursor
+    sink.commit({60: others}, [], {})  # no position: the catch-up's
+    sent: list[str] = []
+    execute = psycopg.Connection.execute
+
+    def recorded(self: psycopg.Connection[Any], query: Any, *args: Any, **kw: Any) -> Any:
+        text = query if isinstance(query, (str, bytes)) else query.as_string(self)
+        sent.append(" ".join((text.decode() if isinstance(text, bytes) else text).split()))
+        return execute(self, query, *args, **kw)
+
+    monkeypatch.setattr(psycopg.Connection, "execute", recorded)
+    sink.claim_closed({0: 120_000, 1: 120_000}, lambda size, got: None)
+    by_key = {" ".join(setting.decode().split()) for setting in sink_module._BY_KEY}
+    finds = [i for i, q in enumerate(sent)
+             if q.startswith(("UPDATE \"aggregates_1m\" AS a SET published = false",
+                              "WITH marked AS ( UPDATE \"aggregates_1m\""))]
+    assert len(finds) == 2, sent  # one check, one mark
+    for i in finds:
+        since_read = []
+        for q in reversed(sent[:i]):
+            if q.startswith(("SELECT", "WITH")):
+                break
+            since_read.append(q)
+        assert by_key <= set(since_read), sent[:i + 1]
+
+
 def _versions(url: str) -> dict[tuple[str, int], tuple[str, bool]]:
     """(meter, window start ms) → (xmin, published) of every aggregates_1m row."""
     with psycopg.connect(url, autocommit=True) as conn:
