@@ -453,8 +453,14 @@ _IN_INDEX_ORDER = b"SET LOCAL enable_bitmapscan = off"
 # Set first in every transaction that finds rows by a list of keys (the checkpoint's updates,
 # a claim's marks and checks): one primary-key probe per key. On a chunk no ANALYZE has seen
 # the planner takes a merge or hash join instead, which reads and sorts every row of the
-# chunk: 10,000 keys cost 460 ms against 38 ms by probes, in a chunk of 1,000,000 rows.
+# chunk for every list (docs/reliability.md, case 14).
 _BY_KEY = (b"SET LOCAL enable_hashjoin = off", b"SET LOCAL enable_mergejoin = off")
+
+
+def _probe_by_key(conn: psycopg.Connection[Any] | psycopg.Cursor[Any]) -> None:
+    """Apply :data:`_BY_KEY` to the transaction ``conn`` is in."""
+    for setting in _BY_KEY:
+        conn.execute(setting)
 _CURSOR_SQL = {
     size: tuple(sql.SQL(q).format(table=sql.Identifier(TABLES[size]),
                                   end=sql.Identifier(end), meter=sql.Identifier(meter))
@@ -728,8 +734,7 @@ class Sink:
                 cur.execute(b"SET LOCAL jit = off")
                 # Updates of stored rows and reads of stored identities probe the primary
                 # key once per partial or window (_BY_KEY). No other statement here joins.
-                for setting in _BY_KEY:
-                    cur.execute(setting)
+                _probe_by_key(cur)
                 flags = self._published_flags(cur, positions)
                 duplicates = 0
                 if deferred is not None:
@@ -991,8 +996,7 @@ class Sink:
         if not moves and not closed:
             return 0
         with self._pool.connection() as conn, conn.transaction():
-            for setting in _BY_KEY:
-                conn.execute(setting)
+            _probe_by_key(conn)
             for p, end_ms, meter in moves:
                 moved = conn.execute(move, (end_ms, meter, self.group, self.topic, p,
                                             stored[p][0]))
@@ -1036,8 +1040,7 @@ class Sink:
         if got:
             deliver(size, closed)
             with self._pool.connection() as conn:  # one transaction, committed on leaving
-                for setting in _BY_KEY:
-                    conn.execute(setting)
+                _probe_by_key(conn)
                 marked = conn.execute(mark, ([r.meter_id for r in closed],
                                              [r.window_start_ms for r in closed],
                                              versions)).fetchone()
