@@ -146,8 +146,12 @@ def test_with_deduplicate_evictions_change_nothing_either(
     makes a returning meter's earlier windows such windows, as a restart does.)"""
     rs = sorted(rs, key=lambda r: r["ts_ms"])
     stream = list(rs)
+    at = list(range(len(rs)))  # where each original is now: its re-sends go after it
     for i in resent:
-        stream.insert(data.draw(st.integers(i % len(rs) + 1, len(stream))), rs[i % len(rs)])
+        j = i % len(rs)
+        pos = data.draw(st.integers(at[j] + 1, len(stream)))
+        stream.insert(pos, rs[j])
+        at = [p + (p >= pos) for p in at]
     cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=8)))
     settings_ = DetectorSettings(min_samples=2, cooldown_ms=60_000)
     runs = [Memory(after, settings_, deduplicate=True) for after in (after_ms, 0)]
